@@ -1,0 +1,162 @@
+"""``sa-deploy`` command line. Commands only parse arguments and call library functions;
+:class:`SaDeployError` becomes a one-line message and exit code 1 here, and only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from selfadapt_deploy import __version__
+from selfadapt_deploy.errors import SaDeployError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Adapt Cellpose models without labels, export them, segment fast.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _parse_channels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise _fail(f"--channels '{text}' is not a comma-separated list of channel indices "
+                    "(e.g. 0 or 1,0)") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"sa-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    """sa-deploy: SelfAdapt for Cellpose, export, fast segmentation."""
+
+
+@app.command()
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images.")],
+    model: Annotated[str, typer.Option(help="Weights file (either family), run directory, or "
+                                       "Cellpose model name (cpsam, cyto3, ...).")],
+    out: Annotated[Path, typer.Option(help="Output directory for <stem>_masks.tif.")],
+    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
+                                            "diam_mean (no rescale).")] = 0.0,
+    flow_threshold: Annotated[float, typer.Option(help="Max flow error per mask; 0 turns flow "
+                                                  "QC off.")] = 0.4,
+    cellprob_threshold: Annotated[float, typer.Option(help="Cell-probability logit "
+                                                      "threshold.")] = 0.0,
+    min_size: Annotated[int, typer.Option(help="Remove masks smaller than this (pixels).")] = 15,
+    niter: Annotated[int, typer.Option(help="Flow-integration steps; 0 = 200 / rescale.")] = 0,
+    tile_overlap: Annotated[float, typer.Option(help="Tile overlap fraction (0.05–0.5).")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Tiles per network batch.")] = 8,
+    tta: Annotated[bool, typer.Option(help="Average the 8 flip/rot90 views of each tile.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an "
+                                        "error.")] = "auto",
+    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to "
+                                                 "the network, in order (e.g. 1,0).")] = None,
+    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file's "
+                                                     "array, if not recorded.")] = None,
+    series: Annotated[int | None, typer.Option(help="Only this series of multi-series files "
+                                               "(default: every series).")] = None,
+    save_flows: Annotated[bool, typer.Option(help="Also write <stem>_flows.tif (dY, dX, "
+                                             "cellprob).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Recompute images whose masks exist (default: "
+                                            "skip them, which resumes a run).")] = False,
+):
+    """Segment images with a Cellpose-family model (cellpose 4.2's pipeline)."""
+    from selfadapt_deploy.batch import segment_files
+    from selfadapt_deploy.io.writers import ensure_writable_dir
+    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.segment import SegmentParams
+    from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
+
+    if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP:
+        raise _fail(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}")
+    if diameter < 0 or niter < 0 or batch_size < 1:
+        raise _fail("--diameter and --niter must be ≥ 0 and --batch-size ≥ 1")
+    params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
+                           cellprob_threshold=cellprob_threshold, min_size=min_size,
+                           niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
+                           tta=tta)
+    picked = _parse_channels(channels)
+    try:
+        ensure_writable_dir(out)
+        dev = resolve_device(device)
+        net = load_model(model, dev)
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"model: {net.family} (diam_mean {net.diam_mean:g}, tile {net.tile_size}) on {dev}")
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task("segmenting", total=len(images))
+        last_source = None
+        for result in segment_files(images, net, out, params, dev, picked, channel_axis, series,
+                                    save_flows, overwrite):
+            counts[result.status] += 1
+            if result.status == "failed":
+                bar.console.print(f"[bold red]error:[/] {result.error}", highlight=False,
+                                  soft_wrap=True)
+            else:
+                bar.console.print(f"{result.name}: {result.status}"
+                                  + (f", {result.n_masks} masks" if result.status == "done" else ""),
+                                  highlight=False)
+            if result.source != last_source:
+                bar.advance(task)
+                last_source = result.source
+    console.print(f"{counts['done']} segmented, {counts['skipped']} skipped (outputs exist; "
+                  f"--overwrite to redo), {counts['failed']} failed → {out}", soft_wrap=True)
+    if counts["failed"]:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[list[Path], typer.Option(help="Predicted label images.")],
+    gt: Annotated[list[Path], typer.Option(help="Ground-truth label images, same order.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write results to this "
+                                                  "JSON file.")] = None,
+):
+    """AP = TP/(TP+FP+FN) at IoU 0.5 / 0.75 / 0.9 (as cellpose.metrics.average_precision)."""
+    from selfadapt_deploy.batch import evaluate_files, pooled
+
+    try:
+        results = evaluate_files(pred, gt)
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    table = Table("image", *(f"AP@{t:g}" for t in results[0].thresholds), "TP/FP/FN@0.5")
+    rows = [(str(p), r) for p, r in zip(pred, results, strict=True)]
+    if len(results) > 1:
+        rows.append(("all (pooled)", pooled(results)))
+    for name, r in rows:
+        table.add_row(name, *(f"{a:.4f}" for a in r.ap), f"{r.tp[0]}/{r.fp[0]}/{r.fn[0]}")
+    console.print(table)
+    if json_out is not None:
+        from selfadapt_deploy.io.writers import atomic_path
+
+        payload = {"thresholds": list(results[0].thresholds), "images": [
+            {"pred": str(p), "gt": str(g), "ap": list(r.ap), "tp": list(r.tp), "fp": list(r.fp),
+             "fn": list(r.fn)} for p, g, r in zip(pred, gt, results, strict=True)]}
+        try:
+            with atomic_path(json_out) as tmp:
+                tmp.write_text(json.dumps(payload, indent=2))
+        except SaDeployError as exc:
+            raise _fail(str(exc)) from None

@@ -1,0 +1,161 @@
+"""Read 2-D images (TIFF / OME-TIFF incl. multi-series, PNG/JPEG) into C×Y×X arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from selfadapt_deploy.errors import ImageReadError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+CHANNEL_LETTERS = "CS"  # tifffile's axes: C = channel, S = sample (RGB)
+STACK_LETTERS = "ZT"  # axes that make an image 3-D / a time series
+MAX_GUESSED_CHANNELS = 8
+
+
+@dataclass(frozen=True)
+class Image:
+    """One 2-D image: ``data`` is C×Y×X in the file's dtype; ``name`` is the output stem."""
+
+    name: str
+    source: Path
+    data: np.ndarray
+    series: int | None = None
+
+
+def image_stem(path: Path) -> str:
+    """File name without its image suffixes (``a.ome.tif`` → ``a``)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", *TIFF_SUFFIXES, *PLAIN_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) -> np.ndarray:
+    """Move the channel axis first and drop singleton axes; refuse anything that is not 2-D."""
+    if channel_axis is not None:
+        if not -arr.ndim <= channel_axis < arr.ndim:
+            raise ImageReadError(f"{where}: --channel-axis {channel_axis} is out of range for an "
+                                 f"image of shape {arr.shape}")
+        arr = np.moveaxis(arr, channel_axis, 0)
+        axes = "C" + axes[:channel_axis % len(axes)] + axes[channel_axis % len(axes) + 1:]
+    keep = [i for i, n in enumerate(arr.shape) if n > 1 or (channel_axis is not None and i == 0)]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    for letter in STACK_LETTERS:
+        if letter in axes and arr.ndim > 2:
+            n = arr.shape[axes.index(letter)]
+            raise ImageReadError(f"{where}: has a {letter} axis of {n} planes (shape {arr.shape}, "
+                                 f"axes {axes}); sa-deploy segments 2-D images — extract planes first")
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim != 3:
+        raise ImageReadError(f"{where}: expected a 2-D image with optional channels, got shape "
+                             f"{arr.shape}; pass --channel-axis or extract a 2-D plane")
+    if channel_axis is not None:
+        return arr
+    for i, letter in enumerate(axes):
+        if letter in CHANNEL_LETTERS:
+            return np.moveaxis(arr, i, 0)
+    first, last = arr.shape[0], arr.shape[-1]
+    if min(first, last) <= MAX_GUESSED_CHANNELS:
+        return arr if first <= last else np.moveaxis(arr, -1, 0)
+    raise ImageReadError(f"{where}: cannot tell which axis holds channels in shape {arr.shape}; "
+                         "pass --channel-axis")
+
+
+def _check_values(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ImageReadError(f"{where}: unsupported pixel type {arr.dtype}; use integer or float")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ImageReadError(f"{where}: contains NaN or infinite values; replace them (e.g. with 0)")
+    if min(arr.shape[-2:]) < 2:
+        raise ImageReadError(f"{where}: image of shape {arr.shape} is too small to segment")
+    return arr
+
+
+def _read_tiff(path: Path, channel_axis: int | None, series: int | None) -> list[Image]:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            all_series = tif.series
+            if not all_series:
+                raise ImageReadError(f"{path}: TIFF holds no images")
+            if series is not None and not 0 <= series < len(all_series):
+                raise ImageReadError(f"{path}: --series {series} does not exist (file has "
+                                     f"{len(all_series)} series, 0..{len(all_series) - 1})")
+            picked = [series] if series is not None else range(len(all_series))
+            arrays = [(i, all_series[i].asarray(), all_series[i].axes) for i in picked]
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise ImageReadError(f"{path}: not a readable TIFF ({exc})") from exc
+    multi = len(all_series) > 1
+    images = []
+    for i, arr, axes in arrays:
+        where = f"{path} (series {i})" if multi else str(path)
+        data = _check_values(_to_cyx(arr, axes, channel_axis, where), where)
+        name = f"{image_stem(path)}_s{i}" if multi and series is None else image_stem(path)
+        images.append(Image(name=name, source=path, data=data, series=i if multi else None))
+    return images
+
+
+def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
+    import cv2
+
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageReadError(f"{path}: not a readable image file")
+    if arr.ndim == 3:  # OpenCV gives BGR(A)
+        arr = arr[..., [2, 1, 0, *range(3, arr.shape[-1])]]
+        channel_axis = -1 if channel_axis is None else channel_axis
+    data = _check_values(_to_cyx(arr, "YXS"[: arr.ndim], channel_axis, str(path)), str(path))
+    return [Image(name=image_stem(path), source=path, data=data)]
+
+
+def read_images(path: str | Path, channel_axis: int | None = None,
+                series: int | None = None) -> list[Image]:
+    """All 2-D images in ``path``: every series of a multi-series OME-TIFF unless ``series`` picks one."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory; pass image files (e.g. {path}/*.tif)")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return _read_tiff(path, channel_axis, series)
+    if suffix in PLAIN_SUFFIXES:
+        return _read_plain(path, channel_axis)
+    raise ImageReadError(f"{path}: unsupported file type '{suffix}'; sa-deploy reads TIFF/OME-TIFF "
+                         f"({', '.join(TIFF_SUFFIXES)}) and {', '.join(PLAIN_SUFFIXES)}")
+
+
+def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
+                    where: str, pad: bool = True) -> np.ndarray:
+    """Pick the channels the network sees, in order; zero-pad up to ``nchan``.
+
+    A single-channel image on a 2-channel CPnet becomes [image, zeros] — cellpose 3's
+    ``channels=[0, 0]``. More image channels than the network takes must be chosen explicitly.
+    """
+    if channels is not None:
+        bad = [c for c in channels if not 0 <= c < img.shape[0]]
+        if bad:
+            raise ImageReadError(f"{where}: --channels {bad} out of range; the image has "
+                                 f"{img.shape[0]} channels (0..{img.shape[0] - 1})")
+        if len(channels) > nchan:
+            raise ImageReadError(f"{where}: --channels lists {len(channels)} channels but the model "
+                                 f"takes at most {nchan}")
+        img = img[list(channels)]
+    elif img.shape[0] > nchan:
+        raise ImageReadError(f"{where}: image has {img.shape[0]} channels but the model takes at "
+                             f"most {nchan}; choose them with --channels (e.g. --channels 0,1)")
+    if pad and img.shape[0] < nchan:
+        img = np.concatenate([img, np.zeros((nchan - img.shape[0], *img.shape[1:]), img.dtype)])
+    return img

@@ -1,0 +1,68 @@
+"""Atomic outputs: write to a temporary name in the target directory, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from selfadapt_deploy.errors import OutputWriteError
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` only on success."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputWriteError(f"{target.parent}: cannot write outputs here ({exc.strerror}); "
+                               "choose another --out directory") from exc
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get normal permissions
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove we can write there, before any work is done."""
+    with atomic_path(Path(path) / ".sa-deploy-write-test"):
+        pass
+    (Path(path) / ".sa-deploy-write-test").unlink(missing_ok=True)
+    return Path(path)
+
+
+def label_dtype(masks: np.ndarray) -> np.dtype:
+    """uint16 label images, or uint32 when there are more than 65 535 objects."""
+    return np.dtype(np.uint16) if int(masks.max(initial=0)) <= np.iinfo(np.uint16).max else np.dtype(
+        np.uint32)
+
+
+def write_masks(path: Path, masks: np.ndarray) -> None:
+    """Label image as TIFF (0 = background, 1..N = objects)."""
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, masks.astype(label_dtype(masks)), compression="zlib")
+
+
+def write_flows(path: Path, flows: np.ndarray, cellprob: np.ndarray) -> None:
+    """Float32 TIFF with 3 planes: dY, dX (network units, ≈5× unit vectors) and cellprob logit."""
+    stack = np.concatenate([flows, cellprob[None]], axis=0).astype(np.float32)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, stack, metadata={"axes": "CYX", "Channel": {
+            "Name": ["dY", "dX", "cellprob"]}}, ome=True, compression="zlib")

@@ -1,0 +1,120 @@
+"""Cellpose-SAM (``cpsam``, ``cpsam_v2``) through cellpose ≥ 4.2's own ``cellpose.vit.CPSAM``.
+
+The forward pass is cellpose's own code. ``embed`` pools the encoder neck (CPSAM's second output,
+"style", is all zeros). Small networks of the same family (same module structure and forward,
+a narrower/shallower ViT) are built for tests and the demo by :func:`build_cpsam`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfadapt_deploy.errors import ModelLoadError
+from selfadapt_deploy.models.base import SegmentationNet, load_strict
+
+# Cellpose-SAM as released: SAM ViT-L encoder, patch 8, 256-pixel tiles
+VITL = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "out_chans": 256, "ps": 8, "bsize": 256}
+
+
+def _cpsam_class():
+    """Import lazily: cellpose.vit pulls in segment_anything and sets a global TF32 flag."""
+    try:
+        from cellpose.vit import CPSAM
+    except ImportError as exc:  # cellpose < 4.2 named the module vit_sam
+        raise ModelLoadError(
+            f"Cellpose-SAM needs cellpose>=4.2,<5 (cellpose.vit.CPSAM); import failed: {exc}"
+        ) from exc
+    return CPSAM
+
+
+def _small_cpsam(embed_dim: int, depth: int, num_heads: int, out_chans: int, ps: int,
+                 bsize: int, mlp_ratio: float, nout: int = 3) -> nn.Module:
+    """A CPSAM instance with a small global-attention ViT; forward is cellpose's CPSAM.forward."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    CPSAM = _cpsam_class()
+    net = CPSAM.__new__(CPSAM)
+    super(CPSAM, net).__init__(dtype=torch.float32)  # BaseModel: diam_mean/diam_labels params
+    net.rdrop, net.backbone, net.nout, net.ps = 0.4, "sam_vitl", nout, ps
+    net.encoder = ImageEncoderViT(
+        img_size=bsize, patch_size=ps, in_chans=3, embed_dim=embed_dim, depth=depth,
+        num_heads=num_heads, mlp_ratio=mlp_ratio, out_chans=out_chans,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=0,
+    )
+    net.out = nn.Conv2d(out_chans, nout * ps**2, kernel_size=1)
+    net.W2 = nn.Parameter(
+        torch.eye(nout * ps**2).reshape(nout * ps**2, nout, ps, ps), requires_grad=False
+    )
+    return net
+
+
+class CellposeSAM(SegmentationNet):
+    """Wraps a ``cellpose.vit.CPSAM``; tiles are fixed (position embeddings are not interpolated)."""
+
+    family = "cpsam"
+    fixed_tile = True
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.tile_size = int(net.encoder.pos_embed.shape[1]) * int(net.ps)
+
+    @property
+    def nchan(self) -> int:
+        return 3  # CPSAM slices its patch-embedding weights to the 1–3 channels it is given
+
+    @property
+    def diam_mean(self) -> float:
+        return float(self.net.diam_mean.item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        hook = self.net.encoder.neck.register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            self.net(x)
+        finally:
+            hook.remove()
+        return F.normalize(captured[0].mean(dim=(-2, -1)), dim=1)
+
+    def native_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.net.state_dict().items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str = "<state dict>"):
+        """Infer the ViT's size from weight shapes, build it, load strictly."""
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            proj = state["encoder.patch_embed.proj.weight"]
+            w2 = state["W2"]
+            embed_dim, ps, nout = int(proj.shape[0]), int(w2.shape[-1]), int(w2.shape[1])
+            depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks."))
+            head_dim = int(state["encoder.blocks.0.attn.rel_pos_h"].shape[1])
+            out_chans = int(state["encoder.neck.0.weight"].shape[0])
+            bsize = int(state["encoder.pos_embed"].shape[1]) * ps
+            mlp_ratio = state["encoder.blocks.0.mlp.lin1.weight"].shape[0] / embed_dim
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ModelLoadError(f"{source}: not a Cellpose-SAM state dict (missing {exc})") from exc
+        config = {"embed_dim": embed_dim, "depth": depth, "num_heads": embed_dim // head_dim,
+                  "out_chans": out_chans, "ps": ps, "bsize": bsize}
+        if config == VITL and nout == 3:
+            net = _cpsam_class()(dtype=torch.float32)
+        else:
+            net = _small_cpsam(mlp_ratio=mlp_ratio, nout=nout, **config)
+        load_strict(net, state, source)
+        return cls(net)
+
+
+def build_cpsam(embed_dim: int = 32, depth: int = 2, num_heads: int = 2, out_chans: int = 16,
+                ps: int = 8, bsize: int = 64, seed: int = 0) -> CellposeSAM:
+    """A small, randomly initialised Cellpose-SAM-family network for tests and the demo."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = _small_cpsam(embed_dim, depth, num_heads, out_chans, ps, bsize, mlp_ratio=4.0)
+    return CellposeSAM(net)

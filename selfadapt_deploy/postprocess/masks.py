@@ -1,0 +1,71 @@
+"""Mask assembly: histogram of final positions → seeds → seed growth → per-pixel labels.
+
+Same rules as cellpose 4.2's ``get_masks_torch``: positions are histogrammed on a grid padded by
+20; seeds are 5×5 local maxima with more than 10 hits; each seed grows over its 11×11 window by
+5 dilations restricted to bins with more than 2 hits; later (higher-count) seeds win overlaps;
+each pixel takes its final position's label; masks over ``max_size_fraction`` of the image go.
+"""
+
+from __future__ import annotations
+
+import fastremap
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RPAD = 20  # histogram padding: positions may converge just outside the image
+SEED_WINDOW = 5  # local-maximum window for seeds
+MIN_SEED_COUNT = 10  # a seed needs more hits than this
+GROW_RADIUS = 5  # seeds grow within an 11×11 window ...
+GROW_STEPS = 5  # ... by this many 3×3 dilations ...
+MIN_GROW_COUNT = 2  # ... over bins with more hits than this
+
+
+def _max_filter(h: torch.Tensor, size: int) -> torch.Tensor:
+    """size×size maximum filter of N×H×W, edges see only in-bounds values."""
+    return F.max_pool2d(h[:, None], size, stride=1, padding=size // 2)[:, 0]
+
+
+@torch.no_grad()
+def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
+                   shape: tuple[int, int], max_size_fraction: float = 0.4) -> np.ndarray:
+    """Label image (uint16/uint32, labels 1..N sequential) from final positions (2×N int-castable)."""
+    device = positions.device
+    ly, lx = shape
+    hy, hx = ly + 2 * RPAD, lx + 2 * RPAD
+    pos = positions.int() + RPAD
+    pos[0].clamp_(0, ly + RPAD - 1)
+    pos[1].clamp_(0, lx + RPAD - 1)
+    flat = (pos[0] * hx + pos[1]).long()
+    hist = torch.bincount(flat, minlength=hy * hx).reshape(hy, hx).float()
+
+    is_peak = (hist - _max_filter(hist[None], SEED_WINDOW)[0] > -1e-6) & (hist > MIN_SEED_COUNT)
+    seeds = torch.nonzero(is_peak)
+    if len(seeds) == 0:
+        return np.zeros(shape, np.uint16)
+    seeds = seeds[hist[seeds[:, 0], seeds[:, 1]].argsort()]  # ascending count: stronger seeds win
+
+    offs = torch.arange(-GROW_RADIUS, GROW_RADIUS + 1, device=device)
+    win_y = seeds[:, 0, None, None] + offs[None, :, None]  # S×11×1
+    win_x = seeds[:, 1, None, None] + offs[None, None, :]  # S×1×11
+    counts = hist[win_y, win_x]  # S×11×11
+    grown = torch.zeros_like(counts)
+    grown[:, GROW_RADIUS, GROW_RADIUS] = 1
+    for _ in range(GROW_STEPS):
+        grown = _max_filter(grown, 3) * (counts > MIN_GROW_COUNT)
+
+    s, gy, gx = torch.nonzero(grown, as_tuple=True)
+    label_of_bin = torch.zeros(hy * hx, dtype=torch.int64, device=device)
+    label_of_bin.scatter_reduce_(0, ((win_y[s, gy, 0]) * hx + win_x[s, 0, gx]).long(), s + 1,
+                                 reduce="amax", include_self=False)
+
+    dtype = np.uint16 if len(seeds) < 2**16 else np.uint32
+    masks = np.zeros(shape, dtype)
+    masks[inds] = label_of_bin[flat].cpu().numpy()
+
+    labels, counts_px = fastremap.unique(masks, return_counts=True)
+    too_big = labels[(counts_px > ly * lx * max_size_fraction) & (labels != 0)]
+    if len(too_big):
+        masks = fastremap.mask(masks, too_big)
+    fastremap.renumber(masks, in_place=True)
+    return masks

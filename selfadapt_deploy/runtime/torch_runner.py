@@ -1,0 +1,46 @@
+"""PyTorch backend of the runner contract; device choice is explicit and never falls back."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from selfadapt_deploy.errors import DeviceError
+from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.runtime.base import InputSpec, Runner
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → CUDA when present, else CPU; 'cuda' without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device} requested but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def spec_for(net: SegmentationNet) -> InputSpec:
+    return InputSpec(nchan=net.nchan, tile_size=net.tile_size, fixed_tile=net.fixed_tile,
+                     fewer_channels_ok=net.family == "cpsam")
+
+
+class TorchRunner(Runner):
+    """Runs a :class:`SegmentationNet` in eval mode under ``torch.inference_mode``."""
+
+    name = "torch"
+
+    def __init__(self, net: SegmentationNet, device: torch.device | str = "cpu"):
+        super().__init__(spec_for(net))
+        self.net = net
+        self.device = torch.device(device)
+
+    def activate_impl(self) -> None:
+        self.net.to(self.device).eval()
+
+    @torch.inference_mode()
+    def infer_impl(self, x: np.ndarray) -> np.ndarray:
+        y = self.net(torch.from_numpy(x).to(self.device))
+        return y.float().cpu().numpy()

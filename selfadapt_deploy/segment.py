@@ -1,0 +1,114 @@
+"""The segmentation pipeline, in data-flow order (matches cellpose 4.2's ``CellposeModel.eval``):
+
+normalise → resize by diam_mean/diameter → tiles → runner (optionally 8 D4 views) → taper blend →
+resize back → integrate → assemble → flow QC → fill holes / min size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.io.normalize import normalize_image
+from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
+from selfadapt_deploy.runtime.base import Runner
+from selfadapt_deploy.tiling import D4, d4_inverse, d4_transform, predict_tiled
+
+DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """User-facing settings of ``sa-deploy segment``; defaults are cellpose's."""
+
+    diameter: float | None = None  # cell diameter in pixels; None/0 → the model's diam_mean
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    min_size: int = 15
+    max_size_fraction: float = 0.4
+    niter: int | None = None  # None/0 → int(200 / rescale)
+    tile_overlap: float = 0.1
+    batch_size: int = 8
+    tta: bool = False  # average the 8 D4 views of every tile
+    normalize: bool = True
+
+
+@dataclass
+class Segmentation:
+    """Masks plus the flows (network units) and cellprob logits they were computed from."""
+
+    masks: np.ndarray
+    flows: np.ndarray  # 2×Y×X
+    cellprob: np.ndarray  # Y×X
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resize_chw(img: np.ndarray, ly: int, lx: int) -> np.ndarray:
+    """Bilinear resize of a C×Y×X float array (OpenCV, as cellpose's ``resize_image``)."""
+    out = cv2.resize(np.ascontiguousarray(img.transpose(1, 2, 0)), (lx, ly),
+                     interpolation=cv2.INTER_LINEAR)
+    return (out[..., None] if out.ndim == 2 else out).transpose(2, 0, 1)
+
+
+def rescale_factor(diam_mean: float, diameter: float | None) -> float:
+    return diam_mean / diameter if diameter else 1.0
+
+
+def tta_predict(runner: Runner):
+    """A predict function averaging the runner's outputs over the 8 D4 views (flows as vectors)."""
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(tiles)
+        total = torch.zeros((tiles.shape[0], 3, *tiles.shape[2:]))
+        for k, flip in D4:  # views separately: non-square CPnet tiles change shape under rot90
+            view = d4_transform(x, k, flip).contiguous().numpy()
+            total += d4_inverse(torch.from_numpy(runner.infer(view)), k, flip)
+        return (total / len(D4)).numpy()
+
+    return predict
+
+
+def predict_flows(runner: Runner, img: np.ndarray, diam_mean: float,
+                  params: SegmentParams) -> tuple[np.ndarray, float]:
+    """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
+    rescale = rescale_factor(diam_mean, params.diameter)
+    ly, lx = img.shape[1:]
+    x = img
+    if rescale != 1.0:
+        ry, rx = int(ly * rescale), int(lx * rescale)
+        if min(ry, rx) < 1:
+            raise SaDeployError(f"--diameter {params.diameter} is too large for a {ly}×{lx} image "
+                                f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
+        x = resize_chw(x, ry, rx)
+    spec = runner.spec
+    predict = tta_predict(runner) if params.tta else runner.infer
+    y = predict_tiled(predict, x, spec.tile_size, params.tile_overlap, params.batch_size,
+                      spec.fixed_tile)
+    if rescale != 1.0:
+        y = resize_chw(y, ly, lx)
+    return y, rescale
+
+
+def segment_image(runner: Runner, img: np.ndarray, diam_mean: float,
+                  params: SegmentParams = SegmentParams(),
+                  device: torch.device | str = "cpu") -> Segmentation:
+    """Segment one C×Y×X image whose channels are already those the network expects."""
+    import time
+
+    t0 = time.perf_counter()
+    x = normalize_image(img) if params.normalize else img.astype(np.float32)
+    t1 = time.perf_counter()
+    y, rescale = predict_flows(runner, x, diam_mean, params)
+    t2 = time.perf_counter()
+    niter = params.niter or int(DEFAULT_NITER / rescale)
+    mask_params = MaskParams(niter=niter, cellprob_threshold=params.cellprob_threshold,
+                             flow_threshold=params.flow_threshold, min_size=params.min_size,
+                             max_size_fraction=params.max_size_fraction)
+    masks = flows_to_masks(y[:2], y[2], mask_params, device)
+    t3 = time.perf_counter()
+    return Segmentation(masks=masks, flows=y[:2], cellprob=y[2],
+                        timings={"normalize": t1 - t0, "network": t2 - t1, "masks": t3 - t2})

@@ -1,0 +1,121 @@
+"""Tiles with taper blending (as cellpose's ``run_net``) and the D4 test-time views.
+
+Flow outputs are vectors: rotating/flipping an image rotates/flips its flow field, so (dY, dX)
+are permuted/negated as well as moved. rot90 k=1 on dims (-2, -1): (dY, dX) → (−dX, dY);
+flip X negates dX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+PAD_DIV = 16  # networks downsample 4× by 2 (CPnet) or patchify by 8 (CPSAM)
+MIN_OVERLAP, MAX_OVERLAP = 0.05, 0.5
+
+
+def pad_amounts(ly: int, lx: int, min_size: int | None = None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): pad to a multiple of 16 plus 8 each side, or up to one tile."""
+
+    def one_axis(n: int) -> tuple[int, int]:
+        if min_size is None or n >= min_size:
+            extra = int(PAD_DIV * np.ceil(n / PAD_DIV) - n)
+        else:
+            extra = max(0, min_size - n - PAD_DIV)
+        return PAD_DIV // 2 + extra // 2, PAD_DIV // 2 + extra - extra // 2
+
+    return (*one_axis(ly), *one_axis(lx))
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> np.ndarray:
+    """Start offsets of tiles along one axis: ``ceil((1+2·overlap)·L/tile)`` evenly spaced tiles."""
+    if length <= tile:
+        return np.zeros(1, int)
+    n = int(np.ceil((1.0 + 2 * overlap) * length / tile))
+    return np.linspace(0, length - tile, n).astype(int)
+
+
+def taper_mask(ly: int, lx: int, sig: float = 7.5) -> np.ndarray:
+    """Separable weight ``1/(1+exp((|x−c| − (bsize/2−20))/sig))``, centre crop of a ≥224 window."""
+    bsize = max(224, ly, lx)
+    d = np.abs(np.arange(bsize) - (bsize - 1) / 2)
+    w = 1 / (1 + np.exp((d - (bsize / 2 - 20)) / sig))
+    mask = w[:, None] * w[None, :]
+    y0, x0 = bsize // 2 - ly // 2, bsize // 2 - lx // 2
+    return mask[y0 : y0 + ly, x0 : x0 + lx]
+
+
+Predict = Callable[[np.ndarray], np.ndarray]  # B×C×h×w float32 → B×3×h×w float32
+
+
+def predict_tiled(predict: Predict, img: np.ndarray, tile: int, overlap: float = 0.1,
+                  batch_size: int = 8, fixed_tile: bool = True) -> np.ndarray:
+    """Run ``predict`` over overlapping tiles of a C×Y×X image; blend with the taper mask → 3×Y×X.
+
+    With ``fixed_tile=False`` (CPnet) an image smaller than a tile runs as one smaller tile, as in
+    cellpose 3; with ``fixed_tile=True`` (CPSAM) it is padded up to a full tile, as in cellpose 4.
+    """
+    if not MIN_OVERLAP <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"tile overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], got {overlap}")
+    _, ly, lx = img.shape
+    top, bottom, left, right = pad_amounts(ly, lx, tile if fixed_tile else None)
+    padded = np.pad(img, ((0, 0), (top, bottom), (left, right)))
+    py, px = padded.shape[1:]
+    th, tw = min(tile, py), min(tile, px)
+    corners = [(y, x) for y in tile_starts(py, tile, overlap) for x in tile_starts(px, tile, overlap)]
+    weight = taper_mask(th, tw)
+    out = np.zeros((3, py, px), np.float32)
+    norm = np.zeros((py, px), np.float64)
+    for b in range(0, len(corners), batch_size):
+        batch = corners[b : b + batch_size]
+        tiles = np.stack([padded[:, y : y + th, x : x + tw] for y, x in batch]).astype(np.float32)
+        preds = predict(tiles)
+        for (y, x), pred in zip(batch, preds, strict=True):
+            out[:, y : y + th, x : x + tw] += pred * weight
+            norm[y : y + th, x : x + tw] += weight
+    out /= norm
+    return out[:, top : py - bottom, left : px - right]
+
+
+# ---- D4 test-time views ------------------------------------------------------------------------
+D4 = [(k, flip) for flip in (False, True) for k in range(4)]  # identity first
+
+
+def _rotate_vectors(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Apply the (dY, dX) → (−dX, dY) rule k times to channels 0, 1."""
+    for _ in range(k % 4):
+        y = torch.cat([-y[:, 1:2], y[:, 0:1], y[:, 2:]], dim=1)
+    return y
+
+
+def d4_transform(x: torch.Tensor, k: int, flip: bool, vector: bool = False) -> torch.Tensor:
+    """rot90 by k (dims -2, -1) then optional flip of X; ``vector`` treats channels 0, 1 as (dY, dX)."""
+    x = torch.rot90(x, k, dims=(-2, -1))
+    if vector:
+        x = _rotate_vectors(x, k)
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+        if vector:
+            x = torch.cat([x[:, 0:1], -x[:, 1:2], x[:, 2:]], dim=1)
+    return x
+
+
+def d4_inverse(y: torch.Tensor, k: int, flip: bool, vector: bool = True) -> torch.Tensor:
+    """Undo :func:`d4_transform` (flip first, then rotate back)."""
+    if flip:
+        y = d4_transform(y, 0, True, vector)
+    return d4_transform(y, (4 - k) % 4, False, vector)
+
+
+def d4_views(x: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W → 8B×C×W'×H' stacked view-major (view v is rows v·B … v·B+B−1). Needs H == W."""
+    return torch.cat([d4_transform(x, k, flip) for k, flip in D4])
+
+
+def d4_merge(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8B×3×H×W network outputs of :func:`d4_views` → (mean, std) over views in the original frame."""
+    views = y.chunk(len(D4))
+    back = torch.stack([d4_inverse(v, k, flip) for v, (k, flip) in zip(views, D4, strict=True)])
+    return back.mean(0), back.std(0, unbiased=False)

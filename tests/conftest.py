@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny networks of both families, the real data folder, trained fixture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfadapt_deploy.models import CPnet, build_cpsam
+
+from .helpers import randomize_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "bbbc047"
+FIXTURES = Path(__file__).parent / "fixtures" / "cellpose3"
+
+
+@pytest.fixture
+def tiny_cpnet() -> CPnet:
+    torch.manual_seed(0)
+    return randomize_batchnorm(CPnet((2, 8, 16, 32), diam_mean=17.0)).eval()
+
+
+@pytest.fixture
+def tiny_cpsam():
+    return build_cpsam(seed=0).eval()
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real data folder {DATA} is absent")
+    return DATA
+
+
+@pytest.fixture
+def trained_cpnet_path() -> Path:
+    path = FIXTURES / "tiny_cyto.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} missing: run tests/reference/make_cellpose3_fixtures.py")
+    return path

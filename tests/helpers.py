@@ -1,0 +1,60 @@
+"""Test helpers: cellpose adapters (cellpose's own functions are the oracle) and synthetic flows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def randomize_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics so parity tests exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return net
+
+
+
+class CellposeNetAdapter(nn.Module):
+    """Presents one of our networks the way cellpose 4's ``run_net`` expects a net:
+    ``.device``, ``.dtype`` and a forward returning (outputs, 256-d style)."""
+
+    dtype = torch.float32
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x), torch.zeros(len(x), 256)
+
+
+def cellpose4_model(net: nn.Module):
+    """A ``cellpose.models.CellposeModel`` running ``net``, so its own ``eval`` is the oracle."""
+    from cellpose.models import CellposeModel
+
+    model = CellposeModel.__new__(CellposeModel)
+    model.net, model.backbone = CellposeNetAdapter(net), "sa-deploy-test"
+    model.device, model.gpu = torch.device("cpu"), False
+    return model
+
+
+def synthetic_flows(shape=(256, 256), n_cells=120, seed=0, noise=0.5):
+    """(labels, flows 2×Y×X in network units, cellprob logits) made from random cells."""
+    from selfadapt_deploy.postprocess.flow_qc import masks_to_flows
+    from selfadapt_deploy.synthetic import random_labels
+
+    labels = random_labels(shape, n_cells, seed=seed)
+    rng = np.random.default_rng(seed)
+    flows = (5 * masks_to_flows(labels) + rng.normal(0, noise, (2, *shape))).astype(np.float32)
+    cellprob = (np.where(labels > 0, 3.0, -3.0) + rng.normal(0, 1.5, shape)).astype(np.float32)
+    return labels, flows, cellprob
