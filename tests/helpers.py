@@ -48,12 +48,12 @@ def cellpose4_model(net: nn.Module):
     return model
 
 
-def synthetic_flows(shape=(256, 256), n_cells=120, seed=0, noise=0.5):
+def synthetic_flows(shape=(256, 256), n_cells=120, seed=0, noise=0.5, radius=(6, 10)):
     """(labels, flows 2×Y×X in network units, cellprob logits) made from random cells."""
     from selfadapt_deploy.postprocess.flow_qc import masks_to_flows
     from selfadapt_deploy.synthetic import random_labels
 
-    labels = random_labels(shape, n_cells, seed=seed)
+    labels = random_labels(shape, n_cells, radius=radius, seed=seed)
     rng = np.random.default_rng(seed)
     flows = (5 * masks_to_flows(labels) + rng.normal(0, noise, (2, *shape))).astype(np.float32)
     cellprob = (np.where(labels > 0, 3.0, -3.0) + rng.normal(0, 1.5, shape)).astype(np.float32)

@@ -87,7 +87,7 @@ def _read_tiff(path: Path, channel_axis: int | None, series: int | None) -> list
         with tifffile.TiffFile(path) as tif:
             all_series = tif.series
             if not all_series:
-                raise ImageReadError(f"{path}: TIFF holds no images")
+                raise ImageReadError(f"{path}: not a readable TIFF (no image data found)")
             if series is not None and not 0 <= series < len(all_series):
                 raise ImageReadError(f"{path}: --series {series} does not exist (file has "
                                      f"{len(all_series)} series, 0..{len(all_series) - 1})")

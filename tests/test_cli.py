@@ -1,0 +1,138 @@
+"""The ``sa-deploy`` CLI: thin commands, one error line + exit 1, atomic outputs, resumable runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from selfadapt_deploy.cli import app
+from selfadapt_deploy.synthetic import random_labels, render
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def weights(tmp_path, tiny_cpnet) -> Path:
+    path = tmp_path / "tiny.pth"
+    tiny_cpnet.save(path)
+    return path
+
+
+def write_image(path: Path, seed: int = 0, shape=(96, 80)) -> Path:
+    tifffile.imwrite(path, (render(random_labels(shape, 12, seed=seed), seed=seed) * 1000).astype(
+        np.uint16))
+    return path
+
+
+def test_segment_batch_with_a_bad_image(tmp_path, weights):
+    good = write_image(tmp_path / "good.tif")
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.full((64, 64), 7, np.uint16))  # no cells is a valid answer
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00not really a tiff")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(good), str(bad), str(flat), "--model", str(weights),
+                                 "--out", str(out), "--device", "cpu", "--save-flows"])
+    assert result.exit_code == 1, result.output
+    assert "bad.tif: not a readable TIFF" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "flat_flows.tif", "flat_masks.tif", "good_flows.tif", "good_masks.tif"]
+    masks = tifffile.imread(out / "good_masks.tif")
+    assert masks.shape == (96, 80) and masks.dtype == np.uint16
+    assert tifffile.imread(out / "flat_masks.tif").max() == 0
+    assert tifffile.imread(out / "good_flows.tif").shape == (3, 96, 80)
+
+    again = runner.invoke(app, ["segment", str(good), "--model", str(weights), "--out", str(out),
+                                "--device", "cpu"])
+    assert again.exit_code == 0 and "good: skipped" in again.output
+
+
+def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
+    path = tmp_path / "multi.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        for seed in range(3):
+            img = (render(random_labels((64, 72), 8, seed=seed), seed=seed) * 900).astype(np.uint16)
+            tif.write(np.stack([img, img // 2]), metadata={"axes": "CYX"})
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(path), "--model", str(weights), "--out", str(out),
+                                 "--channels", "1,0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"multi_s{i}_masks.tif" for i in range(3)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "cyto33"], "Did you mean"),
+    (["--tile-overlap", "0.9"], "--tile-overlap must be between"),
+    (["--channels", "a,b"], "comma-separated list"),
+])
+def test_bad_arguments_fail_with_one_clear_line(tmp_path, weights, args, message):
+    image = write_image(tmp_path / "a.tif")
+    base = ["segment", str(image), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    if "--model" not in args:
+        base += ["--model", str(weights)]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not list((tmp_path / "out").glob("*_masks.tif"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_request_without_gpu_is_an_error_not_a_fallback(tmp_path, weights):
+    result = runner.invoke(app, ["segment", str(write_image(tmp_path / "a.tif")), "--model",
+                                 str(weights), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+def test_unwritable_out_dir(tmp_path, weights):
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["segment", str(write_image(tmp_path / "a.tif")), "--model",
+                                 str(weights), "--out", str(tmp_path / "file" / "out")])
+    assert result.exit_code == 1 and "cannot write outputs here" in result.output
+
+
+def test_segment_passes_parsed_options_to_the_library(tmp_path, weights, monkeypatch):
+    seen = {}
+
+    def fake_segment_files(paths, net, out, params, device, channels, channel_axis, series,
+                           save_flows, overwrite):
+        seen.update(params=params, channels=channels, series=series, save_flows=save_flows)
+        return iter(())
+
+    monkeypatch.setattr("selfadapt_deploy.batch.segment_files", fake_segment_files)
+    result = runner.invoke(app, ["segment", "x.tif", "--model", str(weights), "--out",
+                                 str(tmp_path / "o"), "--diameter", "25", "--niter", "50",
+                                 "--flow-threshold", "0", "--channels", "2,1", "--series", "1",
+                                 "--tta", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    p = seen["params"]
+    assert (p.diameter, p.niter, p.flow_threshold, p.tta) == (25.0, 50, 0.0, True)
+    assert seen["channels"] == [2, 1] and seen["series"] == 1 and seen["save_flows"] is False
+
+
+def test_evaluate_prints_table_and_writes_json(tmp_path):
+    gt = random_labels((80, 80), 15, seed=1)
+    pred = np.where(gt > 0, gt * 2 + 5, 0)  # same objects, gapped ids
+    pred[gt == 1] = 0
+    tifffile.imwrite(tmp_path / "gt.tif", gt.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "pred.tif", pred.astype(np.uint16))
+    out = tmp_path / "ap.json"
+    result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "pred.tif"), "--gt",
+                                 str(tmp_path / "gt.tif"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    n = int(gt.max())
+    assert report["images"][0]["tp"] == [n - 1] * 3 and report["images"][0]["fn"] == [1] * 3
+    assert f"{(n - 1) / n:.4f}" in result.output
+
+
+def test_evaluate_mismatched_lists(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 4), np.uint16))
+    result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "a.tif"), "--pred",
+                                 str(tmp_path / "a.tif"), "--gt", str(tmp_path / "a.tif")])
+    assert result.exit_code == 1 and "matching pairs" in result.output
