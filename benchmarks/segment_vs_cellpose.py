@@ -1,0 +1,285 @@
+"""Benchmark: sa-deploy's segmentation pipeline against cellpose 4.2's own reference pipeline, on CPU.
+
+What is measured
+    One synthetic fluorescence image (cells sized to the network's ``diam_mean``) is segmented by
+
+    * **ours**: ``select_channels`` + ``selfadapt_deploy.segment.segment_image`` with a ``TorchRunner``;
+    * **cellpose**: ``cellpose.models.CellposeModel.eval`` (cellpose ≥ 4 cannot load a Cellpose 3
+      CPnet, so the same network is wrapped by ``tests.helpers.cellpose4_model``; everything
+      around the network — normalisation, tiling, blending, dynamics, mask assembly, flow QC,
+      clean-up — is cellpose's own code).
+
+    Both use the same CPnet weights, image, diameter and default settings (niter, thresholds,
+    tile size 224, overlap 0.1, batch size 8), in the same process and thread count. Each
+    end-to-end call is timed as a whole; per-stage times are taken *inside* that same call by
+    temporarily wrapping the stage functions each pipeline looks up at call time (ours:
+    ``normalize_image``, ``predict_flows``, ``integrate``, ``assemble_masks``,
+    ``remove_bad_flow_masks``, ``fill_holes_and_remove_small``; cellpose: ``normalize_img``,
+    ``_run_net``, ``follow_flows``, ``get_masks_torch``, ``remove_bad_flow_masks``,
+    ``fill_holes_and_remove_small_masks``, ``plot.dx_to_circ``), so the stages add up to the
+    end-to-end time minus a small "other" remainder (glue, channel handling). Every stage must run
+    exactly once per call or the script stops. Both pipelines are warmed up on a small crop first;
+    with ``--repeats N`` the two pipelines alternate and medians are reported.
+
+    To make sure the two did the same work, the script prints the number of masks each found, the
+    AP@0.5 / AP@0.9 agreement between our masks and cellpose's (≈ 1.0 expected), and each
+    pipeline's AP@0.5 against the synthetic ground truth. It exits with status 2 (after printing
+    everything) when the agreement at IoU 0.5 is below 0.9.
+
+Output
+    A header, a stage table (cellpose s, ours s, cellpose/ours), the total, and as the very last
+    line ``ratio=<cellpose seconds / ours seconds>`` for the end-to-end time (> 1: ours is faster).
+
+Run (from the repository root; needs cellpose 4.x installed next to sa-deploy)::
+
+    python benchmarks/segment_vs_cellpose.py                      # 1024² image, 2 threads
+    python benchmarks/segment_vs_cellpose.py --size 512 --repeats 3 --threads 4
+    python benchmarks/segment_vs_cellpose.py --weights path/to/cp3_model.pth --diameter 25
+
+Default weights: ``tests/fixtures/cellpose3/tiny_cyto.pth`` when present, else a default-size
+``CPnet()`` (nbase 2,32,64,128,256) initialised with ``torch.manual_seed(0)`` and saved to a
+temporary file (random weights: masks are then not biologically meaningful, but both pipelines
+still do the full amount of post-processing work on the same flows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_WEIGHTS = REPO / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
+FILL_FRACTION = 0.4  # default cell count: cells cover about this fraction of the image
+AGREEMENT_MIN = 0.9  # AP@0.5 between the two pipelines' masks below this → exit status 2
+
+# (row label, our stage key, cellpose stage key); None = no counterpart in that pipeline
+STAGES: list[tuple[str, str | None, str | None]] = [
+    ("normalize", "normalize", "normalize"),
+    ("network (resize, tiles, net, blend)", "network", "network"),
+    ("flow integration", "integrate", "follow_flows"),
+    ("mask assembly", "assemble", "get_masks"),
+    ("flow QC", "flow_qc", "flow_qc"),
+    ("fill holes / min size", "cleanup", "cleanup"),
+    ("flow RGB (cellpose eval output)", None, "dx_to_circ"),
+]
+
+
+@dataclass
+class StageClock:
+    """Accumulates wall time and call counts of wrapped functions."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+
+@contextlib.contextmanager
+def patched(clock: StageClock, targets: dict[str, tuple[Any, str]]) -> Iterator[StageClock]:
+    """Replace ``owner.attr`` by a timed wrapper for each stage while the block runs."""
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr in targets.values()]
+    try:
+        for name, (owner, attr) in targets.items():
+            setattr(owner, attr, clock.wrap(name, getattr(owner, attr)))
+        yield clock
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+def our_targets() -> dict[str, tuple[Any, str]]:
+    import selfadapt_deploy.postprocess as post
+    import selfadapt_deploy.segment as seg
+
+    return {"normalize": (seg, "normalize_image"), "network": (seg, "predict_flows"),
+            "integrate": (post, "integrate"), "assemble": (post, "assemble_masks"),
+            "flow_qc": (post, "remove_bad_flow_masks"), "cleanup": (post, "fill_holes_and_remove_small")}
+
+
+def cellpose_targets(model: Any) -> dict[str, tuple[Any, str]]:
+    from cellpose import dynamics, plot, transforms, utils
+
+    return {"normalize": (transforms, "normalize_img"), "network": (model, "_run_net"),
+            "follow_flows": (dynamics, "follow_flows"), "get_masks": (dynamics, "get_masks_torch"),
+            "flow_qc": (dynamics, "remove_bad_flow_masks"),
+            "cleanup": (utils, "fill_holes_and_remove_small_masks"), "dx_to_circ": (plot, "dx_to_circ")}
+
+
+def check_calls(clock: StageClock, targets: dict[str, Any], who: str) -> None:
+    """Every wrapped stage ran exactly once, else the timings describe some other computation."""
+    wrong = {k: clock.calls.get(k, 0) for k in targets if clock.calls.get(k, 0) != 1}
+    if wrong:
+        sys.exit(f"error: {who} pipeline ran stages an unexpected number of times: {wrong}")
+
+
+def run_ours(runner: Any, img_1yx: np.ndarray, net: Any, diameter: float | None
+             ) -> tuple[np.ndarray, dict[str, float]]:
+    """Our pipeline, end to end: channel selection/padding, then ``segment_image``."""
+    from selfadapt_deploy.io import select_channels
+    from selfadapt_deploy.segment import SegmentParams, segment_image
+
+    targets = our_targets()
+    clock = StageClock()
+    with patched(clock, targets):
+        t0 = time.perf_counter()
+        x = select_channels(img_1yx, None, net.nchan, "benchmark", pad=True)
+        seg = segment_image(runner, x, net.diam_mean, SegmentParams(diameter=diameter), "cpu")
+        total = time.perf_counter() - t0
+    check_calls(clock, targets, "our")
+    return seg.masks, {**clock.seconds, "total": total}
+
+
+def run_cellpose(model: Any, img_cyx: np.ndarray, cp_diameter: float | None, bsize: int
+                 ) -> tuple[np.ndarray, dict[str, float]]:
+    """cellpose 4.2's ``CellposeModel.eval`` on the same (channel-padded) image."""
+    targets = cellpose_targets(model)
+    clock = StageClock()
+    with patched(clock, targets):
+        t0 = time.perf_counter()
+        masks, _, _ = model.eval(img_cyx, channel_axis=0, diameter=cp_diameter, bsize=bsize)
+        total = time.perf_counter() - t0
+    # _run_net was set on the instance; drop the attribute so the class method shows through again
+    model.__dict__.pop("_run_net", None)
+    check_calls(clock, targets, "cellpose")
+    return masks, {**clock.seconds, "total": total}
+
+
+def default_weights(tmp: Path) -> tuple[Path, str]:
+    if DEFAULT_WEIGHTS.is_file():
+        return DEFAULT_WEIGHTS, str(DEFAULT_WEIGHTS.relative_to(REPO))
+    from selfadapt_deploy.models.cpnet import CPnet
+
+    torch.manual_seed(0)
+    path = tmp / "cpnet_seed0.pth"
+    torch.save(CPnet().state_dict(), path)
+    return path, "random CPnet() nbase 2,32,64,128,256, torch.manual_seed(0) (no tiny_cyto.pth fixture)"
+
+
+def fmt_ratio(cp: float, ours: float) -> str:
+    return f"{cp / ours:8.2f}" if ours > 0 else "     n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", type=Path, help="Cellpose 3 CPnet weights (default: see module doc)")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
+    ap.add_argument("--cells", type=int, default=None,
+                    help=f"cells to place (default: ~{FILL_FRACTION:.0%} of the area, given diam_mean)")
+    ap.add_argument("--diameter", type=float, default=None,
+                    help="our --diameter (pixels); cellpose gets 30·d/diam_mean. Default: none (rescale 1)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs of each pipeline (median shown)")
+    ap.add_argument("--threads", type=int, default=2, help="torch / OpenCV threads (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic image seed")
+    args = ap.parse_args(argv)
+
+    import cv2
+    from cellpose import models as cp_models
+
+    from selfadapt_deploy.metrics import average_precision
+    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.runtime import TorchRunner
+    from selfadapt_deploy.synthetic import random_labels, render
+    from tests.helpers import cellpose4_model
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    cp_models.models_logger.setLevel("WARNING")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, weights_desc = (args.weights, str(args.weights)) if args.weights else default_weights(Path(tmp))
+        net = load_model(weights, "cpu")
+    if net.family != "cpnet":
+        sys.exit(f"error: {weights} is a {net.family} model; this benchmark drives cellpose with a CPnet")
+    diam = float(net.diam_mean)
+    cp_diameter = 30.0 * args.diameter / diam if args.diameter else None
+
+    radius = (0.4 * diam, 0.6 * diam)  # diam_mean/2 ± 20%
+    cells = args.cells or round(FILL_FRACTION * args.size**2 / (np.pi * (diam / 2) ** 2))
+    t0 = time.perf_counter()
+    gt = random_labels((args.size, args.size), cells, radius=radius, seed=args.seed)
+    img = render(gt, seed=args.seed)[None]  # 1×Y×X
+    t_synth = time.perf_counter() - t0
+    img_cp = np.concatenate([img, np.zeros_like(img)])[: net.nchan]  # what cellpose 3 channels=[0,0] fed
+
+    print("segment_vs_cellpose: sa-deploy segment_image vs cellpose CellposeModel.eval (CPU)")
+    print(f"torch {torch.__version__}  cellpose {version('cellpose')}  numpy {np.__version__}  "
+          f"threads {torch.get_num_threads()}")
+    print(f"weights: {weights_desc}  (diam_mean {diam:g}, nchan {net.nchan}, tile {net.tile_size})")
+    print(f"image: {args.size}×{args.size} synthetic, {int(gt.max())} cells placed of {cells} requested, "
+          f"radius {radius[0]:.1f}-{radius[1]:.1f} px, seed {args.seed} ({t_synth:.1f}s to make)")
+    print(f"diameter: ours {args.diameter or 'none'} / cellpose {cp_diameter and round(cp_diameter, 3)} "
+          f"(rescale {diam / args.diameter if args.diameter else 1.0:.3f}), repeats {args.repeats}")
+
+    model = cellpose4_model(net)
+    ours_runs: list[dict[str, float]] = []
+    cp_runs: list[dict[str, float]] = []
+    with TorchRunner(net, "cpu") as runner:
+        crop = min(args.size, 256)  # warm-up: first-call allocations, lazy imports, thread pools
+        run_ours(runner, img[:, :crop, :crop], net, args.diameter)
+        run_cellpose(model, img_cp[:, :crop, :crop], cp_diameter, net.tile_size)
+        for _ in range(args.repeats):
+            cp_masks, cp_t = run_cellpose(model, img_cp, cp_diameter, net.tile_size)
+            our_masks, our_t = run_ours(runner, img, net, args.diameter)
+            cp_runs.append(cp_t)
+            ours_runs.append(our_t)
+
+    def med(runs: list[dict[str, float]], key: str | None) -> float:
+        return statistics.median(r.get(key, 0.0) for r in runs) if key else 0.0
+
+    rows = [(label, med(cp_runs, ck), med(ours_runs, ok)) for label, ok, ck in STAGES]
+    cp_total, our_total = med(cp_runs, "total"), med(ours_runs, "total")
+    rows.append(("other (glue, channels)", cp_total - sum(r[1] for r in rows),
+                 our_total - sum(r[2] for r in rows)))
+
+    print()
+    print(f"{'stage':<36} {'cellpose s':>10} {'ours s':>10} {'cp/ours':>8}")
+    print("-" * 67)
+    for label, cp_s, our_s in rows:
+        print(f"{label:<36} {cp_s:10.3f} {our_s:10.3f} {fmt_ratio(cp_s, our_s)}")
+    print("-" * 67)
+    print(f"{'total (end to end)':<36} {cp_total:10.3f} {our_total:10.3f} {fmt_ratio(cp_total, our_total)}")
+
+    agree = average_precision(cp_masks, our_masks)
+    ours_gt, cp_gt = average_precision(gt, our_masks), average_precision(gt, cp_masks)
+    identical = np.array_equal(cp_masks.astype(np.int64), our_masks.astype(np.int64))
+    print()
+    print(f"masks found: cellpose {int(cp_masks.max())}, ours {int(our_masks.max())} "
+          f"(ground truth {int(gt.max())}); label images identical: {'yes' if identical else 'no'}")
+    print(f"agreement ours vs cellpose: AP@0.5 {agree.ap[0]:.4f}  AP@0.9 {agree.ap[2]:.4f}")
+    print(f"vs ground truth AP@0.5: cellpose {cp_gt.ap[0]:.4f}, ours {ours_gt.ap[0]:.4f}")
+    status = 0
+    if not agree.ap[0] >= AGREEMENT_MIN:  # also catches NaN (neither found any mask)
+        print(f"WARNING: the pipelines disagree (AP@0.5 {agree.ap[0]:.3f} < {AGREEMENT_MIN}); "
+              "the timings compare different work")
+        status = 2
+    print(f"ratio={cp_total / our_total:.2f}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
