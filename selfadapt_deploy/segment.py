@@ -6,6 +6,7 @@ resize back → integrate → assemble → flow QC → fill holes / min size.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -97,8 +98,6 @@ def segment_image(runner: Runner, img: np.ndarray, diam_mean: float,
                   params: SegmentParams = SegmentParams(),
                   device: torch.device | str = "cpu") -> Segmentation:
     """Segment one C×Y×X image whose channels are already those the network expects."""
-    import time
-
     t0 = time.perf_counter()
     x = normalize_image(img) if params.normalize else img.astype(np.float32)
     t1 = time.perf_counter()
