@@ -1,7 +1,9 @@
 """Benchmark: sa-deploy's segmentation pipeline against cellpose 4.2's own reference pipeline, on CPU.
 
 What is measured
-    One synthetic fluorescence image (cells sized to the network's ``diam_mean``) is segmented by
+    One synthetic fluorescence image (``selfadapt_deploy.synthetic``; cell diameter = the diameter
+    the pipeline assumes ± 20%, i.e. ``--diameter`` or the model's default diameter — for a CPnet
+    its ``diam_labels``, as cellpose 3 does) is segmented by
 
     * **ours**: ``select_channels`` + ``selfadapt_deploy.segment.segment_image`` with a ``TorchRunner``;
     * **cellpose**: ``cellpose.models.CellposeModel.eval`` (cellpose ≥ 4 cannot load a Cellpose 3
@@ -9,22 +11,25 @@ What is measured
       around the network — normalisation, tiling, blending, dynamics, mask assembly, flow QC,
       clean-up — is cellpose's own code).
 
-    Both use the same CPnet weights, image, diameter and default settings (niter, thresholds,
-    tile size 224, overlap 0.1, batch size 8), in the same process and thread count. Each
+    Both use the same CPnet weights, image, rescale factor (cellpose 4 rescales by 30/diameter,
+    so it is given ``30·d/diam_mean``) and default settings (niter, thresholds, tile size 224,
+    overlap 0.1, batch size 8), in the same process and thread count. Each
     end-to-end call is timed as a whole; per-stage times are taken *inside* that same call by
     temporarily wrapping the stage functions each pipeline looks up at call time (ours:
     ``normalize_image``, ``predict_flows``, ``integrate``, ``assemble_masks``,
     ``remove_bad_flow_masks``, ``fill_holes_and_remove_small``; cellpose: ``normalize_img``,
     ``_run_net``, ``follow_flows``, ``get_masks_torch``, ``remove_bad_flow_masks``,
     ``fill_holes_and_remove_small_masks``, ``plot.dx_to_circ``), so the stages add up to the
-    end-to-end time minus a small "other" remainder (glue, channel handling). Every stage must run
-    exactly once per call or the script stops. Both pipelines are warmed up on a small crop first;
-    with ``--repeats N`` the two pipelines alternate and medians are reported.
+    end-to-end time minus a small "other" remainder (glue, channel handling). The script stops if
+    a stage runs more than once per call or the network stage does not run. Both pipelines are
+    warmed up on a small crop first; with ``--repeats N`` the two pipelines alternate (cellpose
+    first) and medians are reported.
 
     To make sure the two did the same work, the script prints the number of masks each found, the
     AP@0.5 / AP@0.9 agreement between our masks and cellpose's (≈ 1.0 expected), and each
     pipeline's AP@0.5 against the synthetic ground truth. It exits with status 2 (after printing
-    everything) when the agreement at IoU 0.5 is below 0.9.
+    everything) when the agreement at IoU 0.5 is below 0.9, when no pixel is foreground (the
+    post-processing was not exercised) or when the pipelines ran different post-processing stages.
 
 Output
     A header, a stage table (cellpose s, ours s, cellpose/ours), the total, and as the very last
@@ -38,8 +43,8 @@ Run (from the repository root; needs cellpose 4.x installed next to sa-deploy)::
 
 Default weights: ``tests/fixtures/cellpose3/tiny_cyto.pth`` when present, else a default-size
 ``CPnet()`` (nbase 2,32,64,128,256) initialised with ``torch.manual_seed(0)`` and saved to a
-temporary file (random weights: masks are then not biologically meaningful, but both pipelines
-still do the full amount of post-processing work on the same flows).
+temporary file. Untrained weights predict no foreground, so only normalisation and the network
+are compared then (the script says so and exits with status 2): use trained weights.
 """
 
 from __future__ import annotations
@@ -147,7 +152,7 @@ def run_ours(runner: Any, img_1yx: np.ndarray, net: Any, diameter: float | None
     with patched(clock, targets):
         t0 = time.perf_counter()
         x = select_channels(img_1yx, None, net.nchan, "benchmark", pad=True)
-        seg = segment_image(runner, x, net.diam_mean, SegmentParams(diameter=diameter), "cpu")
+        seg = segment_image(runner, x, SegmentParams(diameter=diameter), "cpu")
         total = time.perf_counter() - t0
     check_calls(clock, "our")
     return seg.masks, {**clock.seconds, "total": total}, clock.calls
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", type=int, default=None,
                     help=f"cells to place (default: ~{FILL_FRACTION:.0%} of the area, given diam_mean)")
     ap.add_argument("--diameter", type=float, default=None,
-                    help="our --diameter (pixels); cellpose gets 30·d/diam_mean. Default: none (rescale 1)")
+                    help="cell diameter in pixels (default: none, i.e. the model's default diameter); "
+                    "cells are drawn at this size, cellpose gets 30·d/diam_mean")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each pipeline (median shown)")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenCV threads (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic image seed")
@@ -218,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         net = load_model(weights, "cpu")
     if net.family != "cpnet":
         sys.exit(f"error: {weights} is a {net.family} model; this benchmark drives cellpose with a CPnet")
-    diam = float(net.diam_mean)
-    cp_diameter = 30.0 * args.diameter / diam if args.diameter else None
+    diam_mean = float(net.diam_mean)
+    # the diameter our pipeline assumes: --diameter, else the model's default (CPnet: diam_labels,
+    # cellpose 3's rule). cellpose 4 rescales by 30 / diameter, so it gets 30·d/diam_mean to match.
+    diam = args.diameter or float(getattr(net, "default_diameter", diam_mean))
+    cp_diameter = 30.0 * diam / diam_mean
 
-    radius = (0.4 * diam, 0.6 * diam)  # diam_mean/2 ± 20%
+    radius = (0.4 * diam, 0.6 * diam)  # cells of the assumed diameter ± 20%
     cells = args.cells or round(FILL_FRACTION * args.size**2 / (np.pi * (diam / 2) ** 2))
     t0 = time.perf_counter()
     gt = random_labels((args.size, args.size), cells, radius=radius, seed=args.seed)
@@ -232,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     print("segment_vs_cellpose: sa-deploy segment_image vs cellpose CellposeModel.eval (CPU)")
     print(f"torch {torch.__version__}  cellpose {version('cellpose')}  numpy {np.__version__}  "
           f"threads {torch.get_num_threads()}")
-    print(f"weights: {weights_desc}  (diam_mean {diam:g}, nchan {net.nchan}, tile {net.tile_size})")
+    print(f"weights: {weights_desc}  (diam_mean {diam_mean:g}, nchan {net.nchan}, tile {net.tile_size})")
     print(f"image: {args.size}×{args.size} synthetic, {int(gt.max())} cells placed of {cells} requested, "
           f"radius {radius[0]:.1f}-{radius[1]:.1f} px, seed {args.seed} ({t_synth:.1f}s to make)")
-    print(f"diameter: ours {args.diameter or 'none'} / cellpose {cp_diameter and round(cp_diameter, 3)} "
-          f"(rescale {diam / args.diameter if args.diameter else 1.0:.3f}), repeats {args.repeats}")
+    print(f"diameter: ours {args.diameter or f'none (model default {diam:.4g})'}, cellpose {cp_diameter:.4g} "
+          f"(rescale {diam_mean / diam:.4f}), repeats {args.repeats}")
 
     model = cellpose4_model(net)
     ours_runs: list[dict[str, float]] = []

@@ -62,7 +62,7 @@ def segment_files(paths: Sequence[Path], net: SegmentationNet, out_dir: Path,
                 try:
                     data = select_channels(image.data, channels, net.nchan, str(image.source),
                                            pad=net.family == "cpnet")
-                    seg = segment_image(runner, data, net.diam_mean, params, device)
+                    seg = segment_image(runner, data, params, device)
                     if save_flows:
                         write_flows(out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
                     write_masks(masks_path, seg.masks)

@@ -16,7 +16,7 @@ import torch
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
-from selfadapt_deploy.runtime.base import Runner
+from selfadapt_deploy.runtime.base import ModelSpec, Runner
 from selfadapt_deploy.tiling import D4, d4_inverse, d4_transform, predict_tiled
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
@@ -26,7 +26,7 @@ DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
 class SegmentParams:
     """User-facing settings of ``sa-deploy segment``; defaults are cellpose's."""
 
-    diameter: float | None = None  # cell diameter in pixels; None/0 → the model's diam_mean
+    diameter: float | None = None  # cell diameter in pixels; None/0 → the model's default
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
     min_size: int = 15
@@ -55,8 +55,9 @@ def resize_chw(img: np.ndarray, ly: int, lx: int) -> np.ndarray:
     return (out[..., None] if out.ndim == 2 else out).transpose(2, 0, 1)
 
 
-def rescale_factor(diam_mean: float, diameter: float | None) -> float:
-    return diam_mean / diameter if diameter else 1.0
+def rescale_factor(spec: ModelSpec, diameter: float | None) -> float:
+    """diam_mean / diameter; without a diameter, the model's default diameter (cellpose's rule)."""
+    return spec.diam_mean / (diameter or spec.default_diameter)
 
 
 def tta_predict(runner: Runner):
@@ -73,10 +74,10 @@ def tta_predict(runner: Runner):
     return predict
 
 
-def predict_flows(runner: Runner, img: np.ndarray, diam_mean: float,
+def predict_flows(runner: Runner, img: np.ndarray,
                   params: SegmentParams) -> tuple[np.ndarray, float]:
     """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
-    rescale = rescale_factor(diam_mean, params.diameter)
+    rescale = rescale_factor(runner.spec, params.diameter)
     ly, lx = img.shape[1:]
     x = img
     if rescale != 1.0:
@@ -94,14 +95,13 @@ def predict_flows(runner: Runner, img: np.ndarray, diam_mean: float,
     return y, rescale
 
 
-def segment_image(runner: Runner, img: np.ndarray, diam_mean: float,
-                  params: SegmentParams = SegmentParams(),
+def segment_image(runner: Runner, img: np.ndarray, params: SegmentParams = SegmentParams(),
                   device: torch.device | str = "cpu") -> Segmentation:
     """Segment one C×Y×X image whose channels are already those the network expects."""
     t0 = time.perf_counter()
     x = normalize_image(img) if params.normalize else img.astype(np.float32)
     t1 = time.perf_counter()
-    y, rescale = predict_flows(runner, x, diam_mean, params)
+    y, rescale = predict_flows(runner, x, params)
     t2 = time.perf_counter()
     niter = params.niter or int(DEFAULT_NITER / rescale)
     mask_params = MaskParams(niter=niter, cellprob_threshold=params.cellprob_threshold,

@@ -60,8 +60,7 @@ def test_tiled_output_matches_cellpose_run_net(tiny_cpnet, shape, overlap):
 def test_rescaled_prediction_matches_cellpose_eval_internals(tiny_cpsam, diameter):
     img = np.random.default_rng(2).random((2, 150, 130), dtype=np.float32)
     with TorchRunner(tiny_cpsam) as runner:
-        ours, rescale = predict_flows(runner, img, tiny_cpsam.diam_mean,
-                                      SegmentParams(diameter=diameter))
+        ours, rescale = predict_flows(runner, img, SegmentParams(diameter=diameter))
     model = cellpose4_model(tiny_cpsam)
     dP, cellprob, _ = model._run_net(img.transpose(1, 2, 0)[None], rescale=rescale,
                                      bsize=tiny_cpsam.tile_size)
@@ -106,5 +105,5 @@ def test_d4_merge_of_equivariant_outputs_has_zero_std():
 def test_tta_prediction_runs_on_non_square_tiles(tiny_cpnet):
     img = np.random.default_rng(4).random((2, 64, 96), dtype=np.float32)
     with TorchRunner(tiny_cpnet) as runner:
-        y, _ = predict_flows(runner, img, tiny_cpnet.diam_mean, SegmentParams(tta=True))
+        y, _ = predict_flows(runner, img, SegmentParams(tta=True))
     assert y.shape == (3, 64, 96) and np.isfinite(y).all()

@@ -17,7 +17,7 @@ from .helpers import cellpose4_model
 
 def cellpose_eval(net, img_cyx, diameter, p: SegmentParams):
     """cellpose 4.2 ``eval``; it assumes diam_mean 30, so convert our diameter to its scale."""
-    cp_diameter = None if diameter is None else 30.0 * diameter / net.diam_mean
+    cp_diameter = 30.0 * (diameter or net.default_diameter) / net.diam_mean
     masks, flows, _ = cellpose4_model(net).eval(
         img_cyx.transpose(1, 2, 0), channel_axis=-1, diameter=cp_diameter, bsize=net.tile_size,
         flow_threshold=p.flow_threshold, cellprob_threshold=p.cellprob_threshold,
@@ -27,7 +27,7 @@ def cellpose_eval(net, img_cyx, diameter, p: SegmentParams):
 
 def run_ours(net, img, params):
     with TorchRunner(net) as runner:
-        return segment_image(runner, img, net.diam_mean, params)
+        return segment_image(runner, img, params)
 
 
 @pytest.mark.parametrize("params", [

@@ -34,6 +34,11 @@ class SegmentationNet(nn.Module, ABC):
     def diam_mean(self) -> float:
         """Cell diameter (pixels) the network expects; images are rescaled by diam_mean / diameter."""
 
+    @property
+    def default_diameter(self) -> float:
+        """Diameter assumed when the user gives none (no rescale unless a family says otherwise)."""
+        return self.diam_mean
+
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×3×H×W: (dY, dX, cellprob logit)."""

@@ -41,10 +41,10 @@ class _ResDown(nn.Module):
 
     def __init__(self, cin: int, cout: int, sz: int):
         super().__init__()
-        self.proj = _bn_conv(cin, cout, 1)
-        self.conv = nn.Sequential()
+        self.conv = nn.Sequential()  # registered before proj, as in cellpose (state-dict key order)
         for t in range(4):
             self.conv.add_module(f"conv_{t}", _bn_relu_conv(cin if t == 0 else cout, cout, sz))
+        self.proj = _bn_conv(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x) + self.conv[1](self.conv[0](x))
@@ -163,6 +163,11 @@ class CPnet(SegmentationNet):
     @property
     def diam_mean(self) -> float:
         return float(self.diam_mean_.item())
+
+    @property
+    def default_diameter(self) -> float:
+        """cellpose 3 segments at the training set's scale: rescale = diam_mean / diam_labels."""
+        return float(self.diam_labels.item())
 
     def forward_with_style(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and the style vector, as cellpose 3's ``CPnet.forward`` returns them."""

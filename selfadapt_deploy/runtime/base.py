@@ -13,12 +13,14 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """What a runner accepts: channel count and tile geometry."""
+class ModelSpec:
+    """What a runner accepts (channels, tile geometry) and the cell scale its model expects."""
 
     nchan: int  # exact channel count, or the maximum when ``fewer_channels_ok``
     tile_size: int
     fixed_tile: bool  # True: H = W = tile_size exactly; False: any multiple of 16
+    diam_mean: float  # images are rescaled by diam_mean / diameter
+    default_diameter: float  # the diameter assumed when the user gives none
     fewer_channels_ok: bool = False
 
 
@@ -27,7 +29,7 @@ class Runner(ABC):
 
     name = "runner"
 
-    def __init__(self, spec: InputSpec):
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.is_active = False
 

@@ -7,7 +7,7 @@ import torch
 
 from selfadapt_deploy.errors import DeviceError
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.base import InputSpec, Runner
+from selfadapt_deploy.runtime.base import ModelSpec, Runner
 
 
 def resolve_device(device: str) -> torch.device:
@@ -22,8 +22,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def spec_for(net: SegmentationNet) -> InputSpec:
-    return InputSpec(nchan=net.nchan, tile_size=net.tile_size, fixed_tile=net.fixed_tile,
+def spec_for(net: SegmentationNet) -> ModelSpec:
+    return ModelSpec(nchan=net.nchan, tile_size=net.tile_size, fixed_tile=net.fixed_tile,
+                     diam_mean=net.diam_mean, default_diameter=net.default_diameter,
                      fewer_channels_ok=net.family == "cpsam")
 
 
