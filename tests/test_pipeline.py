@@ -19,7 +19,7 @@ def cellpose_eval(net, img_cyx, diameter, p: SegmentParams):
     """cellpose 4.2 ``eval``; it assumes diam_mean 30, so convert our diameter to its scale."""
     cp_diameter = 30.0 * (diameter or net.default_diameter) / net.diam_mean
     masks, flows, _ = cellpose4_model(net).eval(
-        img_cyx.transpose(1, 2, 0), channel_axis=-1, diameter=cp_diameter, bsize=net.tile_size,
+        img_cyx.transpose(1, 2, 0).copy(), channel_axis=-1, diameter=cp_diameter, bsize=net.tile_size,
         flow_threshold=p.flow_threshold, cellprob_threshold=p.cellprob_threshold,
         min_size=p.min_size, niter=p.niter, tile_overlap=p.tile_overlap)
     return masks, flows[1], flows[2]
