@@ -51,7 +51,8 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 @app.command()
 def segment(
-    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images.")],
+    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders "
+                                                 "of them.")],
     model: Annotated[str, typer.Option(help="Weights file (either family), run directory, or "
                                        "Cellpose model name (cpsam, cyto3, ...).")],
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_masks.tif.")],
@@ -81,6 +82,7 @@ def segment(
 ):
     """Segment images with a Cellpose-family model (cellpose 4.2's pipeline)."""
     from selfadapt_deploy.batch import segment_files
+    from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.models import load_model
     from selfadapt_deploy.runtime import resolve_device
@@ -97,6 +99,7 @@ def segment(
                            tta=tta)
     picked = _parse_channels(channels)
     try:
+        images = expand_inputs(images)
         ensure_writable_dir(out)
         dev = resolve_device(device)
         net = load_model(model, dev)

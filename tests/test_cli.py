@@ -48,9 +48,11 @@ def test_segment_batch_with_a_bad_image(tmp_path, weights):
     assert tifffile.imread(out / "flat_masks.tif").max() == 0
     assert tifffile.imread(out / "good_flows.tif").shape == (3, 96, 80)
 
-    again = runner.invoke(app, ["segment", str(good), "--model", str(weights), "--out", str(out),
-                                "--device", "cpu"])
-    assert again.exit_code == 0 and "good: skipped" in again.output
+    bad.unlink()
+    again = runner.invoke(app, ["segment", str(tmp_path), "--model", str(weights), "--out", str(out),
+                                "--device", "cpu"])  # a folder: its images; done ones are skipped
+    assert again.exit_code == 0, again.output
+    assert "good: skipped" in again.output and "flat: skipped" in again.output
 
 
 def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):

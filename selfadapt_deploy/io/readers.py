@@ -120,14 +120,30 @@ def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
     return [Image(name=image_stem(path), source=path, data=data)]
 
 
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in (*TIFF_SUFFIXES, *PLAIN_SUFFIXES)
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Inputs as files: a directory stands for the image files directly inside it (sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if is_image_file(p))
+            if not found:
+                raise ImageReadError(f"{path}: directory holds no TIFF/PNG/JPEG images")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
 def read_images(path: str | Path, channel_axis: int | None = None,
                 series: int | None = None) -> list[Image]:
     """All 2-D images in ``path``: every series of a multi-series OME-TIFF unless ``series`` picks one."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a directory; pass image files (e.g. {path}/*.tif)")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         return _read_tiff(path, channel_axis, series)

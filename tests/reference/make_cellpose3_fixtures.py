@@ -40,10 +40,11 @@ virtual environment -- not in sa-deploy's own environment.  From the repository 
     .venv-cp3/bin/pip install "cellpose==3.1.1.2" "numpy<2.1"
     .venv-cp3/bin/python tests/reference/make_cellpose3_fixtures.py --out tests/fixtures/cellpose3
 
-Runs in ~2-3 minutes on 2 CPU cores (no GPU needed or used).  Everything is seeded;
-re-running on the same software stack and thread count reproduces the files
-bit-for-bit (floating-point results may differ in the last bits on other CPUs /
-thread counts / library versions).
+Runs in ~75 s on 2 idle CPU cores (training ~65 s; no GPU needed or used) -- several
+times longer when the cores are shared with other busy processes (one run next to two
+other CPU-bound jobs took ~10 min).  Everything is seeded; re-running on the same
+software stack and thread count reproduced all files bit-for-bit (floating-point
+results may differ in the last bits on other CPUs / thread counts / library versions).
 
 ``--profile spec`` regenerates with the network widths / image sizes of the original
 request (random nets nbase=[2,8,16,32,64], [2,16,32,64], [1,8,16,32,64]; tiny model
@@ -62,6 +63,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -699,7 +701,7 @@ def verify(out: Path, prof, net_entries, tiny_nbase):
         pth = out / f"cpnet_{name}.pth"
         with np.load(out / f"cpnet_{name}_io.npz") as z:
             io = {k: z[k] for k in z.files}
-        # (1) cellpose's own loader: fresh CPnet + CPnet.load_model (resnet_torch.py:262-281)
+        # (1) cellpose's own loader: fresh CPnet + CPnet.load_model (resnet_torch.py:262-285)
         net = CPnet(list(cfg["nbase"]), 3, 3, mkldnn=False, max_pool=cfg["max_pool"])
         net.load_model(str(pth), device=cpu)
         y, s = cpnet_forward(net, io["x"])
@@ -864,7 +866,7 @@ def write_readme(out: Path, meta):
     a("")
     a("Reload caveat (cellpose 3.1.1.2 bug): `CPnet.load_model(path)` on CPU re-runs "
       "`self.__init__(self.nbase, self.nout, self.sz, self.mkldnn, self.conv_3D, self.diam_mean)` "
-      "(resnet_torch.py:271-272), which passes `diam_mean` into the `max_pool` slot, so a "
+      "(resnet_torch.py:273-274), which passes `diam_mean` into the `max_pool` slot, so a "
       "`max_pool=False` net silently comes back with MaxPool2d. Verification results:")
     a("")
     a("```")
@@ -1014,25 +1016,32 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="small")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="override the tiny model's n_epochs (smoke tests only; the committed "
+                         "fixtures use the profile default)")
     ap.add_argument("--allow-other-cellpose", action="store_true",
                     help="do not abort if cellpose is not 3.1.1.x")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("cellpose", "cellpose.core", "cellpose.models", "cellpose.dynamics",
-                 "cellpose.train", "cellpose.transforms", "cellpose.metrics"):
+                 "cellpose.transforms", "cellpose.metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("cellpose.train").setLevel(logging.INFO)  # loss every 10 epochs
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
     if not CELLPOSE_VERSION.startswith("3.1.1") and not args.allow_other_cellpose:
         sys.exit(f"cellpose {CELLPOSE_VERSION} found; these fixtures must be made with 3.1.1.x")
     torch.set_num_threads(args.threads)
     prof = copy.deepcopy(PROFILES[args.profile])
+    if args.epochs is not None:
+        prof["tiny"]["n_epochs"] = args.epochs
     final_out = args.out.resolve()
     final_out.mkdir(parents=True, exist_ok=True)
     # build everything in a scratch directory next to the target, then swap the files in
     # (so readers of the fixture directory never see a half-written set)
     out = Path(tempfile.mkdtemp(prefix=".tmp_cp3fix_", dir=final_out.parent))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the scratch dir is removed
     try:
         files, t_start = _generate(out, prof, args)
     except BaseException:
