@@ -34,21 +34,19 @@ This script MUST run with cellpose 3.1.1.x (tested with 3.1.1.2) in a separate
 virtual environment -- not in sa-deploy's own environment.  From the repository root:
 
     python3 -m venv .venv-cp3
-    # CPU torch: either the local wheel (what was used here) ...
-    .venv-cp3/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
-    # ... or: .venv-cp3/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    .venv-cp3/bin/pip install "torch==2.13.0"      # a CPU build was used (2.13.0+cpu)
     .venv-cp3/bin/pip install "cellpose==3.1.1.2" "numpy<2.1"
     .venv-cp3/bin/python tests/reference/make_cellpose3_fixtures.py --out tests/fixtures/cellpose3
 
-Runs in ~75 s on 2 idle CPU cores (training ~65 s; no GPU needed or used) -- several
-times longer when the cores are shared with other busy processes (one run next to two
-other CPU-bound jobs took ~10 min).  Everything is seeded; re-running on the same
+Runs in ~1.5 minutes on 2 idle CPU cores (training 65-90 s; no GPU needed or used) --
+several times longer when the cores are shared with other busy processes (one run next
+to two other CPU-bound jobs took ~12 min).  Everything is seeded; re-running on the same
 software stack and thread count reproduced all files bit-for-bit (floating-point
 results may differ in the last bits on other CPUs / thread counts / library versions).
 
 ``--profile spec`` regenerates with the network widths / image sizes of the original
 request (random nets nbase=[2,8,16,32,64], [2,16,32,64], [1,8,16,32,64]; tiny model
-nbase=[2,16,32,64,128]; ~300x260 images).  That output is ~15 MB and is not committed;
+nbase=[2,16,32,64,128]; ~300x260 images).  That output is ~19 MB and is not committed;
 the default ``--profile small`` keeps the committed fixtures under 3 MB.
 """
 
@@ -73,10 +71,10 @@ from pathlib import Path
 import numpy as np
 
 try:
+    import cellpose
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    import cellpose
     from cellpose import core, dynamics, metrics, models, train, transforms
     from cellpose.resnet_torch import CPnet
 except ImportError as exc:  # pragma: no cover - only hit when run in the wrong env
@@ -118,7 +116,7 @@ PROFILES = {
                      weight_decay=1e-5, batch_size=8),
         "cases": {
             "synthetic_gray": (232, 216),
-            "synthetic_rescale": (128, 112),
+            "synthetic_rescale": (130, 104),  # L*17/26 integral: float32 vs float64 edge
             "synthetic_2ch": (96, 112),
             "bbbc047_crop": (128, 160),
             "synthetic_thresholds": (96, 96),
@@ -529,7 +527,9 @@ def build_cases(prof, diam_mean):
     cases.append(("synthetic_rescale", to_uint16(img), lab,
                   dict(channels=[0, 0], diameter=26.0),
                   "cells 1.5x larger (18-30 px); diameter=26 -> rescale = diam_mean/26, image "
-                  "resized before the net and flows resized back (resample=True)"))
+                  "resized before the net and flows resized back (resample=True); H, W are "
+                  "multiples of 26, so int(L*rescale) depends on float32 arithmetic (see "
+                  "derived.resized_shape_if_float64_arithmetic)"))
 
     rng = np.random.default_rng(SEED_CASES["synthetic_2ch"])
     img, lab = make_cells(rng, sizes["synthetic_2ch"], two_channel=True)
@@ -594,12 +594,16 @@ def _pipeline_facts(model, img, kw):
         niter = 200 if not kw["resample"] else (1 / rescale * 200)
     else:
         niter = kw["niter"]
-    return x, {
+    return x, rescale, {
         "net_input_shape_YXC": [int(Ly), int(Lx), int(x.shape[-1])],
         "normalize_percentiles_1_99_per_channel": lowhigh,
         "rescale": float(rescale),
+        "rescale_dtype": type(rescale).__name__,
         "rescale_is_exactly_one": bool(rescale == 1.0),
-        "resized_shape_before_padding": [Lyr, Lxr],
+        "resized_shape_before_padding": [int(Lyr), int(Lxr)],
+        # what int(L * rescale) gives in float64 arithmetic (numpy 1.x promotion) instead
+        "resized_shape_if_float64_arithmetic": ([int(Ly * float(rescale)), int(Lx * float(rescale))]
+                                                if rescale != 1.0 else [int(Ly), int(Lx)]),
         "pads_y1_y2_x1_x2": [int(ypad1), int(ypad2), int(xpad1), int(xpad2)],
         "padded_shape": [int(Lyp), int(Lxp)],
         "tiles_ysub": [[int(a), int(b)] for a, b in ysub],
@@ -622,7 +626,7 @@ def make_pipeline_fixtures(out: Path, prof, model, tiny_nbase):
         masks, flows, styles = model.eval(img, **kw)
         assert np.array_equal(img, img_passed), "eval modified its input"
         dP, cellprob = flows[1], flows[2]
-        x_conv, facts = _pipeline_facts(model, img, kw)
+        x_conv, rescale_raw, facts = _pipeline_facts(model, img, kw)
         assert tuple(dP.shape) == (2, *masks.shape) and cellprob.shape == masks.shape
 
         # mask assembly on the saved flows, exactly as CellposeModel._compute_masks does
@@ -647,7 +651,7 @@ def make_pipeline_fixtures(out: Path, prof, model, tiny_nbase):
             xn = transforms.normalize_img(x_conv.copy(), **models.normalize_default)
             yf, _ = core.run_net(model.net, xn, bsize=kw["bsize"], augment=kw["augment"],
                                  batch_size=kw["batch_size"], tile_overlap=kw["tile_overlap"],
-                                 rsz=facts["rescale"])
+                                 rsz=rescale_raw)
             yf_back = transforms.resize_image(yf, x_conv.shape[1], x_conv.shape[2])
             assert np.array_equal(yf_back[0, ..., 2], cellprob)
             extra["net_yf_resized"] = yf[0]
@@ -773,7 +777,10 @@ EVAL_STEPS = [
     "zero 2nd channel; `[c1,c2]` (1-based) -> channels c1-1 (and c2-1, else zeros). A batch axis "
     "is added (483-484).",
     "2. rescale (487-490): `diam_mean/diameter` if diameter > 0, else `diam_mean/diam_labels` "
-    "if `rescale is None` -- so diameter=None/0 does NOT mean rescale 1 for a trained model.",
+    "if `rescale is None` -- so diameter=None/0 does NOT mean rescale 1 for a trained model. "
+    "`diam_mean` comes from the file as numpy.float32, so with numpy 2 (NEP 50) rescale is a "
+    "float32 and run_net's `int(L * rescale)` is evaluated in float32 (e.g. 130*17/26 -> 85 in "
+    "float32, 84 in float64; numpy 1.x would promote to float64); likewise niter = 200/rescale.",
     "3. `transforms.normalize_img(x, **normalize_default)` (493-516, transforms.py:615-742): "
     "per channel, only if ptp > 0, `normalize99`: (x - p1)/(p99 - p1) with `np.percentile` 1 and "
     "99 over the whole channel (transforms.py:164-194; a channel with p99-p1 <= 1e-3 becomes 0). "
@@ -993,7 +1000,7 @@ def _generate(out: Path, prof, args):
         "runtime_seconds": None,
     }
     # config.json / README need the final file list; write twice (README size is then stable)
-    files = sorted(p.name for p in out.iterdir() if p.is_file()) + ["config.json", "README.md"]
+    files = [*sorted(p.name for p in out.iterdir() if p.is_file()), "config.json", "README.md"]
     files = sorted(set(files))
     meta["npz_layout"] = {f: _describe_npz(out / f) for f in files if f.endswith(".npz")}
     meta["files"] = {}
