@@ -104,10 +104,8 @@ def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],
 
 def pooled(results: Sequence[APResult]) -> APResult:
     """Totals over images: AP from summed TP/FP/FN (cellpose reports per-image; this adds them)."""
-    th = results[0].thresholds
-    tp = tuple(sum(r.tp[i] for r in results) for i in range(len(th)))
-    fp = tuple(sum(r.fp[i] for r in results) for i in range(len(th)))
-    fn = tuple(sum(r.fn[i] for r in results) for i in range(len(th)))
-    ap = tuple(t / (t + p + n) if t + p + n else float("nan") for t, p, n in zip(tp, fp, fn,
-                                                                                  strict=True))
-    return APResult(th, ap, tp, fp, fn)
+    def total(counts: list[tuple[int, ...]]) -> list[int]:
+        return [sum(c) for c in zip(*counts, strict=True)]
+
+    return APResult.from_counts(results[0].thresholds, total([r.tp for r in results]),
+                                total([r.fp for r in results]), total([r.fn for r in results]))

@@ -56,8 +56,9 @@ def segment(
     model: Annotated[str, typer.Option(help="Weights file (either family), run directory, or "
                                        "Cellpose model name (cpsam, cyto3, ...).")],
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_masks.tif.")],
-    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
-                                            "diam_mean (no rescale).")] = 0.0,
+    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's default "
+                                            "(Cellpose 3: its diam_labels, as cellpose 3 does; "
+                                            "Cellpose-SAM: no rescale).")] = 0.0,
     flow_threshold: Annotated[float, typer.Option(help="Max flow error per mask; 0 turns flow "
                                                   "QC off.")] = 0.4,
     cellprob_threshold: Annotated[float, typer.Option(help="Cell-probability logit "

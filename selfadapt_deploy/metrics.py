@@ -53,6 +53,13 @@ class APResult:
     fp: tuple[int, ...]
     fn: tuple[int, ...]
 
+    @classmethod
+    def from_counts(cls, thresholds, tp, fp, fn) -> APResult:
+        """AP = TP/(TP+FP+FN) per threshold; no objects on either side is 0/0 → NaN, as cellpose."""
+        ap = [t / (t + p + n) if t + p + n else float("nan")
+              for t, p, n in zip(tp, fp, fn, strict=True)]
+        return cls(tuple(thresholds), tuple(ap), tuple(tp), tuple(fp), tuple(fn))
+
 
 def average_precision(gt: np.ndarray, pred: np.ndarray,
                       thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> APResult:
@@ -65,7 +72,4 @@ def average_precision(gt: np.ndarray, pred: np.ndarray,
     tp = [true_positives(iou, t) for t in thresholds]
     fp = [n_pred - t for t in tp]
     fn = [n_gt - t for t in tp]
-    # no objects on either side: 0/0, reported as NaN exactly as cellpose does
-    ap = [t / (t + p + n) if t + p + n else float("nan")
-          for t, p, n in zip(tp, fp, fn, strict=True)]
-    return APResult(tuple(thresholds), tuple(ap), tuple(tp), tuple(fp), tuple(fn))
+    return APResult.from_counts(thresholds, tp, fp, fn)

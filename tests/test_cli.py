@@ -124,13 +124,18 @@ def test_evaluate_prints_table_and_writes_json(tmp_path):
     tifffile.imwrite(tmp_path / "gt.tif", gt.astype(np.uint16))
     tifffile.imwrite(tmp_path / "pred.tif", pred.astype(np.uint16))
     out = tmp_path / "ap.json"
+    tifffile.imwrite(tmp_path / "perfect.tif", gt.astype(np.uint16))
     result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "pred.tif"), "--gt",
-                                 str(tmp_path / "gt.tif"), "--json", str(out)])
+                                 str(tmp_path / "gt.tif"), "--pred", str(tmp_path / "perfect.tif"),
+                                 "--gt", str(tmp_path / "gt.tif"), "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     n = int(gt.max())
     assert report["images"][0]["tp"] == [n - 1] * 3 and report["images"][0]["fn"] == [1] * 3
+    assert report["images"][1]["ap"] == [1.0] * 3
     assert f"{(n - 1) / n:.4f}" in result.output
+    pooled = (2 * n - 1) / (2 * n)  # summed TP / (TP + FP + FN) over both pairs
+    assert "all (pooled)" in result.output and f"{pooled:.4f}" in result.output
 
 
 def test_evaluate_mismatched_lists(tmp_path):
