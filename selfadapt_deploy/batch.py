@@ -7,7 +7,7 @@ every output is written atomically, so an interrupted run is resumed by running 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import tifffile
 import torch
 
 from selfadapt_deploy.errors import ImageReadError, SaDeployError
-from selfadapt_deploy.io.readers import image_stem, read_images, select_channels
+from selfadapt_deploy.io.readers import Image, image_stem, read_images, select_channels
 from selfadapt_deploy.io.writers import write_flows, write_masks
 from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_precision
 from selfadapt_deploy.models.base import SegmentationNet
@@ -34,43 +34,58 @@ class ImageResult:
     status: str  # "done", "skipped" (outputs exist), "failed"
     n_masks: int = 0
     error: str = ""
+    last_in_file: bool = True  # False while more series of the same file follow
 
 
-def segment_files(paths: Sequence[Path], net: SegmentationNet, out_dir: Path,
-                  params: SegmentParams, device: torch.device, channels: Sequence[int] | None = None,
-                  channel_axis: int | None = None, series: int | None = None,
-                  save_flows: bool = False, overwrite: bool = False) -> Iterator[ImageResult]:
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything that stays fixed across the images of one ``segment`` run."""
+
+    net: SegmentationNet
+    out_dir: Path
+    params: SegmentParams
+    device: torch.device
+    channels: Sequence[int] | None = None
+    save_flows: bool = False
+    overwrite: bool = False
+
+
+def _segment_one(job: SegmentJob, runner: TorchRunner, image: Image, written: set[str]) -> ImageResult:
+    """Segment one image and write its outputs; a bad image becomes a failed result."""
+    masks_path = job.out_dir / f"{image.name}{MASKS_SUFFIX}"
+    if image.name in written:
+        return ImageResult(image.source, image.name, "failed", error=(
+            f"{image.source}: output name {masks_path.name} was already written in this run by "
+            "another input; rename one of the inputs"))
+    if masks_path.exists() and not job.overwrite:
+        return ImageResult(image.source, image.name, "skipped")
+    try:
+        data = select_channels(image.data, job.channels, job.net.nchan, str(image.source),
+                               pad=job.net.family == "cpnet")
+        seg = segment_image(runner, data, job.params, job.device)
+        if job.save_flows:
+            write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
+        write_masks(masks_path, seg.masks)
+    except SaDeployError as exc:
+        return ImageResult(image.source, image.name, "failed", error=str(exc))
+    written.add(image.name)
+    return ImageResult(image.source, image.name, "done", int(seg.masks.max()))
+
+
+def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
+                  series: int | None = None) -> Iterator[ImageResult]:
     """Segment every image in ``paths``; yield one result per image as it finishes."""
     written: set[str] = set()
-    with TorchRunner(net, device) as runner:
+    with TorchRunner(job.net, job.device) as runner:
         for path in paths:
             try:
                 images = read_images(path, channel_axis=channel_axis, series=series)
             except ImageReadError as exc:
                 yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
                 continue
-            for image in images:
-                masks_path = out_dir / f"{image.name}{MASKS_SUFFIX}"
-                if image.name in written:
-                    yield ImageResult(image.source, image.name, "failed", error=(
-                        f"{image.source}: output name {masks_path.name} was already written in "
-                        "this run by another input; rename one of the inputs"))
-                    continue
-                if masks_path.exists() and not overwrite:
-                    yield ImageResult(image.source, image.name, "skipped")
-                    continue
-                try:
-                    data = select_channels(image.data, channels, net.nchan, str(image.source),
-                                           pad=net.family == "cpnet")
-                    seg = segment_image(runner, data, params, device)
-                    if save_flows:
-                        write_flows(out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
-                    write_masks(masks_path, seg.masks)
-                except SaDeployError as exc:
-                    yield ImageResult(image.source, image.name, "failed", error=str(exc))
-                    continue
-                written.add(image.name)
-                yield ImageResult(image.source, image.name, "done", int(seg.masks.max()))
+            for k, image in enumerate(images):
+                result = _segment_one(job, runner, image, written)
+                yield replace(result, last_in_file=k == len(images) - 1)
 
 
 def read_label_image(path: Path) -> np.ndarray:

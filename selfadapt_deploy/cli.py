@@ -82,7 +82,7 @@ def segment(
                                             "skip them, which resumes a run).")] = False,
 ):
     """Segment images with a Cellpose-family model (cellpose 4.2's pipeline)."""
-    from selfadapt_deploy.batch import segment_files
+    from selfadapt_deploy.batch import SegmentJob, segment_files
     from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.models import load_model
@@ -112,9 +112,8 @@ def segment(
                TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bar:
         task = bar.add_task("segmenting", total=len(images))
-        last_source = None
-        for result in segment_files(images, net, out, params, dev, picked, channel_axis, series,
-                                    save_flows, overwrite):
+        job = SegmentJob(net, out, params, dev, picked, save_flows, overwrite)
+        for result in segment_files(images, job, channel_axis, series):
             counts[result.status] += 1
             if result.status == "failed":
                 bar.console.print(f"[bold red]error:[/] {result.error}", highlight=False,
@@ -123,9 +122,8 @@ def segment(
                 bar.console.print(f"{result.name}: {result.status}"
                                   + (f", {result.n_masks} masks" if result.status == "done" else ""),
                                   highlight=False)
-            if result.source != last_source:
+            if result.last_in_file:
                 bar.advance(task)
-                last_source = result.source
     console.print(f"{counts['done']} segmented, {counts['skipped']} skipped (outputs exist; "
                   f"--overwrite to redo), {counts['failed']} failed → {out}", soft_wrap=True)
     if counts["failed"]:

@@ -67,6 +67,15 @@ def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [f"multi_s{i}_masks.tif" for i in range(3)]
 
+    from selfadapt_deploy.batch import SegmentJob, segment_files
+    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.segment import SegmentParams
+
+    job = SegmentJob(load_model(weights), out, SegmentParams(), torch.device("cpu"), [0])
+    results = list(segment_files([path], job))  # resumed: outputs exist
+    assert [(r.status, r.last_in_file) for r in results] == [("skipped", False), ("skipped", False),
+                                                            ("skipped", True)]
+
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "cyto33"], "Did you mean"),
@@ -101,9 +110,9 @@ def test_unwritable_out_dir(tmp_path, weights):
 def test_segment_passes_parsed_options_to_the_library(tmp_path, weights, monkeypatch):
     seen = {}
 
-    def fake_segment_files(paths, net, out, params, device, channels, channel_axis, series,
-                           save_flows, overwrite):
-        seen.update(params=params, channels=channels, series=series, save_flows=save_flows)
+    def fake_segment_files(paths, job, channel_axis, series):
+        seen.update(params=job.params, channels=job.channels, series=series,
+                    save_flows=job.save_flows)
         return iter(())
 
     monkeypatch.setattr("selfadapt_deploy.batch.segment_files", fake_segment_files)
