@@ -152,3 +152,15 @@ def test_evaluate_mismatched_lists(tmp_path):
     result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "a.tif"), "--pred",
                                  str(tmp_path / "a.tif"), "--gt", str(tmp_path / "a.tif")])
     assert result.exit_code == 1 and "matching pairs" in result.output
+
+
+def test_segment_with_a_cellpose_sam_file_and_tta(tmp_path, tiny_cpsam):
+    tiny_cpsam.save(tmp_path / "sam.pt")
+    image = tmp_path / "rgb.tif"
+    gray = render(random_labels((70, 90), 8, seed=2), seed=2)
+    tifffile.imwrite(image, (np.stack([gray, gray / 2, gray / 3], -1) * 1000).astype(np.uint16))
+    result = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path / "sam.pt"), "--out",
+                                 str(tmp_path / "out"), "--tta", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "model: cpsam" in result.output
+    assert tifffile.imread(tmp_path / "out" / "rgb_masks.tif").shape == (70, 90)
