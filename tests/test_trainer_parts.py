@@ -1,0 +1,125 @@
+"""SelfAdapt building blocks: EMA in place, L2-SP gradient, schedule, teacher TTA, masks, stopping."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from selfadapt_deploy.tiling import D4, d4_transform
+from selfadapt_deploy.trainer.confidence import ConfidenceMasks
+from selfadapt_deploy.trainer.ema import EMA
+from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
+from selfadapt_deploy.trainer.schedule import lr_at
+from selfadapt_deploy.trainer.stopping import ThresholdMonitor, fn_rate, monitors_for
+from selfadapt_deploy.trainer.teacher import teacher_predict
+
+
+def test_ema_updates_the_teacher_in_place(tiny_cpnet):
+    student = tiny_cpnet.train()
+    ema = EMA(student, decay=0.9)
+    teacher_param = next(ema.module.parameters())
+    before = teacher_param.detach().clone()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema.update_(student, step=0)
+    assert next(ema.module.parameters()) is teacher_param  # same tensor object: in place
+    torch.testing.assert_close(teacher_param, before + 0.1)  # 0.9·w + 0.1·(w + 1)
+    assert not ema.module.training and not teacher_param.requires_grad
+
+
+def test_ema_warmup_and_validation():
+    assert EMA(torch.nn.Linear(2, 2), 0.99, warmup=True).decay_at(0) == pytest.approx(0.1)
+    assert EMA(torch.nn.Linear(2, 2), 0.99).decay_at(0) == 0.99
+    with pytest.raises(ValueError):
+        EMA(torch.nn.Linear(2, 2), 1.5)
+
+
+def test_l2sp_gradient_is_2_lambda_w_minus_w0():
+    net = torch.nn.Linear(3, 2)
+    anchors = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    lam = 1e-2
+    (lam * l2sp_penalty(net.parameters(), anchors)).backward()
+    for p, a in zip(net.parameters(), anchors, strict=True):
+        torch.testing.assert_close(p.grad, 2 * lam * (p.detach() - a))
+
+
+def test_masked_losses_ignore_masked_pixels():
+    logits = torch.tensor([[[10.0, -10.0]]])
+    target = torch.tensor([[[1.0, 1.0]]])
+    assert cellprob_loss(logits, target, torch.tensor([[[1.0, 0.0]]])) < 1e-3
+    assert cellprob_loss(logits, target, torch.tensor([[[0.0, 1.0]]])) > 9
+    flows = torch.zeros(1, 2, 1, 2)
+    assert flow_loss(flows, torch.ones_like(flows), torch.zeros_like(flows)) == 0
+
+
+def test_schedule_warmup_cosine_floor():
+    lrs = [lr_at(s, 1e-3, 10, 100, 1e-5) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:101]))
+    assert lrs[100] == lrs[109] == 1e-5
+
+
+def test_teacher_tta_batched_equals_per_view_and_is_d4_invariant(tiny_cpnet):
+    x = torch.randn(2, 2, 32, 32)
+    batched, looped = teacher_predict(tiny_cpnet, x), teacher_predict(tiny_cpnet, x, batched=False)
+    torch.testing.assert_close(batched.flows, looped.flows, atol=1e-5, rtol=0)
+    # the ensemble of a rotated/flipped input is the rotated/flipped ensemble (flows as vectors)
+    for k, flip in D4:
+        moved = teacher_predict(tiny_cpnet, d4_transform(x, k, flip))
+        expected = d4_transform(torch.cat([batched.flows, batched.prob[:, None]], 1), k, flip, True)
+        torch.testing.assert_close(moved.flows, expected[:, :2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(moved.prob, expected[:, 2], atol=1e-5, rtol=0)
+    assert (batched.flows_std >= 0).all() and batched.prob_std.shape == (2, 32, 32)
+
+
+def test_confidence_masks_on_known_inputs():
+    prob = torch.linspace(0, 1, 101).reshape(1, 1, 101)
+    std = torch.linspace(0, 1, 101).reshape(1, 1, 101).expand(1, 2, 101).clone()
+    masks = ConfidenceMasks(k=0.2, flow_percentile=80, momentum=0.99)
+    out = masks(prob, std)
+    assert torch.equal(out.cell, (prob > 0.5).float())
+    conf = torch.where(prob > 0.5, prob, 1 - prob)
+    # the least confident 20 % of each class are dropped (first call: threshold = the quantile)
+    for c in (0, 1):
+        kept = out.mask_prob[out.cell == c].mean()
+        assert 0.75 <= float(kept) <= 0.85, (c, kept)
+        assert out.mask_prob[(out.cell == c) & (conf <= conf[out.cell == c].quantile(0.2))].sum() == 0
+    assert float(out.mask_flows.mean()) == pytest.approx(0.8, abs=0.02)
+    # EMA: a second, very different batch moves the threshold only 1 %
+    t0 = masks.flow_thresholds[0]
+    masks(prob, std * 0)
+    assert masks.flow_thresholds[0] == pytest.approx(0.99 * t0)
+    off = ConfidenceMasks(use_prob_mask=False, use_flow_mask=False)(prob, std)
+    assert off.mask_prob.min() == 1 and off.mask_flows.min() == 1
+
+
+def test_fn_rate():
+    ref = np.zeros((20, 20), int)
+    ref[1:5, 1:5], ref[10:15, 10:15], ref[1:5, 10:15], ref[15:19, 1:6] = 1, 2, 3, 4
+    cur = ref.copy()
+    cur[cur == 4] = 0  # one instance lost
+    assert fn_rate([ref], [cur]) == pytest.approx(0.25)
+    assert fn_rate([ref], [ref * 7]) == 0.0
+
+
+def test_stopping_picks_last_snapshot_before_crossing():
+    monitor = ThresholdMonitor("d_emb", 0.5)
+    curve = [(0, 0.0), (50, 0.2), (100, 0.45), (150, 0.55), (200, 0.7)]
+    decisions = [monitor.update({"d_emb": v, "fn_rate": 0.0}, s) for s, v in curve]
+    assert [d[0] for d in decisions] == [False, False, False, True, True]
+    assert monitor.best_step == 100 and "selected iteration 100" in decisions[3][1]
+    restored = ThresholdMonitor("d_emb", 0.5)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.best_step == 100 and restored.history == monitor.history
+    with pytest.raises(KeyError, match="available: d_emb"):
+        ThresholdMonitor("fn_rate", 0.05).update({"d_emb": 0.1}, 0)
+    assert ThresholdMonitor("d_emb", 0.5).update({"d_emb": float("nan")}, 3)[0]
+    assert [m.name for m in monitors_for("both")] == ["fn_rate", "d_emb"]
+    assert monitors_for("none") == []

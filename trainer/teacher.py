@@ -1,0 +1,36 @@
+"""Teacher pseudo-labels: predict on the 8 D4 views, map each back, average; TTA spread = uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from selfadapt_deploy.tiling import D4, d4_merge, d4_transform, d4_views
+
+
+@dataclass
+class TeacherOutput:
+    """Ensemble of the 8 views in the input frame: flows B×2×H×W, cell probability B×H×W, and the
+    per-pixel standard deviation across views of each (flows_std B×2×H×W, prob_std B×H×W)."""
+
+    flows: torch.Tensor
+    prob: torch.Tensor
+    flows_std: torch.Tensor
+    prob_std: torch.Tensor
+
+
+@torch.no_grad()
+def teacher_predict(teacher: nn.Module, x: torch.Tensor, batched: bool = True) -> TeacherOutput:
+    """Pseudo-labels for square tiles ``x`` (B×C×H×W). ``batched`` runs all 8 views in one forward;
+    otherwise one forward per view (the same numbers, for comparison in benchmarks)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"D4 views need square tiles, got {tuple(x.shape[-2:])}")
+    if batched:
+        y = teacher(d4_views(x))
+    else:
+        y = torch.cat([teacher(d4_transform(x, k, flip)) for k, flip in D4])
+    y = torch.cat([y[:, :2], torch.sigmoid(y[:, 2:3].float())], dim=1)  # average probabilities
+    mean, std = d4_merge(y)
+    return TeacherOutput(flows=mean[:, :2], prob=mean[:, 2], flows_std=std[:, :2], prob_std=std[:, 2])
