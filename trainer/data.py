@@ -1,0 +1,48 @@
+"""Unlabeled training data: normalised images at the model's scale, sampled as random square tiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from selfadapt_deploy.io.normalize import normalize_image
+from selfadapt_deploy.segment import resize_chw
+
+
+def prepare_image(img: np.ndarray, rescale: float) -> np.ndarray:
+    """C×Y×X raw image → normalised float32 at the network's scale (resized by ``rescale``)."""
+    x = normalize_image(img)
+    if rescale != 1.0:
+        x = resize_chw(x, max(1, int(x.shape[1] * rescale)), max(1, int(x.shape[2] * rescale)))
+    return x
+
+
+class TileSampler:
+    """Random ``tile``×``tile`` crops from a list of C×Y×X images; smaller images are zero-padded
+    (as the network's own tiling pads them)."""
+
+    def __init__(self, images: Sequence[np.ndarray], tile: int):
+        if not images:
+            raise ValueError("no images to sample tiles from")
+        self.tile = tile
+        self.images = [self._pad(im) for im in images]
+        # sample images in proportion to their area, so big slides are not under-represented
+        areas = np.array([im.shape[1] * im.shape[2] for im in self.images], float)
+        self.weights = torch.from_numpy(areas / areas.sum())
+
+    def _pad(self, im: np.ndarray) -> np.ndarray:
+        py, px = max(0, self.tile - im.shape[1]), max(0, self.tile - im.shape[2])
+        return np.pad(im, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)))
+
+    def sample(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        """B×C×tile×tile float32."""
+        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
+        tiles = []
+        for i in picks.tolist():
+            im = self.images[i]
+            y = int(torch.randint(im.shape[1] - self.tile + 1, (1,), generator=g))
+            x = int(torch.randint(im.shape[2] - self.tile + 1, (1,), generator=g))
+            tiles.append(torch.from_numpy(np.ascontiguousarray(im[:, y : y + self.tile, x : x + self.tile])))
+        return torch.stack(tiles).float()

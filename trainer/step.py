@@ -1,0 +1,79 @@
+"""One SelfAdapt optimisation step, in the order of the method (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.tiling import d4_transform
+from selfadapt_deploy.trainer.augment import StrongAugment, move_flow_mask, move_map, random_d4
+from selfadapt_deploy.trainer.confidence import ConfidenceMasks
+from selfadapt_deploy.trainer.ema import EMA
+from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
+from selfadapt_deploy.trainer.teacher import teacher_predict
+
+
+@dataclass
+class Adaptation:
+    """The state one step reads and changes: networks, optimiser, anchors θ0, mask thresholds."""
+
+    student: SegmentationNet
+    teacher: EMA
+    optimizer: torch.optim.Optimizer
+    anchors: list[torch.Tensor]  # θ0 of every trainable parameter, same order as parameters()
+    masks: ConfidenceMasks
+    augment: StrongAugment | None  # None only for the no-augmentation ablation
+    lambda_bal: float = 0.5
+    lambda_l2sp: float = 1e-2
+    ema_every: int = 1
+    scaler: torch.amp.GradScaler | None = None  # mixed precision on CUDA
+
+    def autocast(self):
+        cuda = self.student.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+
+
+def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator) -> dict[str, float]:
+    """Teacher pseudo-labels → masks → strongly augmented student → loss + L2-SP → AdamW → EMA."""
+    student, device = state.student, state.student.device
+    x = x.to(device)
+    # (1) teacher: 8 D4 views in one forward, mapped back and averaged; TTA std = uncertainty
+    with state.autocast():
+        teacher_out = teacher_predict(state.teacher, x)
+    # (2) confidence masks: hard cell label, M_p from EMA'd class quantiles, M_f from EMA'd std
+    labels = state.masks(teacher_out.prob.float(), teacher_out.flows_std.float())
+    # (3) student view: one random D4 for image, targets and masks; intensity augmentation
+    k, flip = random_d4(g)
+    x_student = d4_transform(x, k, flip)
+    if state.augment is not None:
+        x_student = state.augment(x_student.cpu(), g).to(device)
+    target_flows = d4_transform(teacher_out.flows.float(), k, flip, vector=True)
+    cell, mask_p = move_map(labels.cell, k, flip), move_map(labels.mask_prob, k, flip)
+    mask_f = move_flow_mask(labels.mask_flows, k, flip)
+    # (4) L = BCE·M_p + λ_bal·MSE·M_f + λ_L2SP·Σ(w − w0)²
+    student.train()
+    with state.autocast():
+        y = student(x_student)
+    loss_prob = cellprob_loss(y[:, 2].float(), cell, mask_p)
+    loss_flow = flow_loss(y[:, :2].float(), target_flows, mask_f)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    loss_l2sp = l2sp_penalty(trainable, state.anchors)
+    loss = loss_prob + state.lambda_bal * loss_flow + state.lambda_l2sp * loss_l2sp
+    # (5) AdamW step (decoupled weight decay), with loss scaling under CUDA AMP
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        state.optimizer.step()
+    # (6) teacher ← EMA of the student, in place
+    if (step + 1) % state.ema_every == 0:
+        state.teacher.update_(student, step)
+    terms = {"loss": loss, "loss_prob": loss_prob, "loss_flow": loss_flow, "loss_l2sp": loss_l2sp,
+             "kept_prob": labels.mask_prob.mean(), "kept_flow": labels.mask_flows.mean()}
+    return {name: value.item() for name, value in terms.items()}  # note: a CPU-GPU sync point
