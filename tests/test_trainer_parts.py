@@ -123,3 +123,27 @@ def test_stopping_picks_last_snapshot_before_crossing():
     assert ThresholdMonitor("d_emb", 0.5).update({"d_emb": float("nan")}, 3)[0]
     assert [m.name for m in monitors_for("both")] == ["fn_rate", "d_emb"]
     assert monitors_for("none") == []
+
+
+def test_student_augmentation_changes_intensities_and_keeps_shapes():
+    from selfadapt_deploy.trainer.augment import StrongAugment
+
+    x = torch.rand(4, 2, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    y = StrongAugment()(x, g)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert all(not torch.allclose(y[i], x[i]) for i in range(4))
+    torch.testing.assert_close(StrongAugment()(x, torch.Generator().manual_seed(0)), y)
+
+
+def test_flow_masks_follow_their_components_under_d4():
+    """A mask on the dY component must end up on whichever component carries old dY."""
+    from selfadapt_deploy.trainer.augment import move_flow_mask
+
+    flows = torch.zeros(1, 2, 8, 8)
+    flows[:, 0] = 1.0  # only dY is non-zero
+    mask = torch.zeros(1, 2, 8, 8)
+    mask[:, 0] = 1.0  # and only dY is kept
+    for k, flip in D4:
+        moved = d4_transform(flows, k, flip, vector=True)
+        assert torch.equal(move_flow_mask(mask, k, flip) > 0, moved != 0), (k, flip)
