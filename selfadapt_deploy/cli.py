@@ -131,6 +131,95 @@ def segment(
 
 
 @app.command()
+def adapt(
+    images: Annotated[list[Path] | None, typer.Argument(help="Unlabeled TIFF / OME-TIFF / PNG "
+                                                        "images, or folders of them.")] = None,
+    model: Annotated[str | None, typer.Option(help="Pretrained model: weights file, run directory "
+                                              "or Cellpose name.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory to create.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory "
+                                                "(its settings are reused).")] = None,
+    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
+                                            "default, as in segment.")] = 0.0,
+    iterations: Annotated[int, typer.Option(help="Optimisation steps.")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate; 0 = family default (CPnet 1e-4, "
+                                      "Cellpose-SAM 1e-5).")] = 0.0,
+    l2sp: Annotated[float, typer.Option(help="λ of the L2-SP pull towards the pretrained weights; "
+                                        "-1 = family default (1e-2).")] = -1.0,
+    ema_every: Annotated[int, typer.Option(help="Update the EMA teacher every N steps.")] = 1,
+    eval_every: Annotated[int, typer.Option(help="Evaluate stopping metrics and snapshot every K "
+                                            "steps.")] = 25,
+    stop: Annotated[str, typer.Option(help="Label-free stopping rule: emb, fn, both or none.")] = "both",
+    val_fraction: Annotated[float, typer.Option(help="Share of the images held out for "
+                                                "stopping.")] = 0.2,
+    val: Annotated[list[Path] | None, typer.Option(help="Held-out images for stopping (instead of "
+                                                   "a split).")] = None,
+    keep_snapshots: Annotated[bool, typer.Option(help="Keep every snapshot for manual "
+                                                 "choice.")] = True,
+    prob_mask: Annotated[bool, typer.Option(help="Confidence mask on cell probability.")] = True,
+    flow_mask: Annotated[bool, typer.Option(help="Confidence mask on flows.")] = True,
+    augment: Annotated[bool, typer.Option(help="Strong student augmentation.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels, as in "
+                                                 "segment.")] = None,
+    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file.")] = None,
+    series: Annotated[int | None, typer.Option(help="Only this series of multi-series "
+                                               "files.")] = None,
+):
+    """Adapt a pretrained model to unlabeled images (SelfAdapt); resumable with --resume RUN."""
+    from rich.progress import TaskProgressColumn
+
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+    from selfadapt_deploy.trainer.run import resume_settings, run_adapt
+
+    if stop not in ("emb", "fn", "both", "none"):
+        raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
+    try:
+        dev = resolve_device(device)
+        if resume is not None:
+            s = resume_settings(resume)
+            kwargs = dict(images=s["images"], model=s["model"], out=resume, config=s["config"],
+                          diameter=s["diameter"], channels=s["channels"],
+                          channel_axis=s["channel_axis"], series=s["series"],
+                          val_images=s["val_images"], val_fraction=s["val_fraction"],
+                          keep_snapshots=s["keep_snapshots"], resume=True)
+        else:
+            if not images or model is None or out is None:
+                raise _fail("give IMAGES, --model and --out (or --resume RUN)")
+            if out.exists() and any(out.iterdir()):
+                raise _fail(f"{out} exists and is not empty; choose a new --out or --resume {out}")
+            config = AdaptConfig(iterations=iterations, batch_size=batch_size, lr=lr or None,
+                                 l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
+                                 eval_every=eval_every, stop=stop, prob_mask=prob_mask,
+                                 flow_mask=flow_mask, augment=augment, seed=seed)
+            kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
+                          diameter=diameter or None, channels=_parse_channels(channels),
+                          channel_axis=channel_axis, series=series,
+                          val_images=[str(p) for p in val or []], val_fraction=val_fraction,
+                          keep_snapshots=keep_snapshots)
+        total = kwargs["config"].iterations
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TaskProgressColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                      console=err_console) as bar:
+            task = bar.add_task("adapting", total=total, loss="")
+
+            def progress(step: int, terms: dict) -> None:
+                bar.update(task, completed=step, loss=f"loss {terms['loss']:.4f}")
+
+            summary = run_adapt(device=dev, report=lambda m: bar.console.print(m, highlight=False),
+                                progress=progress, **kwargs)
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    run = kwargs["out"]
+    console.print(f"selected iteration {summary['selected_iteration']}"
+                  + (f" ({summary['stop_reason']})" if summary["stopped_early"] else "")
+                  + f" → {run}/model.pt; curves in {run}/curves.png", soft_wrap=True)
+
+
+@app.command()
 def evaluate(
     pred: Annotated[list[Path], typer.Option(help="Predicted label images.")],
     gt: Annotated[list[Path], typer.Option(help="Ground-truth label images, same order.")],

@@ -164,3 +164,30 @@ def test_segment_with_a_cellpose_sam_file_and_tta(tmp_path, tiny_cpsam):
     assert result.exit_code == 0, result.output
     assert "model: cpsam" in result.output
     assert tifffile.imread(tmp_path / "out" / "rgb_masks.tif").shape == (70, 90)
+
+
+@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam"])
+def test_adapt_end_to_end_and_resume(tmp_path, family, request):
+    net = request.getfixturevalue(family)
+    net.save(tmp_path / "pretrained.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(3):
+        write_image(folder / f"img{seed}.tif", seed=seed, shape=(80, 96))
+    (folder / "broken.tif").write_bytes(b"II*\x00nope")  # reported and skipped, not fatal
+    run = tmp_path / "run"
+    args = ["adapt", str(folder), "--model", str(tmp_path / "pretrained.pt"), "--out", str(run),
+            "--iterations", "4", "--batch-size", "2", "--eval-every", "2", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "broken.tif" in result.output
+    assert {"model.pt", "metrics.csv", "curves.png", "run.json", "settings.json",
+            "checkpoint.pt", "snapshots"} <= {p.name for p in run.iterdir()}
+    assert len(list((run / "snapshots").iterdir())) == 3
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+    resumed = runner.invoke(app, ["adapt", "--resume", str(run), "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    seg = runner.invoke(app, ["segment", str(folder / "img0.tif"), "--model", str(run), "--out",
+                              str(tmp_path / "masks"), "--device", "cpu"])
+    assert seg.exit_code == 0, seg.output

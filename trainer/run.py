@@ -1,0 +1,96 @@
+"""``sa-deploy adapt``: images on disk → prepared tiles and validation set → ``adapt`` → report.
+
+The run's inputs and settings are written to ``settings.json`` before training starts, so
+``--resume RUN`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.io.readers import expand_inputs, read_images, select_channels
+from selfadapt_deploy.io.writers import atomic_path
+from selfadapt_deploy.models import load_model
+from selfadapt_deploy.segment import SegmentParams
+from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, adapt, split_indices
+from selfadapt_deploy.trainer.report import plot_curves
+
+SETTINGS = "settings.json"
+
+
+def load_unlabeled(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
+                   series, report: Callable[[str], None]) -> list[np.ndarray]:
+    """Every readable image as C×Y×X with the network's channels; bad ones reported and skipped."""
+    images = []
+    for path in expand_inputs(paths):
+        try:
+            for image in read_images(path, channel_axis=channel_axis, series=series):
+                images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
+        except SaDeployError as exc:
+            report(f"skipped: {exc}")
+    return images
+
+
+def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
+              device: torch.device, diameter: float | None = None,
+              channels: list[int] | None = None, channel_axis: int | None = None,
+              series: int | None = None, val_images: Sequence[str] = (),
+              val_fraction: float = 0.2, keep_snapshots: bool = True, resume: bool = False,
+              report: Callable[[str], None] = print,
+              progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Adapt ``model`` to ``images`` without labels; results in the run directory ``out``."""
+    out = Path(out)
+    net = load_model(model, device)
+    pad = net.family == "cpnet"
+    data = load_unlabeled(images, net.nchan, pad, channels, channel_axis, series, report)
+    held_out = load_unlabeled(val_images, net.nchan, pad, channels, channel_axis, series, report)
+    if not data:
+        raise SaDeployError("no readable training images; check the paths and formats above")
+    if held_out:
+        train_idx, val = list(range(len(data))), held_out
+    else:
+        train_idx, val_idx = split_indices(len(data), val_fraction, config.seed)
+        val = [data[i] for i in val_idx]
+    rescale = net.diam_mean / (diameter or net.default_diameter)
+    tile = net.tile_size if net.fixed_tile else min(net.tile_size, 224)
+    train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
+    val_tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
+        1, torch.Generator().manual_seed(i)) for i, im in enumerate(val)])
+    validation = Validation(images=val, tiles=val_tiles, params=SegmentParams(diameter=diameter))
+    if not resume:
+        with atomic_path(out / SETTINGS) as tmp:
+            tmp.write_text(json.dumps({
+                "images": [str(p) for p in images], "model": str(model), "diameter": diameter,
+                "channels": channels, "channel_axis": channel_axis, "series": series,
+                "val_images": [str(p) for p in val_images], "val_fraction": val_fraction,
+                "keep_snapshots": keep_snapshots, "config": asdict(config)}, indent=2))
+    report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images, "
+           f"rescale {rescale:.3f}, tiles {tile}×{tile}")
+    summary = adapt(net, train, validation, out, config, resume=resume, progress=progress)
+    cfg = summary["config"]
+    plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
+                summary["selected_iteration"])
+    if not keep_snapshots:
+        keep = f"iter_{summary['selected_iteration']:06d}.pt"
+        for snap in (out / SNAPSHOTS).iterdir():
+            if snap.name != keep:
+                snap.unlink()
+    return summary
+
+
+def resume_settings(run: Path) -> dict:
+    """The settings a run was started with (for ``--resume``)."""
+    path = Path(run) / SETTINGS
+    if not path.is_file():
+        raise SaDeployError(f"{run}: not an adaptation run directory (no {SETTINGS})")
+    settings = json.loads(path.read_text())
+    settings["config"] = AdaptConfig(**settings["config"])
+    return settings
