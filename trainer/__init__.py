@@ -1,7 +1,8 @@
 """SelfAdapt trainer (installed as ``selfadapt_deploy.trainer``).
 
-Built so far: the EMA teacher (``ema``), D4 teacher pseudo-labels (``teacher``), ACTIS confidence
-masks (``confidence``), loss terms with L2-SP (``losses``), the LR schedule (``schedule``) and the
-label-free stopping monitors (``stopping``). The training loop, ``sa-deploy adapt`` and
-``sa-deploy demo`` are still to come (issue 3).
+One module per part of the method: ``ema`` (in-place EMA teacher), ``teacher`` (D4 pseudo-labels),
+``confidence`` (ACTIS masks), ``augment`` (strong student view), ``losses`` (BCE/MSE/L2-SP),
+``schedule`` (warm-up + cosine), ``stopping`` (FN rate / embedding distance), ``step`` (one
+optimisation step in the method's order), ``loop`` (run directory, snapshots, resume), ``run``
+(images on disk → ``adapt``) and ``report`` (curves.png).
 """
