@@ -110,7 +110,7 @@ def d4_inverse(y: torch.Tensor, k: int, flip: bool, vector: bool = True) -> torc
 
 
 def d4_views(x: torch.Tensor) -> torch.Tensor:
-    """B×C×H×W → 8B×C×W'×H' stacked view-major (view v is rows v·B … v·B+B−1). Needs H == W."""
+    """B×C×H×W → 8B×C×H×W stacked view-major (view v is rows v·B … v·B+B−1). Needs H == W."""
     return torch.cat([d4_transform(x, k, flip) for k, flip in D4])
 
 

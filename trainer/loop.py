@@ -190,8 +190,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
             checkpoint(step)
     evaluated = [r["iteration"] for r in rows if "d_emb" in r]
     selected = evaluated[-2] if stopped and len(evaluated) > 1 else evaluated[-1]
-    shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", out / (MODEL + ".part"))
-    (out / (MODEL + ".part")).replace(out / MODEL)
+    with atomic_path(out / MODEL) as tmp:
+        shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
     summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
                "seconds": time.perf_counter() - tic, "sa_deploy": __version__,

@@ -60,7 +60,7 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
         train_idx, val_idx = split_indices(len(data), val_fraction, config.seed)
         val = [data[i] for i in val_idx]
     rescale = net.diam_mean / (diameter or net.default_diameter)
-    tile = net.tile_size if net.fixed_tile else min(net.tile_size, 224)
+    tile = net.tile_size
     train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
     val_tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
         1, torch.Generator().manual_seed(i)) for i, im in enumerate(val)])
