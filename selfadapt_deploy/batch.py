@@ -102,6 +102,13 @@ def read_label_image(path: Path) -> np.ndarray:
     return arr
 
 
+def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray],
+                   params: SegmentParams) -> list[np.ndarray]:
+    """Label images of in-memory C×Y×X images, with ``net`` on its own device."""
+    with TorchRunner(net, net.device) as runner:
+        return [segment_image(runner, im, params, net.device).masks for im in images]
+
+
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],
                    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> list[APResult]:
     """AP per (prediction, ground truth) pair, in order."""

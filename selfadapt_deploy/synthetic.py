@@ -6,6 +6,8 @@ brighter nucleus, blur, background, noise). Deterministic for a given seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -51,3 +53,29 @@ def render(labels: np.ndarray, seed: int = 0, blur: float = 1.0, noise: float = 
     img = ndimage.gaussian_filter(img, blur) + background
     img = np.clip(img + rng.normal(0, noise, img.shape), 0, None) ** gamma
     return img.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """An imaging condition: the rendering of label images (see :func:`render`)."""
+
+    name: str
+    blur: float = 1.0
+    noise: float = 0.05
+    background: float = 0.1
+    gamma: float = 1.0
+
+    def sample(self, n: int, shape: tuple[int, int] = (192, 192), n_cells: int = 60,
+               radius: tuple[float, float] = (6, 10), seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``n`` (1×Y×X float32 image, label image) pairs; image ``i`` uses seed ``seed + i``."""
+        pairs = []
+        for i in range(n):
+            labels = random_labels(shape, n_cells, radius, seed=seed + i)
+            img = render(labels, seed + i, self.blur, self.noise, self.background, self.gamma)
+            pairs.append((img[None], labels))
+        return pairs
+
+
+# The demo's domain shift: a model trained on clean images meets 6× the noise (low-light imaging).
+SOURCE = Domain("source (clean)", noise=0.05)
+TARGET = Domain("target (6× noise)", noise=0.30)

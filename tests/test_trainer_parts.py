@@ -147,3 +147,20 @@ def test_flow_masks_follow_their_components_under_d4():
     for k, flip in D4:
         moved = d4_transform(flows, k, flip, vector=True)
         assert torch.equal(move_flow_mask(mask, k, flip) > 0, moved != 0), (k, flip)
+
+
+def test_source_targets_and_loss_match_cellpose_training():
+    from cellpose.dynamics import labels_to_flows
+    from cellpose.train import _loss_fn_seg
+
+    from selfadapt_deploy.synthetic import random_labels
+    from selfadapt_deploy.trainer.source import cellpose_loss, cellpose_targets
+
+    labels = random_labels((96, 80), 25, seed=3)
+    ours = cellpose_targets(labels)  # 5·dY, 5·dX, foreground
+    theirs = labels_to_flows([labels.copy()], device=torch.device("cpu"))[0]  # labels, fg, dY, dX
+    np.testing.assert_allclose(ours[:2], 5 * theirs[2:4], atol=1e-5)
+    np.testing.assert_array_equal(ours[2], theirs[1])
+    y = torch.randn(1, 3, 96, 80, generator=torch.Generator().manual_seed(0))
+    expected = _loss_fn_seg(torch.from_numpy(theirs[None, 1:]), y, "cpu")
+    torch.testing.assert_close(cellpose_loss(y, torch.from_numpy(ours[None])), expected)

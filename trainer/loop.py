@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from selfadapt_deploy import __version__
+from selfadapt_deploy.batch import segment_arrays
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.torch_runner import TorchRunner
-from selfadapt_deploy.segment import SegmentParams, segment_image
+from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.augment import StrongAugment
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
-from selfadapt_deploy.trainer.data import TileSampler
+from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.step import Adaptation, train_step
@@ -84,10 +84,13 @@ class Validation:
     reference_masks: list[np.ndarray] = field(default_factory=list)
     reference_embedding: torch.Tensor | None = None
 
-
-def _masks(net: SegmentationNet, val: Validation) -> list[np.ndarray]:
-    with TorchRunner(net, net.device) as runner:
-        return [segment_image(runner, im, val.params, net.device).masks for im in val.images]
+    @classmethod
+    def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
+                    diameter: float | None) -> Validation:
+        """One fixed, seeded tile per image (at the network's scale) for the embedding distance."""
+        tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
+            1, torch.Generator().manual_seed(i)) for i, im in enumerate(images)])
+        return cls(images=images, tiles=tiles, params=SegmentParams(diameter=diameter))
 
 
 @torch.no_grad()
@@ -98,7 +101,7 @@ def _embed(net: SegmentationNet, tiles: torch.Tensor) -> torch.Tensor:
 
 def evaluate_drift(net: SegmentationNet, val: Validation) -> dict[str, float]:
     """FN rate of θ0's instances and embedding distance to θ0, on the validation images."""
-    return {"fn_rate": fn_rate(val.reference_masks, _masks(net, val)),
+    return {"fn_rate": fn_rate(val.reference_masks, segment_arrays(net, val.images, val.params)),
             "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding)}
 
 
@@ -132,7 +135,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
                        scaler=torch.amp.GradScaler("cuda") if cuda else None)
     monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
     rows: list[dict] = []
-    start, stopped, reason = 0, False, ""
+    start, stopped, reason, seconds_before = 0, False, "", 0.0
     if resume and (out / CHECKPOINT).is_file():
         ckpt = torch.load(out / CHECKPOINT, weights_only=False)
         student.load_state_dict(ckpt["student"])
@@ -144,9 +147,10 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
             m.load_state_dict(s)
         g.set_state(ckpt["generator"])
         rows, start, stopped, reason = ckpt["rows"], ckpt["step"], ckpt["stopped"], ckpt["reason"]
+        seconds_before = ckpt["seconds"]
         val.reference_masks, val.reference_embedding = ckpt["ref_masks"], ckpt["ref_embedding"]
     else:
-        val.reference_masks = _masks(state.teacher.module, val)
+        val.reference_masks = segment_arrays(state.teacher.module, val.images, val.params)
         val.reference_embedding = _embed(state.teacher.module, val.tiles)
 
     def checkpoint(step: int) -> None:
@@ -158,6 +162,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
                         "monitors": [m.state_dict() for m in monitors],
                         "generator": g.get_state(), "rows": rows, "step": step, "stopped": stopped,
                         "reason": reason, "ref_masks": val.reference_masks,
+                        "seconds": seconds_before + time.perf_counter() - tic,
                         "ref_embedding": val.reference_embedding}, tmp)
         _write_metrics(out / METRICS, rows)
 
@@ -194,7 +199,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
     summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
-               "seconds": time.perf_counter() - tic, "sa_deploy": __version__,
+               "seconds": seconds_before + time.perf_counter() - tic, "sa_deploy": __version__,
                "torch": torch.__version__}
     with atomic_path(out / RUN_JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))

@@ -18,7 +18,6 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import expand_inputs, read_images, select_channels
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, adapt, split_indices
 from selfadapt_deploy.trainer.report import plot_curves
@@ -62,9 +61,7 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     rescale = net.diam_mean / (diameter or net.default_diameter)
     tile = net.tile_size
     train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
-    val_tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
-        1, torch.Generator().manual_seed(i)) for i, im in enumerate(val)])
-    validation = Validation(images=val, tiles=val_tiles, params=SegmentParams(diameter=diameter))
+    validation = Validation.from_images(val, rescale, tile, diameter)
     if not resume:
         with atomic_path(out / SETTINGS) as tmp:
             tmp.write_text(json.dumps({

@@ -30,6 +30,7 @@ class Adaptation:
     lambda_l2sp: float = 1e-2
     ema_every: int = 1
     scaler: torch.amp.GradScaler | None = None  # mixed precision on CUDA
+    batched_teacher: bool = True  # False: one teacher forward per D4 view (benchmarks only)
 
     def autocast(self):
         cuda = self.student.device.type == "cuda"
@@ -42,7 +43,7 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     x = x.to(device)
     # (1) teacher: 8 D4 views in one forward, mapped back and averaged; TTA std = uncertainty
     with state.autocast():
-        teacher_out = teacher_predict(state.teacher, x)
+        teacher_out = teacher_predict(state.teacher, x, state.batched_teacher)
     # (2) confidence masks: hard cell label, M_p from EMA'd class quantiles, M_f from EMA'd std
     labels = state.masks(teacher_out.prob.float(), teacher_out.flows_std.float())
     # (3) student view: one random D4 for image, targets and masks; intensity augmentation
