@@ -220,6 +220,46 @@ def adapt(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's outputs (re-running resumes).")] = Path(
+        "sa-deploy-demo"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (data, training, adaptation).")] = 0,
+):
+    """Offline demo: train a small model on clean generated cells, adapt it without labels to a noisy
+    domain, print target AP before/after (about 3 minutes on 2 CPU cores)."""
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
+
+    config = DemoConfig()
+    try:
+        dev = resolve_device(device)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                      console=err_console) as bar:
+            train = bar.add_task("source training", total=config.source.iterations, loss="",
+                                 visible=False)
+            tune = bar.add_task("adapting (no labels)", total=config.adapt.iterations, loss="",
+                                visible=False)
+            summary = run_demo(
+                out, config, dev, seed, report=lambda m: bar.console.print(m, highlight=False),
+                source_progress=lambda i, loss: bar.update(train, completed=i, visible=True,
+                                                           loss=f"loss {loss:.4f}"),
+                adapt_progress=lambda i, t: bar.update(tune, completed=i, visible=True,
+                                                       loss=f"loss {t['loss']:.4f}"))
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    table = Table("test images (labelled, never trained on)", "source model", "adapted model",
+                  title="SelfAdapt demo: pooled AP")
+    for row in summary.table():
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"adapted model: {out}/adapt/model.pt (selected iteration "
+                  f"{summary.selected_iteration}); curves {out}/adapt/curves.png; overlays "
+                  f"{out}/overlays.png; test images and labels in {out}/target_test/", soft_wrap=True)
+
+
+@app.command()
 def evaluate(
     pred: Annotated[list[Path], typer.Option(help="Predicted label images.")],
     gt: Annotated[list[Path], typer.Option(help="Ground-truth label images, same order.")],

@@ -1,20 +1,34 @@
-"""``curves.png``: loss terms, FN rate and D_emb over iterations, thresholds and selection marked."""
+"""Figures: ``curves.png`` (loss terms, FN rate and D_emb over iterations, thresholds and selection
+marked) and mask overlays (outlines of predictions and ground truth on the image)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from selfadapt_deploy.io.writers import atomic_path
 
 
-def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
-                selected: int) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_png: Path) -> None:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    _pyplot().close(fig)
+
+
+def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
+                selected: int) -> None:
+    plt = _pyplot()
     rows = list(csv.DictReader(open(metrics_csv)))
     steps = [r for r in rows if r["loss"]]
     evals = [r for r in rows if r["d_emb"]]
@@ -32,6 +46,37 @@ def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
         ax.axvline(selected, color="tab:green", ls=":", label=f"selected {selected}")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    _save(fig, out_png)
+
+
+def outlines(masks: np.ndarray) -> np.ndarray:
+    """Boolean map of mask pixels with a 4-neighbour of another label (or background)."""
+    m = np.pad(masks, 1, mode="edge")
+    centre = m[1:-1, 1:-1]
+    edge = ((centre != m[:-2, 1:-1]) | (centre != m[2:, 1:-1]) | (centre != m[1:-1, :-2])
+            | (centre != m[1:-1, 2:]))
+    return edge & (centre > 0)
+
+
+def plot_overlays(out_png: Path, images: list[np.ndarray], truth: list[np.ndarray],
+                  predictions: dict[str, list[np.ndarray]]) -> None:
+    """One row per image: the image, then each model's outlines (red) over ground truth (green)."""
+    plt = _pyplot()
+    cols = 1 + len(predictions)
+    fig, axes = plt.subplots(len(images), cols, figsize=(3.2 * cols, 3.2 * len(images)),
+                             squeeze=False, constrained_layout=True)
+    for row, (img, gt) in enumerate(zip(images, truth, strict=True)):
+        lo, hi = np.percentile(img, (1, 99))
+        gray = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+        axes[row, 0].imshow(gray, cmap="gray")
+        axes[row, 0].set_title("image")
+        for col, (name, masks) in enumerate(predictions.items(), start=1):
+            rgb = np.repeat(gray[..., None], 3, axis=-1)
+            rgb[outlines(gt)] = (0.1, 0.9, 0.1)
+            rgb[outlines(masks[row])] = (1.0, 0.2, 0.2)
+            axes[row, col].imshow(rgb)
+            axes[row, col].set_title(f"{name}: {int(masks[row].max())} masks / {int(gt.max())} true")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle("outlines: red = predicted, green = ground truth")
+    _save(fig, out_png)
