@@ -79,7 +79,8 @@ class DemoResult:
         return rows
 
 
-def _test_ap(net, pairs) -> tuple[APResult, list[np.ndarray]]:
+def pooled_ap(net, pairs) -> tuple[APResult, list[np.ndarray]]:
+    """Pooled AP of ``net`` on (image, ground truth) pairs, and its label images."""
     masks = segment_arrays(net, [im for im, _ in pairs], SegmentParams())
     return pooled([average_precision(gt, m) for (_, gt), m in zip(pairs, masks, strict=True)]), masks
 
@@ -122,8 +123,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
                      SourceConfig(**{**asdict(config.source), "seed": seed}), source_progress)
         net.save(out / SOURCE_MODEL)
     net = load_model(out / SOURCE_MODEL, device)
-    before = {name: _test_ap(net, pairs)[0] for name, pairs in tests.items()}
-    masks_before = _test_ap(net, tests[TARGET.name])[1]
+    before = {name: pooled_ap(net, pairs) for name, pairs in tests.items()}
 
     report(f"adapting to {config.n_target} unlabeled target images ({TARGET.name}), "
            f"{config.n_val} held out for stopping")
@@ -135,15 +135,15 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
                 adapt_config.tau_emb, summary["selected_iteration"])
 
     adapted = load_model(out / RUN / MODEL, device)
-    after = {name: _test_ap(adapted, pairs)[0] for name, pairs in tests.items()}
-    masks_after = _test_ap(adapted, tests[TARGET.name])[1]
-    result = DemoResult(before, after, summary["selected_iteration"])
+    after = {name: pooled_ap(adapted, pairs) for name, pairs in tests.items()}
+    result = DemoResult({k: ap for k, (ap, _) in before.items()},
+                        {k: ap for k, (ap, _) in after.items()}, summary["selected_iteration"])
     pick = tests[TARGET.name][:2]
     plot_overlays(out / "overlays.png", [im[0] for im, _ in pick], [gt for _, gt in pick],
-                  {"source model": masks_before[:2], "adapted": masks_after[:2]})
+                  {"source model": before[TARGET.name][1][:2], "adapted": after[TARGET.name][1][:2]})
     with atomic_path(out / RESULTS) as tmp:
-        tmp.write_text(json.dumps({"before": {k: asdict(v) for k, v in before.items()},
-                                   "after": {k: asdict(v) for k, v in after.items()},
+        tmp.write_text(json.dumps({"before": {k: asdict(v) for k, v in result.before.items()},
+                                   "after": {k: asdict(v) for k, v in result.after.items()},
                                    "selected_iteration": result.selected_iteration,
                                    "adapt_seconds": summary["seconds"]}, indent=2))
     return result

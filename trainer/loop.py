@@ -66,6 +66,10 @@ class AdaptConfig:
     prob_mask: bool = True
     flow_mask: bool = True
     augment: bool = True
+    # teacher TTA: the 8 views in one forward (the method) or one forward per view (same numbers).
+    # None = batched on CUDA, per view on CPU, where one 8×-larger batch measured 1.5–2× slower
+    # (benchmarks/adapt_throughput.py).
+    batched_teacher: bool | None = None
     seed: int = 0
 
     def resolved(self, family: str) -> AdaptConfig:
@@ -132,7 +136,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
                                                              use_flow_mask=cfg.flow_mask),
                        augment=StrongAugment() if cfg.augment else None,
                        lambda_bal=cfg.lambda_bal, lambda_l2sp=cfg.l2sp, ema_every=cfg.ema_every,
-                       scaler=torch.amp.GradScaler("cuda") if cuda else None)
+                       scaler=torch.amp.GradScaler("cuda") if cuda else None,
+                       batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
     monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
     rows: list[dict] = []
     start, stopped, reason, seconds_before = 0, False, "", 0.0
