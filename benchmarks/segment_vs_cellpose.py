@@ -50,14 +50,11 @@ are compared then (the script says so and exits with status 2): use trained weig
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -68,6 +65,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.stage_timing import StageClock, patched  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
 FILL_FRACTION = 0.4  # default cell count: cells cover about this fraction of the image
@@ -83,42 +82,6 @@ STAGES: list[tuple[str, str | None, str | None]] = [
     ("fill holes / min size", "cleanup", "cleanup"),
     ("flow RGB (cellpose eval output)", None, "dx_to_circ"),
 ]
-
-
-@dataclass
-class StageClock:
-    """Accumulates wall time and call counts of wrapped functions."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-                self.calls[name] = self.calls.get(name, 0) + 1
-
-        return timed
-
-    def summary(self, total: float) -> dict[str, float]:
-        """Stage seconds plus ``other`` (end to end minus the stages) and ``total``."""
-        return {**self.seconds, "other": total - sum(self.seconds.values()), "total": total}
-
-
-@contextlib.contextmanager
-def patched(clock: StageClock, targets: dict[str, tuple[Any, str]]) -> Iterator[StageClock]:
-    """Replace ``owner.attr`` by a timed wrapper for each stage while the block runs."""
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr in targets.values()]
-    try:
-        for name, (owner, attr) in targets.items():
-            setattr(owner, attr, clock.wrap(name, getattr(owner, attr)))
-        yield clock
-    finally:
-        for owner, attr, original in saved:
-            setattr(owner, attr, original)
 
 
 def our_targets() -> dict[str, tuple[Any, str]]:

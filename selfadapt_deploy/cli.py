@@ -68,6 +68,8 @@ def segment(
     tile_overlap: Annotated[float, typer.Option(help="Tile overlap fraction (0.05–0.5).")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="Tiles per network batch.")] = 8,
     tta: Annotated[bool, typer.Option(help="Average the 8 flip/rot90 views of each tile.")] = False,
+    integrator: Annotated[str, typer.Option(help="Flow integration: auto (triton on CUDA, numba on "
+                                            "CPU), torch (reference), numba or triton.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an "
                                         "error.")] = "auto",
     channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to "
@@ -86,6 +88,7 @@ def segment(
     from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.segment import SegmentParams
     from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
@@ -97,12 +100,13 @@ def segment(
     params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
                            cellprob_threshold=cellprob_threshold, min_size=min_size,
                            niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
-                           tta=tta)
+                           tta=tta, integrator=integrator)
     picked = _parse_channels(channels)
     try:
         images = expand_inputs(images)
         ensure_writable_dir(out)
         dev = resolve_device(device)
+        resolve_integrator(integrator, dev)  # an unusable choice fails before any work
         net = load_model(model, dev)
     except SaDeployError as exc:
         raise _fail(str(exc)) from None

@@ -36,6 +36,7 @@ class SegmentParams:
     batch_size: int = 8
     tta: bool = False  # average the 8 D4 views of every tile
     normalize: bool = True
+    integrator: str = "auto"  # flow integration kernel: auto | torch | numba | triton
 
 
 @dataclass
@@ -106,7 +107,8 @@ def segment_image(runner: Runner, img: np.ndarray, params: SegmentParams = Segme
     niter = params.niter or int(DEFAULT_NITER / rescale)
     mask_params = MaskParams(niter=niter, cellprob_threshold=params.cellprob_threshold,
                              flow_threshold=params.flow_threshold, min_size=params.min_size,
-                             max_size_fraction=params.max_size_fraction)
+                             max_size_fraction=params.max_size_fraction,
+                             integrator=params.integrator)
     masks = flows_to_masks(y[:2], y[2], mask_params, device)
     t3 = time.perf_counter()
     return Segmentation(masks=masks, flows=y[:2], cellprob=y[2],

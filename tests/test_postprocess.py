@@ -26,9 +26,10 @@ def cellpose_masks(flows, cellprob, p: MaskParams) -> np.ndarray:
     return utils.fill_holes_and_remove_small_masks(masks, min_size=p.min_size)
 
 
-def test_integrator_positions_equal_cellposes():
+@pytest.mark.parametrize("integrator", ["torch", "numba"])
+def test_integrator_positions_equal_cellposes(integrator):
     _, flows, cellprob = synthetic_flows((97, 131), 20, seed=1)
-    inds, pos = integrate(flows, cellprob, 0.0, 150)
+    inds, pos = integrate(flows, cellprob, 0.0, 150, "cpu", integrator)
     ref = dynamics.follow_flows(flows * (cellprob > 0) / 5.0, inds=inds, niter=150)
     torch.testing.assert_close(pos, ref, rtol=0, atol=0)
 

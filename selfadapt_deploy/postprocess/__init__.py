@@ -22,6 +22,7 @@ class MaskParams:
     flow_threshold: float = 0.4  # max mean squared flow error per mask; 0 disables flow QC
     min_size: int = 15  # masks smaller than this (pixels) are removed; ≤ 0 disables
     max_size_fraction: float = 0.4  # masks larger than this fraction of the image are removed
+    integrator: str = "auto"  # auto (triton on CUDA, numba on CPU) | torch (reference) | numba | triton
 
 
 def flows_to_masks(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams = MaskParams(),
@@ -29,7 +30,8 @@ def flows_to_masks(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams =
     """2×Y×X flows (network units) and Y×X cellprob logits → label image (uint16, or uint32)."""
     if not (cellprob > params.cellprob_threshold).any():
         return np.zeros(cellprob.shape, np.uint16)
-    inds, positions = integrate(flows, cellprob, params.cellprob_threshold, params.niter, device)
+    inds, positions = integrate(flows, cellprob, params.cellprob_threshold, params.niter, device,
+                                 params.integrator)
     masks = assemble_masks(inds, positions, cellprob.shape, params.max_size_fraction)
     if masks.max() > 0 and params.flow_threshold > 0:
         masks = remove_bad_flow_masks(masks, flows, params.flow_threshold, device)

@@ -1,16 +1,30 @@
 """Flow integration: move every foreground pixel along the predicted flow for ``niter`` Euler steps.
 
-This is the torch reference integrator. It reproduces cellpose 4.2's ``steps_interp`` arithmetic
-on purpose — positions normalised by (L−1), sampled by ``grid_sample(align_corners=False)`` with
-zero padding, i.e. bilinear reads at ``p·L/(L−1) − 0.5`` — because mask parity with cellpose is
-the contract; faster kernels must reproduce the same arithmetic.
+One contract, three integrators (``--integrator``):
+
+* ``torch``  — the reference: cellpose 4.2's ``steps_interp`` (one ``grid_sample`` per step);
+* ``numba``  — CPU kernel, parallel over pixels (``numba_kernels.integrate_field``);
+* ``triton`` — fused GPU kernel, one launch walks all pixels through all steps
+  (``triton_kernels.integrate_field``).
+
+All three reproduce cellpose 4.2's arithmetic on purpose — positions normalised by (L−1), sampled
+like ``grid_sample(align_corners=False)`` with zero padding, i.e. bilinear reads at
+``p·L/(L−1) − 0.5`` — because mask parity with cellpose is the contract. ``auto`` picks triton on
+CUDA (when Triton is importable), numba on CPU.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from selfadapt_deploy.errors import SaDeployError
+
+INTEGRATORS = ("auto", "torch", "numba", "triton")
 
 
 def foreground(cellprob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -18,28 +32,123 @@ def foreground(cellprob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.n
     return np.nonzero(cellprob > threshold)
 
 
-@torch.no_grad()
-def integrate(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,
-              device: torch.device | str = "cpu") -> tuple[tuple[np.ndarray, np.ndarray], torch.Tensor]:
-    """Final positions of foreground pixels.
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    Args: flows 2×Y×X in network units (≈5 × unit vectors); cellprob Y×X logits.
-    Returns: ``(inds, positions)``: the foreground (y, x) indices and a 2×N float32 tensor of
-    final (y, x) positions on ``device``.
+
+def _triton_interpreter() -> bool:
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1``), used to test the kernel without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_integrator(name: str, device: torch.device | str) -> str:
+    """The integrator ``name`` means on ``device``; an unusable explicit choice is an error."""
+    device = torch.device(device)
+    if name not in INTEGRATORS:
+        raise SaDeployError(f"unknown integrator '{name}'; choose one of {', '.join(INTEGRATORS)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_available() else "torch"
+        return "numba" if device.type == "cpu" else "torch"
+    if name == "numba" and device.type != "cpu":
+        raise SaDeployError(f"--integrator numba runs on the CPU, but the device is {device}; use "
+                            "--integrator triton or torch, or --device cpu")
+    if name == "triton" and device.type != "cuda" and not _triton_interpreter():
+        raise SaDeployError(f"--integrator triton needs a CUDA device (got {device}); use numba on "
+                            "the CPU")
+    if name == "triton" and not triton_available():
+        raise SaDeployError("--integrator triton: the 'triton' package is not installed "
+                            "(it ships with CUDA builds of torch on Linux)")
+    return name
+
+
+@dataclass
+class Problem:
+    """A batch prepared for the kernels: B×2×Y×X field (x, y) in grid units per step, start
+    points N×2 (x, y) in [-1, 1], the image of each point, and each image's foreground indices."""
+
+    field: torch.Tensor
+    start: torch.Tensor
+    image: torch.Tensor
+    inds: list[tuple[np.ndarray, np.ndarray]]
+    extent: torch.Tensor  # (x, y) = (L−1) per axis
+
+    def positions(self, final: torch.Tensor) -> list[torch.Tensor]:
+        """Per image 2×N (y, x) pixel positions from final normalised N×2 (x, y) points."""
+        pos = ((final + 1) * 0.5 * self.extent).flip(-1).T
+        counts = [len(i[0]) for i in self.inds]
+        return [p.contiguous() for p in torch.split(pos, counts, dim=1)]
+
+
+def prepare(flows: np.ndarray, cellprob: np.ndarray, threshold: float,
+            device: torch.device | str) -> Problem:
+    """flows B×2×Y×X (network units), cellprob B×Y×X → :class:`Problem` on ``device``.
+
+    Operation order follows cellpose's so that float32 rounding, and therefore the final integer
+    positions, match exactly: flows zeroed outside the foreground, divided by 5, scaled to grid
+    units 2/(L−1); start points p/(L−1)·2 − 1.
     """
-    inds = foreground(cellprob, threshold)
-    # (x, y) extents L−1; grid units are 2/(L−1) per pixel. Operation order follows cellpose's
-    # so that float32 rounding, and therefore the final integer positions, match exactly.
-    extent = torch.tensor([cellprob.shape[1] - 1, cellprob.shape[0] - 1], dtype=torch.float32,
-                          device=device)
-    # flows are zeroed outside the foreground and divided by 5, as cellpose does
+    ly, lx = cellprob.shape[-2:]
+    extent = torch.tensor([lx - 1, ly - 1], dtype=torch.float32, device=device)
     fg = torch.from_numpy(cellprob > threshold).to(device)
-    field = torch.from_numpy(np.ascontiguousarray(flows[::-1])).to(device, torch.float32)
-    field = (field * fg / 5.0 * (2.0 / extent[:, None, None]))[None]  # 1×2(x, y)×Y×X grid units
-    pts = torch.stack([torch.from_numpy(inds[1]), torch.from_numpy(inds[0])], dim=-1)
-    pts = (pts.to(device, torch.float32) / extent * 2 - 1)[None, None]  # 1×1×N×2 in [-1, 1]
-    for _ in range(niter):
-        step = F.grid_sample(field, pts, align_corners=False)  # 1×2×1×N
-        pts = torch.clamp(pts + step[0].permute(1, 2, 0)[None], -1.0, 1.0)
-    pos = (pts[0, 0] + 1) * 0.5 * extent  # N×2 (x, y) in pixels
-    return inds, pos.flip(-1).T.contiguous()
+    field = torch.from_numpy(np.ascontiguousarray(flows[:, ::-1])).to(device, torch.float32)
+    field = (field * fg[:, None] / 5.0 * (2.0 / extent[:, None, None])).contiguous()
+    inds = [foreground(c, threshold) for c in cellprob]
+    pts = torch.cat([torch.stack([torch.from_numpy(x), torch.from_numpy(y)], dim=-1)
+                     for y, x in inds]).to(device, torch.float32)
+    image = torch.cat([torch.full((len(y),), b, dtype=torch.int32) for b, (y, _) in enumerate(inds)])
+    return Problem(field, (pts / extent * 2 - 1).contiguous(), image.to(device), inds, extent)
+
+
+def _run_torch(p: Problem, niter: int) -> torch.Tensor:
+    out = torch.empty_like(p.start)
+    for b in range(p.field.shape[0]):
+        sel = p.image == b
+        pts = p.start[sel][None, None]  # 1×1×N×2
+        for _ in range(niter):
+            step = F.grid_sample(p.field[b : b + 1], pts, align_corners=False)  # 1×2×1×N
+            pts = torch.clamp(pts + step[0].permute(1, 2, 0)[None], -1.0, 1.0)
+        out[sel] = pts[0, 0]
+    return out
+
+
+def _run_numba(p: Problem, niter: int) -> torch.Tensor:
+    from selfadapt_deploy.postprocess.numba_kernels import integrate_field
+
+    field = np.ascontiguousarray(p.field.numpy().transpose(0, 2, 3, 1))  # channels last
+    final = integrate_field(field, p.start.numpy(), p.image.numpy(), niter)
+    return torch.from_numpy(final)
+
+
+def _run_triton(p: Problem, niter: int) -> torch.Tensor:
+    from selfadapt_deploy.postprocess.triton_kernels import integrate_field
+
+    return integrate_field(p.field, p.start, p.image, niter)
+
+
+_RUN = {"torch": _run_torch, "numba": _run_numba, "triton": _run_triton}
+
+
+@torch.no_grad()
+def integrate_batch(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,
+                    device: torch.device | str = "cpu", method: str = "auto",
+                    ) -> list[tuple[tuple[np.ndarray, np.ndarray], torch.Tensor]]:
+    """Per image of a batch (flows B×2×Y×X, cellprob B×Y×X): foreground (y, x) indices and a
+    2×N float32 tensor of final (y, x) positions on ``device``. One kernel call for the batch."""
+    method = resolve_integrator(method, device)
+    problem = prepare(flows, cellprob, threshold, device)
+    if len(problem.start) == 0:
+        return [(i, torch.zeros(2, 0, device=device)) for i in problem.inds]
+    final = _RUN[method](problem, niter).to(device)
+    return list(zip(problem.inds, problem.positions(final), strict=True))
+
+
+def integrate(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,
+              device: torch.device | str = "cpu", method: str = "auto",
+              ) -> tuple[tuple[np.ndarray, np.ndarray], torch.Tensor]:
+    """One image: flows 2×Y×X (network units), cellprob Y×X logits → ``(inds, positions)``."""
+    return integrate_batch(flows[None], cellprob[None], threshold, niter, device, method)[0]

@@ -26,6 +26,26 @@ def _max_filter(h: torch.Tensor, size: int) -> torch.Tensor:
     return F.max_pool2d(h[:, None], size, stride=1, padding=size // 2)[:, 0]
 
 
+def _seeds(hist: torch.Tensor) -> torch.Tensor:
+    """S×2 bins with more than MIN_SEED_COUNT hits that equal the maximum of their 5×5 window.
+
+    Same set as a 5×5 max filter over the whole histogram (cellpose), but only the few bins above
+    the count threshold are examined: their windows are gathered (in-bounds neighbours only).
+    """
+    cand = torch.nonzero(hist > MIN_SEED_COUNT)
+    if len(cand) == 0:
+        return cand
+    r = SEED_WINDOW // 2
+    offs = torch.arange(-r, r + 1, device=hist.device)
+    wy = (cand[:, 0, None, None] + offs[None, :, None]).expand(-1, -1, len(offs))
+    wx = (cand[:, 1, None, None] + offs[None, None, :]).expand(-1, len(offs), -1)
+    inside = (wy >= 0) & (wy < hist.shape[0]) & (wx >= 0) & (wx < hist.shape[1])
+    window = torch.where(inside, hist[wy.clamp(0, hist.shape[0] - 1), wx.clamp(0, hist.shape[1] - 1)],
+                         torch.tensor(float("-inf"), device=hist.device))
+    window_max = window.flatten(1).amax(dim=1)
+    return cand[hist[cand[:, 0], cand[:, 1]] - window_max > -1e-6]
+
+
 @torch.no_grad()
 def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
                    shape: tuple[int, int], max_size_fraction: float = 0.4) -> np.ndarray:
@@ -39,8 +59,7 @@ def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
     flat = (pos[0] * hx + pos[1]).long()
     hist = torch.bincount(flat, minlength=hy * hx).reshape(hy, hx).float()
 
-    is_peak = (hist - _max_filter(hist[None], SEED_WINDOW)[0] > -1e-6) & (hist > MIN_SEED_COUNT)
-    seeds = torch.nonzero(is_peak)
+    seeds = _seeds(hist)
     if len(seeds) == 0:
         return np.zeros(shape, np.uint16)
     seeds = seeds[hist[seeds[:, 0], seeds[:, 1]].argsort()]  # ascending count: stronger seeds win

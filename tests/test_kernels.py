@@ -1,0 +1,119 @@
+"""Integrator kernels and flow QC kernels against the torch reference (itself equal to cellpose)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.metrics import average_precision
+from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
+from selfadapt_deploy.postprocess.flow_qc import _heat_numba, _heat_torch, mask_centres
+from selfadapt_deploy.postprocess.integrate import (
+    integrate,
+    integrate_batch,
+    resolve_integrator,
+    triton_available,
+)
+from selfadapt_deploy.synthetic import random_labels
+
+from .helpers import synthetic_flows
+from .test_postprocess import cellpose_masks
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def _batch(shape=(120, 136), n=2, cells=40):
+    pairs = [synthetic_flows(shape, cells, seed=s, noise=1.0)[1:] for s in range(n)]
+    return np.stack([f for f, _ in pairs]), np.stack([c for _, c in pairs])
+
+
+def test_numba_integrator_is_bit_identical_to_the_reference_on_a_batch():
+    flows, cellprob = _batch()
+    ref = integrate_batch(flows, cellprob, 0.0, 200, "cpu", "torch")
+    ours = integrate_batch(flows, cellprob, 0.0, 200, "cpu", "numba")
+    for (ri, rp), (oi, op) in zip(ref, ours, strict=True):
+        np.testing.assert_array_equal(ri[0], oi[0])
+        torch.testing.assert_close(op, rp, rtol=0, atol=0)
+    # the batch call equals one call per image
+    single = integrate(flows[1], cellprob[1], 0.0, 200, "cpu", "numba")[1]
+    torch.testing.assert_close(single, ours[1][1], rtol=0, atol=0)
+
+
+def test_integrator_choice_and_clear_errors():
+    assert resolve_integrator("auto", "cpu") == "numba"
+    with pytest.raises(SaDeployError, match="unknown integrator 'fast'"):
+        resolve_integrator("fast", "cpu")
+    with pytest.raises(SaDeployError, match="numba runs on the CPU"):
+        resolve_integrator("numba", "cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(SaDeployError, match="triton needs a CUDA device"):
+            resolve_integrator("triton", "cpu")
+
+
+_TRITON_SCRIPT = """
+import sys, numpy as np
+from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
+from selfadapt_deploy.postprocess.integrate import integrate_batch
+d = np.load(sys.argv[1])
+res = integrate_batch(d["flows"][None], d["cellprob"][None], 0.0, 200, "cpu", "triton")
+masks = flows_to_masks(d["flows"], d["cellprob"], MaskParams(integrator="triton"))
+np.savez(sys.argv[2], positions=res[0][1].numpy(), masks=masks)
+"""
+
+
+@needs_triton
+def test_triton_kernel_under_the_interpreter_matches_the_reference(tmp_path):
+    _, flows, cellprob = synthetic_flows((48, 48), 8, seed=3, noise=0.5)
+    np.savez(tmp_path / "in.npz", flows=flows, cellprob=cellprob)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: new process
+    subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], env=env, check=True, timeout=600)
+    got = np.load(tmp_path / "out.npz")
+    ref = integrate(flows, cellprob, 0.0, 200, "cpu", "torch")[1].numpy()
+    # CUDA's formulas (no FMA in the interpreter) against ATen CPU's: equal to rounding
+    assert (np.abs(got["positions"] - ref) < 1e-3).all(axis=0).mean() > 0.99
+    assert (got["positions"].astype(int) == ref.astype(int)).all(axis=0).mean() > 0.99
+    reference_masks = cellpose_masks(flows, cellprob, MaskParams())
+    assert reference_masks.max() >= 6
+    assert average_precision(reference_masks, got["masks"]).ap[0] >= 0.99
+
+
+def test_per_mask_heat_equals_whole_image_heat():
+    masks = random_labels((90, 110), 30, seed=4)
+    from scipy import ndimage
+
+    slices = ndimage.find_objects(masks)
+    centres = mask_centres(masks, slices)
+    # equal up to the summation order of torch's reduction (last bit of float64)
+    np.testing.assert_allclose(_heat_numba(masks, slices, centres, 60),
+                               _heat_torch(masks, centres, 60, "cpu"), rtol=1e-14, atol=0)
+
+
+@cuda
+@pytest.mark.gpu
+@needs_triton
+def test_triton_on_cuda_matches_torch_on_cuda():
+    flows, cellprob = _batch((300, 280), n=3, cells=150)
+    ref = integrate_batch(flows, cellprob, 0.0, 200, "cuda", "torch")
+    ours = integrate_batch(flows, cellprob, 0.0, 200, "cuda", "triton")
+    for (_, rp), (_, op) in zip(ref, ours, strict=True):
+        assert (op - rp).abs().max().item() < 1e-2
+        assert (op.int() == rp.int()).all(0).float().mean().item() > 0.999
+
+
+@cuda
+@pytest.mark.gpu
+def test_masks_on_cuda_agree_with_cellpose():
+    _, flows, cellprob = synthetic_flows((512, 512), 2000, seed=12, noise=1.0, radius=(4, 6))
+    p = MaskParams()
+    ours = flows_to_masks(flows, cellprob, p, device="cuda")
+    ref = cellpose_masks(flows, cellprob, p)
+    assert average_precision(ref, ours).ap[0] >= 0.99
+    assert abs(int(ours.max()) - int(ref.max())) <= 0.01 * ref.max()
