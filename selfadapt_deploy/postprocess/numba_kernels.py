@@ -4,8 +4,8 @@ Both reproduce the torch reference's arithmetic rather than approximate it:
 
 * ``integrate_field`` walks every foreground pixel through all ``niter`` Euler steps with the
   bilinear read of ``grid_sample(align_corners=False, padding_mode="zeros")`` in float32 — the
-  same formulas as ATen's CPU grid sampler (source index ``((g + 1)·L − 1) / 2``, corner weights
-  from the floor), one pixel per thread, positions in registers.
+  same formulas as ATen's CPU grid sampler, with the same FMA contraction, so positions are
+  bit-identical to the torch reference and to cellpose's ``follow_flows``.
 * ``mask_heat`` runs cellpose's heat diffusion (Jacobi sweeps of the 3×3 mean over pixels of the
   same mask, +1 at the centre before each sweep, float64) per mask inside its bounding box, masks
   in parallel, instead of sweeping the whole image; pixel results are identical because a pixel's
