@@ -22,6 +22,7 @@ Run (repository root; about 8 minutes per family on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import tempfile
 import time
@@ -85,8 +86,9 @@ def main() -> None:
             summary = adapt(student, train, val, run, config)
             adapted = load_model(run / "model.pt", "cpu")
             after = {name: pooled_ap(adapted, pairs)[0] for name, pairs in tests.items()}
-            last = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[-1]][-1]
-            fn, d_emb = last.split(",")[-2:]
+            with open(run / "metrics.csv", newline="") as f:
+                last = [r for r in csv.DictReader(f) if r["d_emb"]][-1]
+            fn, d_emb = last["fn_rate"], last["d_emb"]
             t = after[target_domain.name]
             print(f"{lr:>8.0e} {l2sp:>8.0e} {t.ap[0]:>11.3f} {t.ap[1]:>12.3f} "
                   f"{after[SOURCE.name].ap[0]:>11.3f} {float(fn):>8.3f} {float(d_emb):>7.3f} "

@@ -17,10 +17,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from selfadapt_deploy.postprocess.flow_qc import NEIGHBOURS
+
 _NUMBA_OPTS = dict(nogil=True, cache=True, fastmath={"contract"})
-# 3×3 neighbourhood in flow_qc.NEIGHBOURS order: centre, up, down, left, right, diagonals
-_NY = np.array([0, -1, 1, 0, 0, -1, -1, 1, 1])
-_NX = np.array([0, 0, 0, -1, 1, -1, 1, -1, 1])
+# 3×3 neighbourhood in cellpose's order (flow_qc.NEIGHBOURS), so sums round the same way
+_NY = np.array([dy for dy, _ in NEIGHBOURS])
+_NX = np.array([dx for _, dx in NEIGHBOURS])
 
 
 LANES = 16  # points walked together by one thread: independent chains overlap in the pipeline
