@@ -67,7 +67,8 @@ def _segment_one(job: SegmentJob, runner: TorchRunner, image: Image, written: se
             write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
         write_masks(masks_path, seg.masks)
     except SaDeployError as exc:
-        return ImageResult(image.source, image.name, "failed", error=str(exc))
+        error = str(exc) if str(image.source) in str(exc) else f"{image.source} ({image.name}): {exc}"
+        return ImageResult(image.source, image.name, "failed", error=error)
     written.add(image.name)
     return ImageResult(image.source, image.name, "done", int(seg.masks.max()))
 

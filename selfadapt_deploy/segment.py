@@ -84,7 +84,7 @@ def predict_flows(runner: Runner, img: np.ndarray,
     if rescale != 1.0:
         ry, rx = int(ly * rescale), int(lx * rescale)
         if min(ry, rx) < 1:
-            raise SaDeployError(f"--diameter {params.diameter} is too large for a {ly}×{lx} image "
+            raise SaDeployError(f"--diameter {params.diameter:g} is too large for a {ly}×{lx} image "
                                 f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
         x = resize_chw(x, ry, rx)
     spec = runner.spec

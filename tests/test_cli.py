@@ -93,6 +93,15 @@ def test_bad_arguments_fail_with_one_clear_line(tmp_path, weights, args, message
     assert not list((tmp_path / "out").glob("*_masks.tif"))
 
 
+
+def test_an_error_inside_one_image_names_that_image(tmp_path, weights):
+    small = write_image(tmp_path / "small.tif", shape=(40, 48))
+    result = runner.invoke(app, ["segment", str(small), "--model", str(weights), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", "--diameter", "5000"])
+    assert result.exit_code == 1
+    assert f"{small} (small): --diameter 5000 is too large" in result.output.replace("\n", "")
+    assert not list((tmp_path / "out").glob("*.tif"))
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_request_without_gpu_is_an_error_not_a_fallback(tmp_path, weights):
     result = runner.invoke(app, ["segment", str(write_image(tmp_path / "a.tif")), "--model",

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import fastremap
 import numpy as np
 import pytest
 import torch
@@ -13,13 +14,20 @@ import torch
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
-from selfadapt_deploy.postprocess.flow_qc import _heat_numba, _heat_torch, mask_centres
+from selfadapt_deploy.postprocess.flow_qc import (
+    _heat_torch,
+    diffusion_steps,
+    flow_errors,
+    heat_map,
+    mask_boxes,
+)
 from selfadapt_deploy.postprocess.integrate import (
     integrate,
     integrate_batch,
     resolve_integrator,
     triton_available,
 )
+from selfadapt_deploy.postprocess.numba_kernels import mask_centres
 from selfadapt_deploy.synthetic import random_labels
 
 from .helpers import synthetic_flows
@@ -57,6 +65,17 @@ def test_integrator_choice_and_clear_errors():
             resolve_integrator("triton", "cpu")
 
 
+
+def test_non_finite_flows_in_cells_are_one_clear_error():
+    flows, cellprob = _batch(n=1)
+    flows[0, :, 0, 0] = np.nan  # background pixel: ignored, as by cellpose
+    cellprob[0, 0, 0] = -5.0
+    integrate_batch(flows, cellprob, 0.0, 5, "cpu", "numba")
+    y, x = np.argwhere(cellprob[0] > 0)[0]
+    flows[0, 1, y, x] = np.inf
+    with pytest.raises(SaDeployError, match="NaN or infinite values inside cells"):
+        integrate_batch(flows, cellprob, 0.0, 5, "cpu", "numba")
+
 _TRITON_SCRIPT = """
 import sys, numpy as np
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
@@ -87,14 +106,49 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference(tmp_path):
 
 def test_per_mask_heat_equals_whole_image_heat():
     masks = random_labels((90, 110), 30, seed=4)
+    boxes = mask_boxes(masks)
+    whole = _heat_torch(masks, mask_centres(masks, boxes), diffusion_steps(boxes), "cpu")
+    # equal up to the summation order of torch's 9-term reduction (last bit of float64)
+    np.testing.assert_allclose(heat_map(masks, boxes, "cpu").numpy(), whole.numpy(), rtol=1e-14, atol=0)
+
+
+
+def _concave_masks() -> np.ndarray:
+    """Rings and C shapes (centroid outside the mask, ties in distance) among ordinary cells."""
+    masks = random_labels((100, 120), 12, seed=5)
+    yy, xx = np.mgrid[:100, :120]
+    ring = ((yy - 25) ** 2 + (xx - 95) ** 2 < 15**2) & ((yy - 25) ** 2 + (xx - 95) ** 2 >= 9**2)
+    c_shape = ((yy - 75) ** 2 + (xx - 95) ** 2 < 14**2) & ~((xx > 95) & (abs(yy - 75) < 5))
+    masks[ring] = masks.max() + 1
+    masks[c_shape & (masks == 0)] = masks.max() + 1
+    return fastremap.renumber(masks)[0]
+
+
+def test_mask_centres_equal_cellposes_including_concave_masks():
+    from cellpose.dynamics import get_centers
     from scipy import ndimage
 
-    slices = ndimage.find_objects(masks)
-    centres = mask_centres(masks, slices)
-    # equal up to the summation order of torch's reduction (last bit of float64)
-    np.testing.assert_allclose(_heat_numba(masks, slices, centres, 60),
-                               _heat_torch(masks, centres, 60, "cpu"), rtol=1e-14, atol=0)
+    masks = _concave_masks()
+    assert masks[25, 95] != masks[25, 107]  # the ring's centroid is not in the ring
+    ref, _ = get_centers(masks, ndimage.find_objects(masks))
+    got = mask_centres(masks, mask_boxes(masks))
+    assert (masks[ref[:, 0], ref[:, 1]] == np.arange(1, masks.max() + 1)).all()
+    np.testing.assert_array_equal(got, ref)
 
+
+def test_torch_flow_errors_equal_cellposes():
+    """The segmented-sum flow QC used on GPUs, run here on the CPU, against cellpose."""
+    from cellpose.dynamics import flow_error
+
+    from selfadapt_deploy.postprocess.flow_qc import _flow_errors_torch
+
+    masks = _concave_masks()
+    net = np.random.default_rng(1).normal(0, 3, (2, *masks.shape)).astype(np.float32)
+    ref, _ = flow_error(masks, net)
+    heat = _heat_torch(masks, mask_centres(masks, mask_boxes(masks)),
+                       diffusion_steps(mask_boxes(masks)), "cpu")
+    np.testing.assert_allclose(_flow_errors_torch(masks, heat, net), ref, rtol=1e-10)
+    np.testing.assert_allclose(flow_errors(masks, net), ref, rtol=1e-10)
 
 @cuda
 @pytest.mark.gpu

@@ -1,9 +1,11 @@
 """Flow quality control: recompute flows from the masks, drop masks whose flows disagree.
 
 Flows from masks follow cellpose 4.2's ``masks_to_flows_gpu``: heat diffusion from each mask's
-centre (the pixel nearest its centroid) for 2·max(bbox height + width + 2) steps in float64,
-gradients of the heat map, normalised to unit length. A mask's error is the mean over its pixels
-of |flows_from_masks − net_flows/5|²; masks above ``flow_threshold`` are removed.
+centre (its rounded centroid, or the mask pixel nearest it) for 2·max(bbox height + width + 2)
+steps in float64, gradients of the heat map, normalised to unit length. A mask's error is the mean
+over its pixels of |flows_from_masks − net_flows/5|²; masks above ``flow_threshold`` are removed.
+On the CPU every step runs per mask in numba kernels (masks in parallel); on other devices the
+diffusion and the per-mask sums run over the whole image in torch.
 """
 
 from __future__ import annotations
@@ -17,37 +19,22 @@ from scipy import ndimage
 NEIGHBOURS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
-def mask_centres(masks: np.ndarray, slices: list[tuple[slice, slice]]) -> np.ndarray:
-    """K×2 (y, x) per label 1..K: the rounded centroid, or the mask pixel nearest it if outside.
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """K×4 int64 bounding boxes (y0, y1, x0, x1) of labels 1..K (labels must have no gaps)."""
+    slices = ndimage.find_objects(masks)
+    if any(s is None for s in slices):
+        raise ValueError("masks must be labelled 1..K without gaps (renumber them first)")
+    return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in slices], np.int64)
 
-    The centroid is rounded (half to even) in bounding-box coordinates, as cellpose does.
-    """
-    lab = masks.ravel()
-    ys, xs = np.indices(masks.shape).reshape(2, -1)
-    fg = lab > 0
-    lab, ys, xs = lab[fg].astype(np.int64), ys[fg], xs[fg]
-    n = np.bincount(lab)[1:]
-    y0 = np.array([s[0].start for s in slices])
-    x0 = np.array([s[1].start for s in slices])
-    cy = y0 + np.round(np.bincount(lab, ys)[1:] / n - y0).astype(np.int64)
-    cx = x0 + np.round(np.bincount(lab, xs)[1:] / n - x0).astype(np.int64)
-    centres = np.stack([cy, cx], axis=1)
-    outside = masks[cy, cx] != np.arange(1, len(n) + 1)
-    if outside.any():
-        # nearest pixel, ties broken by row-major order (np.nonzero order), as cellpose does;
-        # only the pixels of masks whose centroid lies outside them are searched
-        sel = outside[lab - 1]
-        lab, ys, xs = lab[sel], ys[sel], xs[sel]
-        d2 = (ys - cy[lab - 1]) ** 2 + (xs - cx[lab - 1]) ** 2
-        order = np.lexsort((ys * masks.shape[1] + xs, d2, lab))
-        first = order[np.r_[0, np.flatnonzero(np.diff(lab[order])) + 1]]
-        centres[lab[first] - 1] = np.stack([ys[first], xs[first]], axis=1)
-    return centres
+
+def diffusion_steps(boxes: np.ndarray) -> int:
+    """cellpose's number of heat-diffusion sweeps: twice the largest bbox height + width + 2."""
+    return int(2 * (boxes[:, 1] - boxes[:, 0] + boxes[:, 3] - boxes[:, 2] + 2).max())
 
 
 @torch.no_grad()
-def _heat_torch(masks: np.ndarray, centres: np.ndarray, niter: int, device) -> np.ndarray:
-    """Heat diffusion over the whole image at once (any torch device): Y×X float64."""
+def _heat_torch(masks: np.ndarray, centres: np.ndarray, niter: int, device) -> torch.Tensor:
+    """Heat diffusion over the whole image at once (any torch device): (Y+2)×(X+2) float64."""
     ly, lx = masks.shape
     padded = torch.from_numpy(np.pad(masks.astype(np.int64), 1)).to(device)
     y, x = torch.nonzero(padded, as_tuple=True)
@@ -61,34 +48,33 @@ def _heat_torch(masks: np.ndarray, centres: np.ndarray, niter: int, device) -> n
     for _ in range(niter):
         heat[flat_centres] += 1
         heat[nbr[0]] = (heat[nbr] * same).sum(dim=0) / len(NEIGHBOURS)
-    return heat.view(ly + 2, lx + 2)[1:-1, 1:-1].cpu().numpy()
+    return heat.view(ly + 2, lx + 2)
 
 
-def _heat_numba(masks: np.ndarray, slices, centres: np.ndarray, niter: int) -> np.ndarray:
-    """The same diffusion per mask inside its bounding box, masks in parallel (CPU)."""
-    from selfadapt_deploy.postprocess.numba_kernels import mask_heat
+def heat_map(masks: np.ndarray, boxes: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """cellpose's heat diffusion from every mask's centre: (Y+2)×(X+2) float64 on ``device``.
 
-    boxes = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in slices], np.int64)
-    return mask_heat(np.ascontiguousarray(masks), boxes, centres.astype(np.int64), niter)
+    On the CPU it runs per mask in its bounding box (numba, masks in parallel); elsewhere over
+    the whole image (torch). Both give cellpose's numbers.
+    """
+    from selfadapt_deploy.postprocess.numba_kernels import mask_centres, mask_heat
+
+    masks = np.ascontiguousarray(masks)
+    centres = mask_centres(masks, boxes)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(mask_heat(masks, boxes, centres, diffusion_steps(boxes)))
+    return _heat_torch(masks, centres, diffusion_steps(boxes), device)
 
 
 def masks_to_flows(masks: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """2×Y×X unit flows (dY, dX) pointing towards each mask's centre; 0 outside masks.
 
-    ``masks`` must be labelled 1..K without gaps. On the CPU the diffusion runs per mask (numba),
-    elsewhere over the whole image (torch); both give cellpose's numbers.
+    ``masks`` must be labelled 1..K without gaps.
     """
     ly, lx = masks.shape
     if masks.max() == 0:
         return np.zeros((2, ly, lx))
-    slices = ndimage.find_objects(masks)
-    niter = 2 * max(s[0].stop - s[0].start + s[1].stop - s[1].start + 2 for s in slices)
-    centres = mask_centres(masks, slices)
-    if torch.device(device).type == "cpu":
-        heat = _heat_numba(masks, slices, centres, niter)
-    else:
-        heat = _heat_torch(masks, centres, niter, device)
-    heat = np.pad(heat, 1)
+    heat = heat_map(masks, mask_boxes(masks), device).cpu().numpy()
     y, x = np.nonzero(masks)
     mu = np.stack([heat[y + 2, x + 1] - heat[y, x + 1], heat[y + 1, x + 2] - heat[y + 1, x]])
     mu /= 1e-60 + np.sqrt((mu**2).sum(axis=0))
@@ -97,12 +83,32 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str = "cpu") -> np.
     return out
 
 
+@torch.no_grad()
+def _flow_errors_torch(masks: np.ndarray, heat: torch.Tensor, flows: np.ndarray) -> np.ndarray:
+    """Per-mask mean error as segmented sums over mask pixels (any torch device)."""
+    lab = torch.from_numpy(masks.astype(np.int64)).to(heat.device)
+    y, x = torch.nonzero(lab, as_tuple=True)
+    mu = torch.stack([heat[y + 2, x + 1] - heat[y, x + 1], heat[y + 1, x + 2] - heat[y + 1, x]])
+    mu /= 1e-60 + mu.square().sum(dim=0).sqrt()
+    net = torch.from_numpy(flows).to(heat.device)[:, y, x] / 5.0
+    err = (mu - net.double()).square().sum(dim=0)
+    k = int(masks.max()) + 1
+    lab = lab[y, x]
+    sums = torch.zeros(k, dtype=torch.float64, device=heat.device).index_add_(0, lab, err)
+    return (sums / torch.bincount(lab, minlength=k))[1:].cpu().numpy()
+
+
 def flow_errors(masks: np.ndarray, flows: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Per-mask mean squared error between flows from the masks and the network's flows / 5."""
-    err = ((masks_to_flows(masks, device) - flows / 5.0) ** 2).sum(axis=0)
-    lab = masks.ravel()
-    n = np.bincount(lab, minlength=masks.max() + 1)[1:]
-    return np.bincount(lab, err.ravel(), minlength=masks.max() + 1)[1:] / np.maximum(n, 1)
+    """Per-mask mean squared error between flows from the masks and the network's flows / 5
+    (cellpose's ``flow_error``); ``masks`` labelled 1..K without gaps."""
+    boxes = mask_boxes(masks)
+    heat = heat_map(masks, boxes, device)
+    if heat.device.type != "cpu":
+        return _flow_errors_torch(masks, heat, flows)
+    from selfadapt_deploy.postprocess.numba_kernels import mask_flow_errors
+
+    return mask_flow_errors(np.ascontiguousarray(masks), heat.numpy(), np.ascontiguousarray(flows),
+                            boxes, flows.dtype.type(5))
 
 
 def remove_bad_flow_masks(masks: np.ndarray, flows: np.ndarray, threshold: float = 0.4,

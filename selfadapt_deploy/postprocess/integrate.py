@@ -96,7 +96,12 @@ def prepare(flows: np.ndarray, cellprob: np.ndarray, threshold: float,
     extent = torch.tensor([lx - 1, ly - 1], dtype=torch.float32, device=device)
     fg = torch.from_numpy(cellprob > threshold).to(device)
     field = torch.from_numpy(np.ascontiguousarray(flows[:, ::-1])).to(device, torch.float32)
-    field = (field * fg[:, None] / 5.0 * (2.0 / extent[:, None, None])).contiguous()
+    field = torch.where(fg[:, None], field, 0.0)
+    if not torch.isfinite(field).all():
+        raise SaDeployError("the network's flows contain NaN or infinite values inside cells; the "
+                            "model or the input image is broken (check the weights and the image's "
+                            "intensities)")
+    field = (field / 5.0 * (2.0 / extent[:, None, None])).contiguous()
     inds = [foreground(c, threshold) for c in cellprob]
     pts = torch.cat([torch.stack([torch.from_numpy(x), torch.from_numpy(y)], dim=-1)
                      for y, x in inds]).to(device, torch.float32)
@@ -119,7 +124,9 @@ def _run_torch(p: Problem, niter: int) -> torch.Tensor:
 def _run_numba(p: Problem, niter: int) -> torch.Tensor:
     from selfadapt_deploy.postprocess.numba_kernels import integrate_field
 
-    field = np.ascontiguousarray(p.field.numpy().transpose(0, 2, 3, 1))  # channels last
+    b, _, h, w = p.field.shape
+    field = np.zeros((b, h + 2, w + 2, 2), np.float32)  # channels last, border of zeros
+    field[:, 1:-1, 1:-1] = p.field.numpy().transpose(0, 2, 3, 1)
     final = integrate_field(field, p.start.numpy(), p.image.numpy(), niter)
     return torch.from_numpy(final)
 

@@ -1,130 +1,188 @@
-"""CPU kernels (numba, parallel): flow integration and flows-from-masks for flow QC.
+"""CPU kernels (numba, parallel): flow integration and the flow QC (flows from masks, errors).
 
-Both reproduce the torch reference's arithmetic rather than approximate it:
+They reproduce the reference arithmetic rather than approximate it:
 
 * ``integrate_field`` walks every foreground pixel through all ``niter`` Euler steps with the
   bilinear read of ``grid_sample(align_corners=False, padding_mode="zeros")`` in float32 — the
-  same formulas as ATen's CPU grid sampler, with the same FMA contraction, so positions are
-  bit-identical to the torch reference and to cellpose's ``follow_flows``.
+  same formulas as ATen's CPU grid sampler, with its FMAs written out, so positions are
+  bit-identical to the torch reference and to cellpose's ``follow_flows``. It has no branches:
+  LLVM vectorises the points of a thread with gather loads.
 * ``mask_heat`` runs cellpose's heat diffusion (Jacobi sweeps of the 3×3 mean over pixels of the
   same mask, +1 at the centre before each sweep, float64) per mask inside its bounding box, masks
   in parallel, instead of sweeping the whole image; pixel results are identical because a pixel's
-  heat depends only on pixels of its own mask.
+  heat depends only on pixels of its own mask. ``mask_centres`` and ``mask_flow_errors`` are the
+  rest of cellpose's ``flow_error`` per mask, with no image-sized temporaries.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-from selfadapt_deploy.postprocess.flow_qc import NEIGHBOURS
+_NUMBA_OPTS = dict(nogil=True, cache=True)  # no fast-math: every operation rounds as written
 
-_NUMBA_OPTS = dict(nogil=True, cache=True, fastmath={"contract"})
-# 3×3 neighbourhood in cellpose's order (flow_qc.NEIGHBOURS), so sums round the same way
-_NY = np.array([dy for dy, _ in NEIGHBOURS])
-_NX = np.array([dx for _, dx in NEIGHBOURS])
-
-
-LANES = 16  # points walked together by one thread: independent chains overlap in the pipeline
+LANES = 16  # points one thread walks together: the lane loop vectorises (gathers), chains overlap
 
 
-@numba.njit(inline="always")
-def _step(f: np.ndarray, base: int, h: int, w: int, gx: np.float32, gy: np.float32,
-          half_w: np.float32, half_h: np.float32):
-    """One Euler step of one point: bilinear read of the flat field ``f`` (image at ``base``,
-    H×W×2 channels last) at (gx, gy), move, clamp."""
-    one, half, zero = np.float32(1), np.float32(0.5), np.float32(0)
-    ix = (gx + one) * half_w - half
-    iy = (gy + one) * half_h - half
-    x0f, y0f = np.floor(ix), np.floor(iy)
-    x0, y0 = int(x0f), int(y0f)
-    wx, wy = ix - x0f, iy - y0f  # east / south weights
-    ex, ny = one - wx, one - wy  # west / north weights
-    # zero padding: a corner outside the image contributes nothing
-    inx0, inx1 = 0 <= x0 < w, 0 <= x0 + 1 < w
-    iny0, iny1 = 0 <= y0 < h, 0 <= y0 + 1 < h
-    dx = zero
-    dy = zero
-    k = base + 2 * (y0 * w + x0)  # north-west corner, x component
-    row = 2 * w
-    if iny0 and inx0:
-        dx += f[k] * (ny * ex)
-        dy += f[k + 1] * (ny * ex)
-    if iny0 and inx1:
-        dx += f[k + 2] * (ny * wx)
-        dy += f[k + 3] * (ny * wx)
-    if iny1 and inx0:
-        dx += f[k + row] * (wy * ex)
-        dy += f[k + row + 1] * (wy * ex)
-    if iny1 and inx1:
-        dx += f[k + row + 2] * (wy * wx)
-        dy += f[k + row + 3] * (wy * wx)
-    return min(max(gx + dx, -one), one), min(max(gy + dy, -one), one)
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (``llvm.fma``): where ATen's compiled grid sampler contracts."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fn, args)
+
+    return sig, codegen
 
 
 @numba.njit(parallel=True, **_NUMBA_OPTS)
 def integrate_field(field: np.ndarray, start: np.ndarray, image: np.ndarray, niter: int) -> np.ndarray:
     """Final normalised positions (N×2, x then y, in [-1, 1]) of points ``start`` (N×2, same units).
 
-    ``field`` is B×H×W×2 float32: the (x, y) displacement per step in normalised grid units,
-    channels last so that one corner read brings both components. Point ``i`` moves on image
+    ``field`` is B×(H+2)×(W+2)×2 float32: the (x, y) displacement per step in normalised grid
+    units, channels last, with a border of zeros — a corner outside the image then reads 0 and
+    adds nothing, as ``grid_sample``'s zero padding, with no branch. Point ``i`` moves on image
     ``image[i]``. The bilinear read is ATen's CPU ``grid_sample`` (bilinear, zeros,
-    align_corners=False): source index ``(g + 1)·(L/2) − 0.5``, weights ``w = i − floor(i)``
-    and ``1 − w``, corners summed nw, ne, sw, se. Each thread advances ``LANES`` points step by
-    step together, so their independent dependency chains overlap.
+    align_corners=False): source index ``(g + 1)·(L/2) − 0.5``, weights ``w = i − floor(i)`` and
+    ``1 − w``, corners accumulated nw, ne, sw, se with the same FMAs.
     """
     n = start.shape[0]
-    h, w = field.shape[1], field.shape[2]
+    h, w = field.shape[1] - 2, field.shape[2] - 2
     half_w, half_h = np.float32(w / 2), np.float32(h / 2)
+    one, half = np.float32(1), np.float32(0.5)
     flat = field.ravel()
+    row = 2 * (w + 2)
     out = np.empty_like(start)
     for chunk in numba.prange((n + LANES - 1) // LANES):
         lo = chunk * LANES
-        hi = min(lo + LANES, n)
-        gx = start[lo:hi, 0].copy()
-        gy = start[lo:hi, 1].copy()
+        gx = np.empty(LANES, np.float32)
+        gy = np.empty(LANES, np.float32)
+        base = np.empty(LANES, np.int64)
+        for j in range(LANES):
+            i = min(lo + j, n - 1)  # the last chunk repeats its last point
+            gx[j], gy[j] = start[i, 0], start[i, 1]
+            base[j] = image[i] * row * (h + 2) + row + 2  # pixel (0, 0) inside the border
         for _ in range(niter):
-            for j in range(hi - lo):
-                base = image[lo + j] * 2 * h * w
-                gx[j], gy[j] = _step(flat, base, h, w, gx[j], gy[j], half_w, half_h)
-        out[lo:hi, 0] = gx
-        out[lo:hi, 1] = gy
+            for j in range(LANES):
+                ix = _fma(gx[j] + one, half_w, -half)
+                iy = _fma(gy[j] + one, half_h, -half)
+                x0f, y0f = np.floor(ix), np.floor(iy)
+                wx, wy = ix - x0f, iy - y0f  # east / south weights
+                ex, ny = one - wx, one - wy  # west / north weights
+                # clamped positions give x0 in [-1, w-1]; the clamp also keeps NaN in bounds
+                x0 = min(max(np.int64(x0f), -1), w - 1)
+                y0 = min(max(np.int64(y0f), -1), h - 1)
+                k = base[j] + y0 * row + 2 * x0  # north-west corner, x component
+                nw, ne, sw, se = ny * ex, ny * wx, wy * ex, wy * wx
+                dx = _fma(flat[k + row + 2], se, _fma(flat[k + row], sw,
+                                                      _fma(flat[k + 2], ne, flat[k] * nw)))
+                dy = _fma(flat[k + row + 3], se, _fma(flat[k + row + 1], sw,
+                                                      _fma(flat[k + 3], ne, flat[k + 1] * nw)))
+                gx[j] = min(max(gx[j] + dx, -one), one)
+                gy[j] = min(max(gy[j] + dy, -one), one)
+        for j in range(min(LANES, n - lo)):
+            out[lo + j, 0], out[lo + j, 1] = gx[j], gy[j]
     return out
 
 
 @numba.njit(parallel=True, **_NUMBA_OPTS)
+def mask_centres(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """K×2 (y, x) diffusion source per label 1..K, as cellpose's ``center_of_mass``.
+
+    The mean pixel position in bounding-box coordinates rounded half to even; if that pixel is not
+    in the mask, the mask pixel nearest to it (first in row-major order on ties).
+    """
+    centres = np.empty((boxes.shape[0], 2), np.int64)
+    for k in numba.prange(boxes.shape[0]):
+        label = k + 1
+        y0, y1, x0, x1 = boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3]
+        n, sy, sx = 0, 0, 0
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                if masks[y, x] == label:
+                    n += 1
+                    sy += y - y0
+                    sx += x - x0
+        cy, cx = y0 + round(sy / n), x0 + round(sx / n)
+        if masks[cy, cx] != label:
+            best = -1
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    d2 = (y - cy) ** 2 + (x - cx) ** 2
+                    if masks[y, x] == label and (best < 0 or d2 < best):
+                        best, by, bx = d2, y, x
+            cy, cx = by, bx
+        centres[k, 0], centres[k, 1] = cy, cx
+    return centres
+
+
+@numba.njit(parallel=True, **_NUMBA_OPTS)
 def mask_heat(masks: np.ndarray, boxes: np.ndarray, centres: np.ndarray, niter: int) -> np.ndarray:
-    """Heat map (Y×X float64) of every mask after ``niter`` diffusion sweeps from its centre.
+    """Heat map after ``niter`` diffusion sweeps from every mask's centre, (Y+2)×(X+2) float64
+    with a zero border (cellpose's padded image).
 
     ``masks`` labels 1..K; ``boxes`` K×4 (y0, y1, x0, x1), ``centres`` K×2 (y, x). Each sweep sets
-    a pixel to the sum of its 3×3 neighbours of the same mask (itself included) divided by 9.
+    a pixel of a mask to the sum of its 3×3 neighbours in the same mask (itself included) / 9.
+    Pixels outside the mask stay 0 in its box, so the sweep is a plain 3×3 stencil times the
+    mask's indicator: adding their zeros leaves every sum unchanged, and the loop vectorises.
     """
-    heat = np.zeros(masks.shape, np.float64)
+    heat = np.zeros((masks.shape[0] + 2, masks.shape[1] + 2), np.float64)
     for k in numba.prange(boxes.shape[0]):
         label = k + 1
         y0, y1, x0, x1 = boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3]
         hy, hx = y1 - y0 + 2, x1 - x0 + 2  # one pixel of margin, like the padded image
-        inside = np.zeros((hy, hx), np.bool_)
+        inside = np.zeros((hy, hx), np.float64)
         for y in range(y0, y1):
             for x in range(x0, x1):
-                inside[y - y0 + 1, x - x0 + 1] = masks[y, x] == label
+                if masks[y, x] == label:
+                    inside[y - y0 + 1, x - x0 + 1] = 1.0
         a = np.zeros((hy, hx), np.float64)
         b = np.zeros((hy, hx), np.float64)
         cy, cx = centres[k, 0] - y0 + 1, centres[k, 1] - x0 + 1
         for _ in range(niter):
             a[cy, cx] += 1.0
             for y in range(1, hy - 1):
+                up, mid, down, out, ins = a[y - 1], a[y], a[y + 1], b[y], inside[y]
                 for x in range(1, hx - 1):
-                    if inside[y, x]:
-                        s = 0.0
-                        for j in range(9):  # cellpose's neighbour order, for the same rounding
-                            yy, xx = y + _NY[j], x + _NX[j]
-                            if inside[yy, xx]:
-                                s += a[yy, xx]
-                        b[y, x] = s / 9.0
+                    # summed in cellpose's neighbour order (flow_qc.NEIGHBOURS): same rounding
+                    s = (mid[x] + up[x] + down[x] + mid[x - 1] + mid[x + 1]
+                         + up[x - 1] + up[x + 1] + down[x - 1] + down[x + 1])
+                    out[x] = s / 9.0 * ins[x]
             a, b = b, a
         for y in range(y0, y1):
             for x in range(x0, x1):
-                if inside[y - y0 + 1, x - x0 + 1]:
-                    heat[y, x] = a[y - y0 + 1, x - x0 + 1]
+                if inside[y - y0 + 1, x - x0 + 1] != 0.0:
+                    heat[y + 1, x + 1] = a[y - y0 + 1, x - x0 + 1]
     return heat
+
+
+@numba.njit(parallel=True, **_NUMBA_OPTS)
+def mask_flow_errors(masks: np.ndarray, heat: np.ndarray, flows: np.ndarray, boxes: np.ndarray,
+                     five) -> np.ndarray:
+    """Per-mask mean of |flows from heat − flows / five|² (cellpose's ``flow_error``).
+
+    ``heat`` is :func:`mask_heat`'s padded map; a pixel's flow is its central difference (any
+    neighbour's heat, also another mask's, as in cellpose), normalised to unit length. ``five``
+    has the flows' dtype so the division rounds as numpy's ``flows / 5.`` does.
+    """
+    errors = np.zeros(boxes.shape[0], np.float64)
+    for k in numba.prange(boxes.shape[0]):
+        label = k + 1
+        total, n = 0.0, 0
+        for y in range(boxes[k, 0], boxes[k, 1]):
+            for x in range(boxes[k, 2], boxes[k, 3]):
+                if masks[y, x] == label:
+                    dy = heat[y + 2, x + 1] - heat[y, x + 1]
+                    dx = heat[y + 1, x + 2] - heat[y + 1, x]
+                    norm = 1e-60 + np.sqrt(dy * dy + dx * dx)
+                    ey = dy / norm - np.float64(flows[0, y, x] / five)
+                    ex = dx / norm - np.float64(flows[1, y, x] / five)
+                    total += ey * ey + ex * ex
+                    n += 1
+        errors[k] = total / n
+    return errors
