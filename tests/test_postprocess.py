@@ -89,3 +89,25 @@ def test_fill_holes_and_min_size_equal_cellposes():
     ref = utils.fill_holes_and_remove_small_masks(labels.copy(), min_size=15)
     np.testing.assert_array_equal(ours, ref)
     assert (ours[45:55, 45:55] > 0).all()
+
+
+def test_hole_filling_equals_cellposes_on_nested_and_diagonal_cases():
+    labels = np.zeros((40, 60), np.uint16)
+    labels[2:20, 2:20] = 1
+    labels[6:14, 6:14] = 0
+    labels[8:12, 8:12] = 2  # enclosed in 1's hole: taken over by 1, then too small
+    labels[22:38, 22:38] = 3
+    labels[28:32, 26:30] = 0  # a hole
+    labels[22:25, 30] = 0  # a channel from the box border ...
+    labels[25, 31] = 0  # ... and a pixel touching it only diagonally: a hole (4-connectivity)
+    labels[2:20, 40:58] = 4
+    labels[5:9, 44:48] = 0
+    labels[12:16, 50:54] = 5  # a second mask inside 4's box but touching nothing
+    labels[12:16, 44:48] = 0
+    labels[12:16, 49] = 0
+    for min_size in (15, 0):
+        ours = fill_holes_and_remove_small(labels, min_size)
+        ref = utils.fill_holes_and_remove_small_masks(labels.copy(), min_size=min_size)
+        np.testing.assert_array_equal(ours, ref)
+        assert ours[25, 31] == ours[29, 27] == ours[30, 30] and ours[23, 30] == 0
+    assert labels[8, 8] == 2  # the input is left alone

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fastremap
-import fill_voids
 import numpy as np
-from scipy import ndimage
+
+from selfadapt_deploy.postprocess.flow_qc import mask_boxes
 
 
 def remove_small_masks(masks: np.ndarray, min_size: int) -> np.ndarray:
@@ -21,14 +21,18 @@ def fill_holes_and_remove_small(masks: np.ndarray, min_size: int = 15) -> np.nda
     """As cellpose's ``fill_holes_and_remove_small_masks``: size filter, fill holes, size filter.
 
     A hole is any region of a mask's bounding box that the box border cannot reach without
-    crossing the mask; it is given to the mask (even where another, enclosed mask lay).
+    crossing the mask; it is given to the mask (even where another, enclosed mask lay). One numba
+    call fills every mask, in label order like cellpose's loop.
     """
+    from selfadapt_deploy.postprocess.numba_kernels import fill_holes
+
+    masks = np.array(masks, order="C")  # a copy: the caller's array is left alone
     if min_size > 0:
-        masks = remove_small_masks(masks, min_size)
-    for label, box in enumerate(ndimage.find_objects(masks), start=1):
-        if box is not None:
-            filled = fill_voids.fill(masks[box] == label)
-            masks[box][filled] = label
+        masks = remove_small_masks(masks, min_size)  # also relabels 1..K
+    elif len(fastremap.unique(masks)) - 1 < masks.max():
+        fastremap.renumber(masks, in_place=True)  # gaps: one box per label needs labels 1..K
+    if masks.max() > 0:
+        fill_holes(masks, mask_boxes(masks))
     if min_size > 0:
         masks = remove_small_masks(masks, min_size)
     return masks
