@@ -72,6 +72,8 @@ def test_masks_to_flows_and_errors_equal_cellposes():
     labels = random_labels((120, 150), 40, seed=2)
     ref_mu, _ = dynamics.masks_to_flows_gpu(labels)
     np.testing.assert_array_equal(masks_to_flows(labels), ref_mu)
+    gaps = np.where(labels > 0, 3 * labels + 100, 0)  # other label values, gaps between them
+    np.testing.assert_array_equal(masks_to_flows(gaps), ref_mu)
     net = np.random.default_rng(0).normal(0, 3, (2, 120, 150))
     ref_err, _ = dynamics.flow_error(labels, net)
     np.testing.assert_allclose(flow_errors(labels, net), ref_err, rtol=1e-12)

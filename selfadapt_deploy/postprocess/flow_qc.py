@@ -69,11 +69,12 @@ def heat_map(masks: np.ndarray, boxes: np.ndarray, device: torch.device | str = 
 def masks_to_flows(masks: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """2×Y×X unit flows (dY, dX) pointing towards each mask's centre; 0 outside masks.
 
-    ``masks`` must be labelled 1..K without gaps.
+    Any labelling works (gaps included): flows depend only on which pixels share a label.
     """
     ly, lx = masks.shape
     if masks.max() == 0:
         return np.zeros((2, ly, lx))
+    masks, _ = fastremap.renumber(masks)  # a relabelled copy 1..K: one bounding box per label
     heat = heat_map(masks, mask_boxes(masks), device).cpu().numpy()
     y, x = np.nonzero(masks)
     mu = np.stack([heat[y + 2, x + 1] - heat[y, x + 1], heat[y + 1, x + 2] - heat[y + 1, x]])
