@@ -81,7 +81,7 @@ def run_ours(flows, cellprob, device) -> tuple[np.ndarray, dict[str, float]]:
     import selfadapt_deploy.postprocess as post
 
     clock = StageClock()
-    targets = {"integrate": (post, "integrate"), "assemble": (post, "assemble_masks"),
+    targets = {"integrate": (post, "integrate_batch"), "assemble": (post, "assemble_masks"),
                "flow_qc": (post, "remove_bad_flow_masks"),
                "cleanup": (post, "fill_holes_and_remove_small")}
     with patched(clock, targets):

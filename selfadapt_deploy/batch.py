@@ -20,7 +20,7 @@ from selfadapt_deploy.io.writers import write_flows, write_masks
 from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_precision
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.torch_runner import TorchRunner
-from selfadapt_deploy.segment import SegmentParams, segment_image
+from selfadapt_deploy.segment import SegmentParams, segment_image, segment_images
 
 MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
 
@@ -105,9 +105,10 @@ def read_label_image(path: Path) -> np.ndarray:
 
 def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray],
                    params: SegmentParams) -> list[np.ndarray]:
-    """Label images of in-memory C×Y×X images, with ``net`` on its own device."""
+    """Label images of in-memory C×Y×X images, with ``net`` on its own device (post-processing
+    batched over images of one size)."""
     with TorchRunner(net, net.device) as runner:
-        return [segment_image(runner, im, params, net.device).masks for im in images]
+        return [seg.masks for seg in segment_images(runner, list(images), params, net.device)]
 
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],

@@ -54,6 +54,17 @@ def test_numba_integrator_is_bit_identical_to_the_reference_on_a_batch():
     torch.testing.assert_close(single, ours[1][1], rtol=0, atol=0)
 
 
+def test_batched_flows_to_masks_equals_one_image_at_a_time():
+    from selfadapt_deploy.postprocess import flows_to_masks_batch
+
+    flows, cellprob = _batch(n=3)
+    cellprob[1] = -5.0  # an image without foreground in the batch
+    batch = flows_to_masks_batch(flows, cellprob, MaskParams())
+    assert batch[0].max() > 10 and batch[1].max() == 0
+    for b in range(3):
+        np.testing.assert_array_equal(batch[b], flows_to_masks(flows[b], cellprob[b], MaskParams()))
+
+
 def test_integrator_choice_and_clear_errors():
     assert resolve_integrator("auto", "cpu") == "numba"
     with pytest.raises(SaDeployError, match="unknown integrator 'fast'"):

@@ -81,3 +81,19 @@ def test_trained_cpnet_on_real_cell_painting_field(trained_cpnet_path, data_dir)
     ours = run_ours(net, img, SegmentParams())
     masks, _, _ = cellpose_eval(net, img, None, SegmentParams())
     assert average_precision(masks, ours.masks).ap[0] >= 0.99
+
+
+def test_segment_images_batches_post_processing_by_size(tiny_cpsam):
+    from selfadapt_deploy.segment import segment_images
+
+    imgs = [render(random_labels(shape, 12, seed=s), seed=s)[None].repeat(3, 0)
+            for s, shape in enumerate([(96, 112), (80, 80), (96, 112)])]
+    params = SegmentParams(cellprob_threshold=-0.5, flow_threshold=0.0, min_size=0)
+    with TorchRunner(tiny_cpsam) as runner:
+        together = segment_images(runner, imgs, params)
+        alone = [segment_image(runner, im, params) for im in imgs]
+    assert together[0].masks.max() > 0
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_array_equal(a.flows, b.flows)
+        assert set(a.timings) == {"normalize", "network", "masks"}

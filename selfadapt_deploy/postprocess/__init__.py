@@ -9,7 +9,7 @@ import torch
 
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.flow_qc import remove_bad_flow_masks
-from selfadapt_deploy.postprocess.integrate import integrate
+from selfadapt_deploy.postprocess.integrate import integrate_batch
 from selfadapt_deploy.postprocess.masks import assemble_masks
 
 
@@ -25,18 +25,30 @@ class MaskParams:
     integrator: str = "auto"  # auto (triton on CUDA, numba on CPU) | torch (reference) | numba | triton
 
 
+def flows_to_masks_batch(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams = MaskParams(),
+                         device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """B images of one size — flows B×2×Y×X (network units), cellprob B×Y×X logits — → B label
+    images. One integrator call walks the whole batch (one kernel launch on a GPU); assembly,
+    flow QC and clean-up follow per image."""
+    out = []
+    for (inds, positions), f in zip(integrate_batch(flows, cellprob, params.cellprob_threshold,
+                                                    params.niter, device, params.integrator),
+                                    flows, strict=True):
+        if len(inds[0]) == 0:
+            out.append(np.zeros(cellprob.shape[-2:], np.uint16))
+            continue
+        masks = assemble_masks(inds, positions, cellprob.shape[-2:], params.max_size_fraction)
+        if masks.max() > 0 and params.flow_threshold > 0:
+            masks = remove_bad_flow_masks(masks, f, params.flow_threshold, device)
+        masks = fill_holes_and_remove_small(masks, params.min_size)
+        out.append(masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32))
+    return out
+
+
 def flows_to_masks(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams = MaskParams(),
                    device: torch.device | str = "cpu") -> np.ndarray:
     """2×Y×X flows (network units) and Y×X cellprob logits → label image (uint16, or uint32)."""
-    if not (cellprob > params.cellprob_threshold).any():
-        return np.zeros(cellprob.shape, np.uint16)
-    inds, positions = integrate(flows, cellprob, params.cellprob_threshold, params.niter, device,
-                                 params.integrator)
-    masks = assemble_masks(inds, positions, cellprob.shape, params.max_size_fraction)
-    if masks.max() > 0 and params.flow_threshold > 0:
-        masks = remove_bad_flow_masks(masks, flows, params.flow_threshold, device)
-    masks = fill_holes_and_remove_small(masks, params.min_size)
-    return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)
+    return flows_to_masks_batch(flows[None], cellprob[None], params, device)[0]
 
 
-__all__ = ["MaskParams", "flows_to_masks"]
+__all__ = ["MaskParams", "flows_to_masks", "flows_to_masks_batch"]
