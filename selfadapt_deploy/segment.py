@@ -129,8 +129,9 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
         batch = outputs[0][None] if len(outputs) == 1 else np.stack(outputs)  # no copy for one
         masks.update(zip(members, flows_to_masks_batch(batch[:, :2], batch[:, 2], mask_params, device),
                          strict=True))
+        share = (time.perf_counter() - t0) / len(members)
         for k in members:
-            predicted[k][2]["masks"] = (time.perf_counter() - t0) / len(members)
+            predicted[k][2]["masks"] = share
     return [Segmentation(masks=masks[k], flows=y[:2], cellprob=y[2], timings=timings)
             for k, (y, _, timings) in enumerate(predicted)]
 
