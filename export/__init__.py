@@ -1,2 +1,4 @@
-"""Export (installed as ``selfadapt_deploy.export``): ONNX export of the model and the teacher-TTA
-graph, TensorRT engines, Triton repository, bioimage.io package. Not built yet: see its issue."""
+"""Export (installed as ``selfadapt_deploy.export``): the torch graphs of ``runtime.graphs`` →
+ONNX (``onnx_export``: export, bf16 islands, validation) → TensorRT engines (``tensorrt``),
+assembled into an export directory with its manifest by ``exporter``. Later: Triton model
+repository and bioimage.io package."""

@@ -6,6 +6,7 @@ every output is written atomically, so an interrupted run is resumed by running 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from selfadapt_deploy.io.readers import Image, image_stem, read_images, select_c
 from selfadapt_deploy.io.writers import write_flows, write_masks
 from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_precision
 from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.runtime.torch_runner import TorchRunner
 from selfadapt_deploy.segment import SegmentParams, segment_image, segment_images
 
@@ -41,7 +43,7 @@ class ImageResult:
 class SegmentJob:
     """Everything that stays fixed across the images of one ``segment`` run."""
 
-    net: SegmentationNet
+    runner: Runner  # inactive; segment_files activates it for the run
     out_dir: Path
     params: SegmentParams
     device: torch.device
@@ -50,7 +52,7 @@ class SegmentJob:
     overwrite: bool = False
 
 
-def _segment_one(job: SegmentJob, runner: TorchRunner, image: Image, written: set[str]) -> ImageResult:
+def _segment_one(job: SegmentJob, image: Image, written: set[str]) -> ImageResult:
     """Segment one image and write its outputs; a bad image becomes a failed result."""
     masks_path = job.out_dir / f"{image.name}{MASKS_SUFFIX}"
     if image.name in written:
@@ -60,9 +62,10 @@ def _segment_one(job: SegmentJob, runner: TorchRunner, image: Image, written: se
     if masks_path.exists() and not job.overwrite:
         return ImageResult(image.source, image.name, "skipped")
     try:
-        data = select_channels(image.data, job.channels, job.net.nchan, str(image.source),
-                               pad=job.net.family == "cpnet")
-        seg = segment_image(runner, data, job.params, job.device)
+        spec = job.runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
+        data = select_channels(image.data, job.channels, spec.nchan, str(image.source),
+                               pad=not spec.fewer_channels_ok)
+        seg = segment_image(job.runner, data, job.params, job.device)
         if job.save_flows:
             write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
         write_masks(masks_path, seg.masks)
@@ -77,7 +80,7 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
                   series: int | None = None) -> Iterator[ImageResult]:
     """Segment every image in ``paths``; yield one result per image as it finishes."""
     written: set[str] = set()
-    with TorchRunner(job.net, job.device) as runner:
+    with contextlib.nullcontext() if job.runner.is_active else job.runner:  # the caller's, or ours
         for path in paths:
             try:
                 images = read_images(path, channel_axis=channel_axis, series=series)
@@ -85,7 +88,7 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
                 yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
                 continue
             for k, image in enumerate(images):
-                result = _segment_one(job, runner, image, written)
+                result = _segment_one(job, image, written)
                 yield replace(result, last_in_file=k == len(images) - 1)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,8 +24,13 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
+
+
+def _plain(target: Console):
+    """A ``report`` callback printing library messages verbatim (paths may hold [brackets])."""
+    return lambda message: target.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def _parse_channels(text: str | None) -> list[int] | None:
@@ -72,6 +78,13 @@ def segment(
                                             "CPU), torch (reference), numba or triton.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an "
                                         "error.")] = "auto",
+    runtime: Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
+                                         "export directory; auto: its TensorRT engine when it "
+                                         "matches this GPU, else onnxruntime; torch otherwise.")] = "auto",
+    precision: Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or bf16. "
+                                                  "onnx/tensorrt: the export's own.")] = None,
+    onnx_provider: Annotated[str, typer.Option(help="onnxruntime provider: auto (cpu on CPU, cuda "
+                                               "on GPU), cpu, cuda or tensorrt.")] = "auto",
     channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to "
                                                  "the network, in order (e.g. 1,0).")] = None,
     channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file's "
@@ -87,9 +100,9 @@ def segment(
     from selfadapt_deploy.batch import SegmentJob, segment_files
     from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
-    from selfadapt_deploy.models import load_model
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.runtime.select import open_runner
     from selfadapt_deploy.segment import SegmentParams
     from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
 
@@ -107,31 +120,77 @@ def segment(
         ensure_writable_dir(out)
         dev = resolve_device(device)
         resolve_integrator(integrator, dev)  # an unusable choice fails before any work
-        net = load_model(model, dev)
+        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider)
+        runner.activate()  # a provider, engine or device that cannot run fails before any image
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"model: {net.family} (diam_mean {net.diam_mean:g}, tile {net.tile_size}) on {dev}")
+    console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
     counts = {"done": 0, "skipped": 0, "failed": 0}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task("segmenting", total=len(images))
-        job = SegmentJob(net, out, params, dev, picked, save_flows, overwrite)
-        for result in segment_files(images, job, channel_axis, series):
-            counts[result.status] += 1
-            if result.status == "failed":
-                bar.console.print(f"[bold red]error:[/] {result.error}", highlight=False,
-                                  soft_wrap=True)
-            else:
-                bar.console.print(f"{result.name}: {result.status}"
-                                  + (f", {result.n_masks} masks" if result.status == "done" else ""),
-                                  highlight=False)
-            if result.last_in_file:
-                bar.advance(task)
+    try:
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            task = bar.add_task("segmenting", total=len(images))
+            job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
+            for result in segment_files(images, job, channel_axis, series):
+                counts[result.status] += 1
+                if result.status == "failed":
+                    bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
+                                      soft_wrap=True)
+                else:
+                    bar.console.print(f"{result.name}: {result.status}" + (
+                        f", {result.n_masks} masks" if result.status == "done" else ""), highlight=False)
+                if result.last_in_file:
+                    bar.advance(task)
+    finally:
+        runner.deactivate()
     console.print(f"{counts['done']} segmented, {counts['skipped']} skipped (outputs exist; "
                   f"--overwrite to redo), {counts['failed']} failed → {out}", soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Weights file (either family), adaptation run "
+                                         "directory, or Cellpose model name.")],
+    out: Annotated[Path, typer.Option(help="New directory for the exported artefacts.")],
+    precision: Annotated[str, typer.Option(help="Arithmetic inside the graphs: fp32, fp16 or bf16 "
+                                           "(inputs and outputs stay float32).")] = "fp32",
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines for this "
+                                      "machine's GPU (needs the trt extra).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT engines' "
+                                           "profile.")] = 8,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18; 22 for bf16).")] = None,
+    validate_on: Annotated[list[Path] | None, typer.Option(help="Images to validate the graphs on "
+                                                           "(default: generated cells).")] = None,
+    channels: Annotated[str | None, typer.Option(help="Channels of --validate-on images, as in "
+                                                 "segment.")] = None,
+    device: Annotated[str, typer.Option(help="GPU for --trt builds: cuda[:N].")] = "cuda",
+):
+    """Export a model to ONNX (the network and the SelfAdapt teacher's TTA ensemble), optionally
+    TensorRT engines, each validated against torch; writes manifest.json."""
+    from selfadapt_deploy.export.exporter import export_model
+    from selfadapt_deploy.io.readers import read_network_images
+    from selfadapt_deploy.models import load_model
+
+    picked = _parse_channels(channels)
+    try:
+        images = []
+        if validate_on:
+            net = load_model(model, "cpu")
+            images = read_network_images(validate_on, net.nchan, net.family == "cpnet", picked, None,
+                                         None, report=_plain(err_console))
+            if not images:
+                raise _fail("--validate-on: no readable images")
+        with err_console.status("exporting ..."):
+            manifest = export_model(model, out, precision, opset, max_batch, trt, device, images,
+                                    report=_plain(console))
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    files = ", ".join(a.file for a in manifest.artifacts)
+    console.print(f"exported {manifest.family} ({manifest.precision}) → {out}: {files}, manifest.json",
+                  soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -213,7 +272,7 @@ def adapt(
             def progress(step: int, terms: dict) -> None:
                 bar.update(task, completed=step, loss=f"loss {terms['loss']:.4f}")
 
-            summary = run_adapt(device=dev, report=lambda m: bar.console.print(m, highlight=False),
+            summary = run_adapt(device=dev, report=_plain(bar.console),
                                 progress=progress, **kwargs)
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
@@ -246,7 +305,7 @@ def demo(
             tune = bar.add_task("adapting (no labels)", total=config.adapt.iterations, loss="",
                                 visible=False)
             summary = run_demo(
-                out, config, dev, seed, report=lambda m: bar.console.print(m, highlight=False),
+                out, config, dev, seed, report=_plain(bar.console),
                 source_progress=lambda i, loss: bar.update(train, completed=i, visible=True,
                                                            loss=f"loss {loss:.4f}"),
                 adapt_progress=lambda i, t: bar.update(tune, completed=i, visible=True,

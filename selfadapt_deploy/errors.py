@@ -19,3 +19,7 @@ class OutputWriteError(SaDeployError):
 
 class DeviceError(SaDeployError):
     """A requested device (e.g. CUDA) is not available; we never fall back silently."""
+
+
+class ArtifactError(SaDeployError):
+    """An export directory's file is missing, changed since export, or built for another machine."""

@@ -64,13 +64,11 @@ def rescale_factor(spec: ModelSpec, diameter: float | None) -> float:
 def tta_predict(runner: Runner):
     """A predict function averaging the runner's outputs over the 8 D4 views (flows as vectors)."""
 
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(tiles)
-        total = torch.zeros((tiles.shape[0], 3, *tiles.shape[2:]))
+    def predict(tiles: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((tiles.shape[0], 3, *tiles.shape[2:]), device=runner.device)
         for k, flip in D4:  # views separately: non-square CPnet tiles change shape under rot90
-            view = d4_transform(x, k, flip).contiguous().numpy()
-            total += d4_inverse(torch.from_numpy(runner.infer(view)), k, flip)
-        return (total / len(D4)).numpy()
+            total += d4_inverse(runner.infer(d4_transform(tiles, k, flip).contiguous()), k, flip)
+        return total / len(D4)
 
     return predict
 
@@ -89,8 +87,9 @@ def predict_flows(runner: Runner, img: np.ndarray,
         x = resize_chw(x, ry, rx)
     spec = runner.spec
     predict = tta_predict(runner) if params.tta else runner.infer
-    y = predict_tiled(predict, x, spec.tile_size, params.tile_overlap, params.batch_size,
-                      spec.fixed_tile)
+    # the image goes to the runner's device once; tiles, network and blending stay there
+    y = predict_tiled(predict, torch.from_numpy(x).to(runner.device), spec.tile_size,
+                      params.tile_overlap, params.batch_size, spec.fixed_tile).cpu().numpy()
     if rescale != 1.0:
         y = resize_chw(y, ly, lx)
     return y, rescale

@@ -47,12 +47,14 @@ def taper_mask(ly: int, lx: int, sig: float = 7.5) -> np.ndarray:
     return mask[y0 : y0 + ly, x0 : x0 + lx]
 
 
-Predict = Callable[[np.ndarray], np.ndarray]  # B×C×h×w float32 → B×3×h×w float32
+Predict = Callable[[torch.Tensor], torch.Tensor]  # B×C×h×w float32 → B×K×h×w float32, same device
 
 
-def predict_tiled(predict: Predict, img: np.ndarray, tile: int, overlap: float = 0.1,
-                  batch_size: int = 8, fixed_tile: bool = True) -> np.ndarray:
-    """Run ``predict`` over overlapping tiles of a C×Y×X image; blend with the taper mask → 3×Y×X.
+def predict_tiled(predict: Predict, img: torch.Tensor, tile: int, overlap: float = 0.1,
+                  batch_size: int = 8, fixed_tile: bool = True) -> torch.Tensor:
+    """Run ``predict`` over overlapping tiles of a C×Y×X tensor; blend with the taper mask → K×Y×X
+    on the image's device (K: the predictor's channels). The arithmetic is cellpose's (float32
+    output, float64 weights and normaliser), so results equal its ``run_net``.
 
     With ``fixed_tile=False`` (CPnet) an image smaller than a tile runs as one smaller tile, as in
     cellpose 3; with ``fixed_tile=True`` (CPSAM) it is padded up to a full tile, as in cellpose 4.
@@ -61,21 +63,24 @@ def predict_tiled(predict: Predict, img: np.ndarray, tile: int, overlap: float =
         raise ValueError(f"tile overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], got {overlap}")
     _, ly, lx = img.shape
     top, bottom, left, right = pad_amounts(ly, lx, tile if fixed_tile else None)
-    padded = np.pad(img, ((0, 0), (top, bottom), (left, right)))
+    padded = torch.nn.functional.pad(img.float(), (left, right, top, bottom))
     py, px = padded.shape[1:]
     th, tw = min(tile, py), min(tile, px)
     corners = [(y, x) for y in tile_starts(py, tile, overlap) for x in tile_starts(px, tile, overlap)]
-    weight = taper_mask(th, tw)
-    out = np.zeros((3, py, px), np.float32)
-    norm = np.zeros((py, px), np.float64)
+    weight = torch.from_numpy(taper_mask(th, tw)).to(img.device)
+    out: torch.Tensor | None = None
+    norm = torch.zeros((py, px), dtype=torch.float64, device=img.device)
     for b in range(0, len(corners), batch_size):
         batch = corners[b : b + batch_size]
-        tiles = np.stack([padded[:, y : y + th, x : x + tw] for y, x in batch]).astype(np.float32)
-        preds = predict(tiles)
+        preds = predict(torch.stack([padded[:, y : y + th, x : x + tw] for y, x in batch]))
+        if out is None:
+            out = torch.zeros((preds.shape[1], py, px), dtype=torch.float32, device=img.device)
         for (y, x), pred in zip(batch, preds, strict=True):
-            out[:, y : y + th, x : x + tw] += pred * weight
+            region = out[:, y : y + th, x : x + tw]
+            region.copy_(region.double() + pred.double() * weight)
             norm[y : y + th, x : x + tw] += weight
-    out /= norm
+    assert out is not None  # at least one tile
+    out = (out.double() / norm).float()
     return out[:, top : py - bottom, left : px - right]
 
 
@@ -116,6 +121,15 @@ def d4_views(x: torch.Tensor) -> torch.Tensor:
 
 def d4_merge(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """8B×3×H×W network outputs of :func:`d4_views` → (mean, std) over views in the original frame."""
-    views = y.chunk(len(D4))
-    back = torch.stack([d4_inverse(v, k, flip) for v, (k, flip) in zip(views, D4, strict=True)])
+    views = y.unflatten(0, (len(D4), -1))  # not chunk(): keeps the batch size symbolic in exports
+    back = torch.stack([d4_inverse(views[v], k, flip) for v, (k, flip) in enumerate(D4)])
     return back.mean(0), back.std(0, unbiased=False)
+
+
+def d4_ensemble(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8B×3×H×W outputs of :func:`d4_views` → the teacher's ensemble in the input frame:
+    (flows B×2, cell probability B×1, flows std B×2, probability std B×1), float32. Probabilities
+    (sigmoid of the logit), not logits, are averaged."""
+    y = y.float()
+    mean, std = d4_merge(torch.cat([y[:, :2], torch.sigmoid(y[:, 2:3])], dim=1))
+    return mean[:, :2], mean[:, 2:], std[:, :2], std[:, 2:]

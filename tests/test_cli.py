@@ -69,9 +69,10 @@ def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
 
     from selfadapt_deploy.batch import SegmentJob, segment_files
     from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.runtime import TorchRunner
     from selfadapt_deploy.segment import SegmentParams
 
-    job = SegmentJob(load_model(weights), out, SegmentParams(), torch.device("cpu"), [0])
+    job = SegmentJob(TorchRunner(load_model(weights)), out, SegmentParams(), torch.device("cpu"), [0])
     results = list(segment_files([path], job))  # resumed: outputs exist
     assert [(r.status, r.last_in_file) for r in results] == [("skipped", False), ("skipped", False),
                                                             ("skipped", True)]
@@ -171,7 +172,7 @@ def test_segment_with_a_cellpose_sam_file_and_tta(tmp_path, tiny_cpsam):
     result = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path / "sam.pt"), "--out",
                                  str(tmp_path / "out"), "--tta", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "model: cpsam" in result.output
+    assert "model: cpsam (diam_mean 30, tile 64); runtime: torch (fp32) on cpu" in result.output
     assert tifffile.imread(tmp_path / "out" / "rgb_masks.tif").shape == (70, 90)
 
 

@@ -50,7 +50,8 @@ def test_taper_matches_cellpose(shape):
 def test_tiled_output_matches_cellpose_run_net(tiny_cpnet, shape, overlap):
     img = np.random.default_rng(1).random(shape, dtype=np.float32)
     with TorchRunner(tiny_cpnet) as runner:
-        ours = predict_tiled(runner.infer, img, 224, overlap, batch_size=3, fixed_tile=True)
+        ours = predict_tiled(runner.infer, torch.from_numpy(img), 224, overlap, batch_size=3,
+                             fixed_tile=True).numpy()
     ref, _ = core.run_net(CellposeNetAdapter(tiny_cpnet), img.transpose(1, 2, 0)[None],
                           bsize=224, tile_overlap=overlap, batch_size=3)
     np.testing.assert_allclose(ours, ref[0].transpose(2, 0, 1), atol=1e-5, rtol=0)

@@ -11,11 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.readers import expand_inputs, read_images, select_channels
+from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
@@ -23,19 +22,6 @@ from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, ad
 from selfadapt_deploy.trainer.report import plot_curves
 
 SETTINGS = "settings.json"
-
-
-def load_unlabeled(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
-                   series, report: Callable[[str], None]) -> list[np.ndarray]:
-    """Every readable image as C×Y×X with the network's channels; bad ones reported and skipped."""
-    images = []
-    for path in expand_inputs(paths):
-        try:
-            for image in read_images(path, channel_axis=channel_axis, series=series):
-                images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
-        except SaDeployError as exc:
-            report(f"skipped: {exc}")
-    return images
 
 
 def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
@@ -49,8 +35,8 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     out = Path(out)
     net = load_model(model, device)
     pad = net.family == "cpnet"
-    data = load_unlabeled(images, net.nchan, pad, channels, channel_axis, series, report)
-    held_out = load_unlabeled(val_images, net.nchan, pad, channels, channel_axis, series, report)
+    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
+    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
     if held_out:

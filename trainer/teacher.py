@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from selfadapt_deploy.tiling import D4, d4_merge, d4_transform, d4_views
+from selfadapt_deploy.tiling import D4, d4_ensemble, d4_transform, d4_views
 
 
 @dataclass
@@ -31,6 +31,5 @@ def teacher_predict(teacher: nn.Module, x: torch.Tensor, batched: bool = True) -
         y = teacher(d4_views(x))
     else:
         y = torch.cat([teacher(d4_transform(x, k, flip)) for k, flip in D4])
-    y = torch.cat([y[:, :2], torch.sigmoid(y[:, 2:3].float())], dim=1)  # average probabilities
-    mean, std = d4_merge(y)
-    return TeacherOutput(flows=mean[:, :2], prob=mean[:, 2], flows_std=std[:, :2], prob_std=std[:, 2])
+    flows, prob, flows_std, prob_std = d4_ensemble(y)
+    return TeacherOutput(flows=flows, prob=prob[:, 0], flows_std=flows_std, prob_std=prob_std[:, 0])

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from selfadapt_deploy.errors import ImageReadError
+from selfadapt_deploy.errors import ImageReadError, SaDeployError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -175,3 +175,16 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
     if pad and img.shape[0] < nchan:
         img = np.concatenate([img, np.zeros((nchan - img.shape[0], *img.shape[1:]), img.dtype)])
     return img
+
+
+def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
+                        series, report: Callable[[str], None]) -> list[np.ndarray]:
+    """Every readable image as C×Y×X with the network's channels; bad ones reported and skipped."""
+    images = []
+    for path in expand_inputs(paths):
+        try:
+            for image in read_images(path, channel_axis=channel_axis, series=series):
+                images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
+        except SaDeployError as exc:
+            report(f"skipped: {exc}")
+    return images

@@ -43,6 +43,11 @@ class SegmentationNet(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×3×H×W: (dY, dX, cellprob logit)."""
 
+    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in eval mode as it is traced for export (ONNX, TensorRT) and run by the
+        runners: the same outputs, written so that every weight is a named graph initializer."""
+        return self.forward(x)
+
     @abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×D: L2-normalised, globally pooled bottleneck features."""

@@ -112,9 +112,10 @@ class _Decoder(nn.Module):
 
 
 def _style(deepest: torch.Tensor) -> torch.Tensor:
-    """Cellpose's style vector: global mean of the deepest features, L2-normalised."""
-    style = deepest.mean(dim=(-2, -1))
-    return style / torch.sum(style**2, dim=1, keepdim=True) ** 0.5
+    """Cellpose's style vector: global mean of the deepest features, L2-normalised. Computed in
+    float32 at any network precision (in fp16 the sum of squares overflows); fp32 is unchanged."""
+    style = deepest.float().mean(dim=(-2, -1))
+    return (style / torch.sum(style**2, dim=1, keepdim=True) ** 0.5).to(deepest.dtype)
 
 
 class CPnet(SegmentationNet):

@@ -62,6 +62,10 @@ class CellposeSAM(SegmentationNet):
         super().__init__()
         self.net = net
         self.tile_size = int(net.encoder.pos_embed.shape[1]) * int(net.ps)
+        # W2 is not trainable: decide once, outside any tracer, how export_forward reads out
+        w2 = net.W2.detach()
+        self.w2_is_identity = bool(torch.equal(w2.reshape(w2.shape[0], -1).cpu(),
+                                               torch.eye(w2.shape[0], dtype=w2.dtype)))
 
     @property
     def nchan(self) -> int:
@@ -73,6 +77,24 @@ class CellposeSAM(SegmentationNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]
+
+    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """cellpose's ``CPSAM.forward`` in eval mode, restated for tracing (equal outputs, tested):
+        cellpose reads the patch embedding through ``.data``, which a tracer freezes into an
+        anonymous constant (no refit, no weight sync); and the read-out ``W2`` is an identity
+        kernel, so its transposed convolution is exactly a pixel shuffle — no ConvTranspose in
+        the graph (TensorRT's weak spot in bf16). A file whose W2 is not the identity keeps the
+        transposed convolution, in float32."""
+        net = self.net
+        proj = net.encoder.patch_embed.proj
+        x = F.conv2d(x, proj.weight[:, : x.shape[1]], bias=proj.bias, stride=net.ps)
+        x = x.permute(0, 2, 3, 1) + net.encoder.pos_embed
+        for block in net.encoder.blocks:
+            x = block(x)
+        y = net.out(net.encoder.neck(x.permute(0, 3, 1, 2)))
+        if self.w2_is_identity:
+            return F.pixel_shuffle(y, net.ps)
+        return F.conv_transpose2d(y.float(), net.W2.float(), stride=net.ps).to(y.dtype)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []

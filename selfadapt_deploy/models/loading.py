@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import ModelLoadError
+from selfadapt_deploy.manifest import is_export_dir, read_manifest, verified_file
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.cpnet import CPnet
 from selfadapt_deploy.models.cpsam import CellposeSAM
@@ -96,11 +97,18 @@ def download_to_cache(name: str) -> Path:
 def load_model(spec: str | os.PathLike, device: torch.device | str = "cpu") -> SegmentationNet:
     """Resolve ``--model`` and return the network in eval mode on ``device``.
 
-    Accepts: a weights file of either family; a run directory holding ``model.pt``; a Cellpose
-    model name (``cpsam``, ``cyto3``, …) from cellpose's cache, downloaded if possible.
+    Accepts: a weights file of either family; a run directory holding ``model.pt``; an export
+    directory (``sa-deploy export``; its weights, verified); a Cellpose model name (``cpsam``,
+    ``cyto3``, …) from cellpose's cache, downloaded if possible.
     """
     path = Path(spec)
-    if path.is_dir():
+    if is_export_dir(path):  # an export directory: its weights, checked against the manifest
+        manifest = read_manifest(path)
+        net = load_weights_file(verified_file(path, manifest.source["file"], manifest.source["sha256"]))
+        if net.family != manifest.family:
+            raise ModelLoadError(f"{path}: manifest says {manifest.family}, but "
+                                 f"{manifest.source['file']} holds a {net.family} network")
+    elif path.is_dir():
         if not (path / RUN_MODEL_FILE).is_file():
             raise ModelLoadError(f"{path}: directory has no {RUN_MODEL_FILE}; pass a weights file")
         net = load_weights_file(path / RUN_MODEL_FILE)

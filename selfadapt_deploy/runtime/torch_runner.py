@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from selfadapt_deploy.errors import DeviceError
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.base import ModelSpec, Runner
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.runtime.graphs import check_precision, graph_module
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,19 +29,25 @@ def spec_for(net: SegmentationNet) -> ModelSpec:
 
 
 class TorchRunner(Runner):
-    """Runs a :class:`SegmentationNet` in eval mode under ``torch.inference_mode``."""
+    """Runs a graph (:mod:`runtime.graphs`) of a :class:`SegmentationNet` in eval mode under
+    ``torch.inference_mode``, at fp32 or with the precision cast into the graph (fp16 / bf16)."""
 
     name = "torch"
 
-    def __init__(self, net: SegmentationNet, device: torch.device | str = "cpu"):
-        super().__init__(spec_for(net))
-        self.net = net
-        self.device = torch.device(device)
+    def __init__(self, net: SegmentationNet, device: torch.device | str = "cpu",
+                 precision: str = "fp32", graph: GraphIO = MODEL_GRAPH):
+        super().__init__(spec_for(net), graph, device)
+        check_precision(precision)
+        self.net, self.precision = net, precision
+        self.name = f"torch ({precision})"
 
     def activate_impl(self) -> None:
         self.net.to(self.device).eval()
+        self.module = graph_module(self.net, self.graph, self.precision)
+
+    def deactivate_impl(self) -> None:
+        del self.module
 
     @torch.inference_mode()
-    def infer_impl(self, x: np.ndarray) -> np.ndarray:
-        y = self.net(torch.from_numpy(x).to(self.device))
-        return y.float().cpu().numpy()
+    def run_impl(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.graph.output_names, self.module(x), strict=True))

@@ -1,0 +1,189 @@
+"""``sa-deploy export``: a model (weights file, name or adaptation run) → an export directory.
+
+The directory holds ``model.pt`` (the weights the graphs came from, in the family's cellpose
+format, so ``--runtime torch`` and ``adapt`` accept the directory too), ``model.onnx``,
+``teacher_tta.onnx``, with ``--trt`` ``model.plan`` and ``teacher_tta.plan``, a TensorRT timing
+cache, and ``manifest.json``. Every artefact is validated against torch before it is kept; the
+directory is assembled under a temporary name and renamed into place, so an interrupted or failed
+export leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfadapt_deploy.errors import DeviceError, OutputWriteError, SaDeployError
+from selfadapt_deploy.io.normalize import normalize_image
+from selfadapt_deploy.io.writers import umask
+from selfadapt_deploy.manifest import MANIFEST, Artifact, Manifest, sha256_file
+from selfadapt_deploy.models import load_model
+from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, TEACHER_GRAPH, GraphIO
+from selfadapt_deploy.runtime.graphs import check_precision
+from selfadapt_deploy.runtime.ort_runner import OrtRunner
+from selfadapt_deploy.runtime.torch_runner import spec_for
+from selfadapt_deploy.segment import resize_chw
+from selfadapt_deploy.synthetic import random_labels, render
+
+from .onnx_export import Validation, export_onnx, opset_for, validate_runner, validation_batches
+
+WEIGHTS_FILE = "model.pt"
+TIMING_CACHE = "timing.cache"
+NORMALIZATION = {"method": "percentile per channel", "lower": 1.0, "upper": 99.0,
+                 "flat_channel": "0 when p99 - p1 <= 1e-3", "as": "cellpose.transforms.normalize_img"}
+
+
+def tool_versions() -> dict[str, str | None]:
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    ort = version("onnxruntime-gpu") or version("onnxruntime")
+    return {"sa_deploy": version("sa-deploy"), "torch": torch.__version__, "onnx": version("onnx"),
+            "onnxruntime": ort, "cellpose": version("cellpose"), "tensorrt": version("tensorrt")}
+
+
+def validation_images(net: SegmentationNet, images: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+    """Normalised C×Y×X images at the network's scale to validate on: the user's (already with the
+    network's channels), else generated cells of the network's mean diameter."""
+    if images:
+        rescale = net.diam_mean / net.default_diameter
+        out = []
+        for img in images:
+            x = normalize_image(img)
+            if rescale != 1.0:
+                x = resize_chw(x, max(1, int(x.shape[1] * rescale)), max(1, int(x.shape[2] * rescale)))
+            out.append(x)
+        return out
+    side = 2 * net.tile_size
+    radius = (0.35 * net.diam_mean, 0.55 * net.diam_mean)
+    labels = random_labels((side, side), int(side**2 / (3 * net.diam_mean**2)), radius, seed=0)
+    gray = normalize_image(render(labels, seed=0)[None])[0]
+    channels = [gray, 0.5 * gray, np.zeros_like(gray)][: net.nchan]
+    return [np.stack(channels).astype(np.float32)]
+
+
+def export_model(model: str, out: Path, precision: str = "fp32", opset: int | None = None,
+                 max_batch: int = 8, trt: bool = False, device: str = "cuda",
+                 images: Sequence[np.ndarray] = (), report: Callable[[str], None] = print) -> Manifest:
+    """Export ``model`` into the new directory ``out``; returns its manifest."""
+    check_precision(precision)
+    opset = opset_for(precision, opset)
+    if max_batch < 1:
+        raise SaDeployError("--max-batch must be ≥ 1")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputWriteError(f"{out} exists and is not an empty directory; choose a new --out")
+    gpu = None
+    if trt:  # fail before any work when the engines cannot be built here
+        from selfadapt_deploy.runtime.trt_runner import import_tensorrt
+
+        import_tensorrt()
+        gpu = torch.device(device)
+        if gpu.type != "cuda" or not torch.cuda.is_available():
+            raise DeviceError(f"--trt builds engines for this machine's GPU, but torch sees none "
+                              f"(device {device}); export without --trt here and build engines on "
+                              "the GPU machine")
+    net = load_model(model, "cpu")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    except OSError as exc:
+        raise OutputWriteError(f"{out.parent}: cannot write here ({exc.strerror})") from exc
+    try:
+        manifest = _export_into(staging, net, str(model), precision, opset, max_batch, gpu,
+                                validation_images(net, images), report)
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp made it private
+        (staging / MANIFEST).write_text(manifest.to_json())
+        with contextlib.suppress(FileNotFoundError):
+            out.rmdir()  # an empty directory the user made is replaced
+        os.replace(staging, out)
+    except OSError as exc:
+        raise OutputWriteError(f"{out}: writing the export failed ({exc}); nothing was kept") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str, opset: int,
+                 max_batch: int, gpu: torch.device | None, images: list[np.ndarray],
+                 report: Callable[[str], None]) -> Manifest:
+    """Write the weights, each graph (and engine when ``gpu``), validated; return the manifest."""
+    net.save(staging / WEIGHTS_FILE)
+    spec = spec_for(net)
+    manifest = Manifest(family=net.family, spec=spec.to_dict(), graph_channels=net.nchan,
+                        normalization=NORMALIZATION, opset=opset, precision=precision,
+                        max_batch=max_batch, source={"model": model, "file": WEIGHTS_FILE,
+                                                     "sha256": sha256_file(staging / WEIGHTS_FILE)},
+                        versions=tool_versions())
+    for graph in (MODEL_GRAPH, TEACHER_GRAPH):
+        tiles = validation_batches(spec, graph, net.nchan, images)
+        onnx_bytes = export_onnx(net, graph, precision, opset, manifest.core()).SerializeToString()
+        validation = _validate_onnx(onnx_bytes, net, graph, precision, tiles)
+        path = staging / f"{graph.name}.onnx"
+        path.write_bytes(onnx_bytes)
+        manifest = manifest.with_artifact(Artifact(path.name, graph.name, "onnx", precision,
+                                                   sha256_file(path), validation.to_dict()))
+        report(f"{path.name}: {_describe(validation)}")
+        if gpu is not None:
+            manifest = manifest.with_artifact(_build_plan(staging, net, graph, precision, opset,
+                                                          max_batch, gpu, onnx_bytes, tiles, report))
+    return manifest
+
+
+def _validate_onnx(onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO, precision: str,
+                   tiles: list[torch.Tensor]) -> Validation:
+    """onnxruntime (CPU) against torch; a graph the CPU provider cannot load (bfloat16: it has no
+    such kernels) is recorded as not validated, with the reason — TensorRT validates its engine."""
+    runner = OrtRunner(onnx_bytes, spec_for(net), graph, "cpu")
+    try:
+        runner.activate()
+    except Exception as exc:  # onnxruntime raises its own types for unsupported kernels
+        if precision == "fp32":
+            raise
+        return Validation("skipped", reason=f"onnxruntime's CPU provider cannot run this {precision} "
+                                            f"graph ({str(exc).splitlines()[0][:200]})")
+    try:
+        return validate_runner(runner, net, graph, precision, tiles, f"{graph.name}.onnx")
+    finally:
+        runner.deactivate()
+
+
+def _build_plan(staging: Path, net: SegmentationNet, graph: GraphIO, precision: str, opset: int,
+                max_batch: int, device: torch.device, onnx_bytes: bytes, tiles: list[torch.Tensor],
+                report: Callable[[str], None]) -> Artifact:
+    from selfadapt_deploy.runtime.trt_runner import TrtRunner
+
+    from .tensorrt import build_engine, needs_fp32_graph
+
+    if needs_fp32_graph(precision):  # TensorRT 10: precision by builder flags on the fp32 graph
+        onnx_bytes = export_onnx(net, graph, "fp32", opset).SerializeToString()
+    report(f"building {graph.name}.plan with TensorRT (minutes) ...")
+    build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
+                         staging / TIMING_CACHE, device)
+    path = staging / f"{graph.name}.plan"
+    path.write_bytes(build.plan)
+    with TrtRunner(path, spec_for(net), graph, device, build.record) as runner:
+        validation = validate_runner(runner, net, graph, precision, tiles, path.name)
+    report(f"{path.name}: {_describe(validation)}")
+    return Artifact(path.name, graph.name, "tensorrt", precision, sha256_file(path),
+                    validation.to_dict(), build.record)
+
+
+def _describe(v: Validation) -> str:
+    if v.status != "passed":
+        return f"written, NOT validated: {v.reason}"
+    worst = max(v.max_abs_diff.values())
+    return f"validated with {v.provider}: max |Δ| vs torch {worst:.2e} (tolerance {v.atol:g})"
+

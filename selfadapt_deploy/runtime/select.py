@@ -1,0 +1,106 @@
+"""``--model`` + ``--runtime`` → a runner, and a line saying which one and why.
+
+A weights file, Cellpose name or adaptation run runs in torch. An export directory
+(``sa-deploy export``) runs in any runtime: ``torch`` (its ``model.pt``), ``onnx`` (its graphs,
+onnxruntime), ``tensorrt`` (its engines) or ``auto``: TensorRT when an engine matches this GPU
+and TensorRT version, else onnxruntime. Every artefact is checked against the manifest's sha256
+before use; an explicit choice that cannot run here is an error, never a quiet substitute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from selfadapt_deploy.errors import ArtifactError, SaDeployError
+from selfadapt_deploy.manifest import Manifest, is_export_dir, read_manifest, verified_file
+from selfadapt_deploy.models import load_model
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.runtime.ort_runner import OrtRunner
+from selfadapt_deploy.runtime.torch_runner import TorchRunner
+
+RUNTIMES = ("auto", "torch", "onnx", "tensorrt")
+ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def open_runner(model: str | Path, runtime: str = "auto", device: torch.device | str = "cpu",
+                precision: str | None = None, graph: GraphIO = MODEL_GRAPH,
+                onnx_provider: str = "auto") -> tuple[Runner, str]:
+    """An inactive runner for ``model`` on ``device`` and a one-line description of the choice
+    ("<family> (diam_mean …, tile …); runtime: <runner> on <device>; <why>")."""
+    device = torch.device(device)
+    runner, family, how = _open(model, runtime, device, precision, graph, onnx_provider)
+    s = runner.spec
+    return runner, f"{family} (diam_mean {s.diam_mean:g}, tile {s.tile_size}); runtime: {how}"
+
+
+def _open(model: str | Path, runtime: str, device: torch.device, precision: str | None, graph: GraphIO,
+          onnx_provider: str) -> tuple[Runner, str, str]:
+    if runtime not in RUNTIMES:
+        raise SaDeployError(f"--runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if onnx_provider not in ONNX_PROVIDERS:
+        raise SaDeployError(f"--onnx-provider must be one of {', '.join(ONNX_PROVIDERS)}, got "
+                            f"'{onnx_provider}'")
+    path = Path(model)
+    if not is_export_dir(path):
+        if runtime in ("onnx", "tensorrt"):
+            raise SaDeployError(f"--runtime {runtime} runs an export directory, and {model} is not one; "
+                                f"create it with `sa-deploy export {model} --out DIR`")
+        net = load_model(model, device)
+        runner = TorchRunner(net, device, precision or "fp32", graph)
+        return runner, net.family, f"{runner.name} on {device}"
+    manifest = read_manifest(path)
+    if runtime == "torch":
+        runner = TorchRunner(load_model(path, device), device, precision or "fp32", graph)
+        return runner, manifest.family, f"{runner.name} on {device} ({manifest.source['file']})"
+    if precision not in (None, manifest.precision):
+        raise SaDeployError(f"{path} holds {manifest.precision} graphs, not {precision}; re-export "
+                            f"with --precision {precision} or use --runtime torch")
+    spec = ModelSpec(**manifest.spec)
+    if runtime == "auto":
+        engine_ok, why = _engine_usable(path, manifest, graph, device)
+        runtime = "tensorrt" if engine_ok else "onnx"
+        reason = f"auto: {why}"
+    else:
+        reason = f"--runtime {runtime}"
+    if runtime == "tensorrt":
+        from selfadapt_deploy.runtime.trt_runner import TrtRunner
+
+        artifact = _artifact(path, manifest, graph, "tensorrt")
+        runner = TrtRunner(verified_file(path, artifact.file, artifact.sha256), spec, graph, device,
+                           artifact.engine)
+    else:
+        artifact = _artifact(path, manifest, graph, "onnx")
+        provider = onnx_provider if onnx_provider != "auto" else ("cpu" if device.type == "cpu" else "cuda")
+        runner = OrtRunner(verified_file(path, artifact.file, artifact.sha256), spec, graph, device,
+                           provider)
+    how = f"{runner.name} ({artifact.file}, {artifact.precision}) on {device}; {reason}"
+    return runner, manifest.family, how
+
+
+def _artifact(path: Path, manifest: Manifest, graph: GraphIO, fmt: str):
+    artifact = manifest.artifact(graph.name, fmt)
+    if artifact is None:
+        hint = " with --trt" if fmt == "tensorrt" else ""
+        raise ArtifactError(f"{path} has no {fmt} artefact of the {graph.name} graph; re-run "
+                            f"`sa-deploy export{hint}`")
+    return artifact
+
+
+def _engine_usable(path: Path, manifest: Manifest, graph: GraphIO, device: torch.device) -> tuple[bool, str]:
+    """Whether ``auto`` takes the TensorRT engine, and why (not)."""
+    artifact = manifest.artifact(graph.name, "tensorrt")
+    if artifact is None:
+        return False, f"no TensorRT engine in {path}"
+    if device.type != "cuda":
+        return False, f"TensorRT engines need a GPU; device is {device}"
+    try:
+        from selfadapt_deploy.runtime.trt_runner import engine_mismatch, import_tensorrt
+
+        import_tensorrt()
+    except SaDeployError:
+        return False, "TensorRT is not installed"
+    if why := engine_mismatch(artifact.engine or {}, device):
+        return False, f"{artifact.file} was built for another machine ({why})"
+    return True, f"{artifact.file} matches this GPU and TensorRT"
