@@ -40,3 +40,16 @@ def trained_cpnet_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} missing: run tests/reference/make_cellpose3_fixtures.py")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_cyto(tmp_path_factory) -> Path:
+    """The trained tiny Cellpose 3 model (fixture) exported once: weights, graphs, manifest."""
+    from selfadapt_deploy.export.exporter import export_model
+
+    path = FIXTURES / "tiny_cyto.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} missing: run tests/reference/make_cellpose3_fixtures.py")
+    out = tmp_path_factory.mktemp("exported") / "tiny_cyto"
+    export_model(str(path), out, report=lambda m: None)
+    return out

@@ -1,6 +1,10 @@
-"""Inference backends behind one contract (:class:`Runner`)."""
+"""Inference backends behind one contract (:class:`Runner`, on torch tensors): torch,
+onnxruntime (``ort_runner``) and TensorRT (``trt_runner``, imported only when used); ``select``
+turns ``--model`` / ``--runtime`` into one of them."""
 
-from selfadapt_deploy.runtime.base import ModelSpec, Runner
-from selfadapt_deploy.runtime.torch_runner import TorchRunner, resolve_device
+from selfadapt_deploy.runtime.base import GRAPHS, MODEL_GRAPH, TEACHER_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.runtime.ort_runner import OrtRunner
+from selfadapt_deploy.runtime.torch_runner import TorchRunner, resolve_device, spec_for
 
-__all__ = ["ModelSpec", "Runner", "TorchRunner", "resolve_device"]
+__all__ = ["GRAPHS", "MODEL_GRAPH", "TEACHER_GRAPH", "GraphIO", "ModelSpec", "OrtRunner", "Runner",
+           "TorchRunner", "resolve_device", "spec_for"]

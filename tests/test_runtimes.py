@@ -1,0 +1,202 @@
+"""Runners behind one contract (torch, onnxruntime; TensorRT where it exists) and segmentation
+through an export directory: the same masks in every runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from selfadapt_deploy.cli import app
+from selfadapt_deploy.errors import DeviceError
+from selfadapt_deploy.metrics import average_precision
+from selfadapt_deploy.models import load_model
+from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner, spec_for
+from selfadapt_deploy.runtime.graphs import graph_module
+from selfadapt_deploy.runtime.select import open_runner
+from selfadapt_deploy.synthetic import random_labels, render
+
+cli = CliRunner()
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def runners(export_dir, graph=MODEL_GRAPH):
+    """Every runner this machine can build for the export, as (name, inactive runner)."""
+    out = [("torch", open_runner(export_dir, "torch", "cpu", graph=graph)[0]),
+           ("onnx", open_runner(export_dir, "onnx", "cpu", graph=graph)[0])]
+    if torch.cuda.is_available():
+        out.append(("onnx-cuda", open_runner(export_dir, "onnx", "cuda", graph=graph)[0]))
+    return out
+
+
+@pytest.mark.parametrize("which", ["torch", "onnx"])
+def test_runner_contract(exported_cyto, which):
+    runner = dict(runners(exported_cyto))[which]
+    x = torch.rand(3, 2, 64, 96)
+    with pytest.raises(RuntimeError, match="not active"):
+        runner.infer(x)
+    with runner:
+        assert runner.is_active
+        y = runner.infer(x)
+        assert y.shape == (3, 3, 64, 96) and y.dtype == torch.float32 and y.device == runner.device
+        with pytest.raises(TypeError, match="unexpected dtype"):
+            runner.infer(x.numpy())
+        with pytest.raises(TypeError, match="unexpected dtype"):
+            runner.infer(x.double())
+        with pytest.raises(ValueError, match="channel count"):
+            runner.infer(torch.rand(1, 3, 64, 64))
+        with pytest.raises(ValueError, match="multiples of 16"):
+            runner.infer(torch.rand(1, 2, 60, 64))
+        with pytest.raises(RuntimeError, match="already active"):
+            runner.activate()
+    assert not runner.is_active
+
+
+def test_teacher_graph_needs_square_tiles(exported_cyto):
+    with open_runner(exported_cyto, "onnx", "cpu", graph=TEACHER_GRAPH)[0] as runner:
+        with pytest.raises(ValueError, match="square tiles"):
+            runner.run(torch.rand(1, 2, 64, 96))
+        with pytest.raises(RuntimeError, match="needs the model graph"):
+            runner.infer(torch.rand(1, 2, 64, 64))
+
+
+def test_onnxruntime_refuses_a_provider_it_cannot_use(exported_cyto):
+    spec = spec_for(load_model(exported_cyto))
+    with pytest.raises(DeviceError, match="does not run on device cpu"):
+        OrtRunner(exported_cyto / "model.onnx", spec, provider="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="torch sees no GPU"):
+            OrtRunner(exported_cyto / "model.onnx", spec, device="cuda")
+
+
+@pytest.mark.parametrize("graph", [MODEL_GRAPH, TEACHER_GRAPH], ids=lambda g: g.name)
+def test_onnxruntime_weight_update_follows_torch(exported_cyto, graph):
+    """New weights into a live session give what torch gives with those weights."""
+    net = load_model(exported_cyto)
+    x = torch.rand(2, 2, 64, 64)
+    with open_runner(exported_cyto, "onnx", "cpu", graph=graph)[0] as runner:
+        before = runner.run(x)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        runner.update_weights(graph_module(net, graph).state_dict())
+        after = runner.run(x)
+        with pytest.raises(ValueError, match="no new value"):
+            runner.update_weights({})
+    with TorchRunner(net, graph=graph) as reference:
+        want = reference.run(x)
+    name = graph.output_names[0]
+    assert (before[name] - want[name]).abs().max() > 1e-2  # the update changed something
+    for name in graph.output_names:
+        assert (after[name] - want[name]).abs().max() <= 1e-4, name
+
+
+def _segment(tmp_path, image, model, runtime, *extra):
+    out = tmp_path / runtime
+    result = cli.invoke(app, ["segment", str(image), "--model", str(model), "--runtime", runtime,
+                              "--out", str(out), "--device", "cpu", *extra])
+    assert result.exit_code == 0, result.output
+    return {p.name: tifffile.imread(p) for p in sorted(out.glob("*_masks.tif"))}
+
+
+def test_segment_with_onnxruntime_gives_torchs_masks(tmp_path, exported_cyto):
+    image = tmp_path / "cells.tif"
+    labels = random_labels((300, 260), 70, radius=(6, 9), seed=5)
+    tifffile.imwrite(image, (render(labels, seed=5) * 1000).astype(np.uint16))
+    ours = _segment(tmp_path, image, exported_cyto, "onnx")["cells_masks.tif"]
+    ref = _segment(tmp_path, image, exported_cyto, "torch")["cells_masks.tif"]
+    assert ref.max() > 30
+    assert average_precision(ref, ours).ap[0] >= 0.99
+    assert average_precision(labels, ours).ap[0] > 0.5  # and they are cells, not noise
+
+
+def test_segment_with_onnxruntime_on_real_images(tmp_path, exported_cyto, data_dir):
+    image = data_dir / "cdp2bioactives_h15.ome.tif"
+    args = ("--channels", "0", "--series", "2")
+    ours, ref = (_segment(tmp_path, image, exported_cyto, rt, *args) for rt in ("onnx", "torch"))
+    assert ours.keys() == ref.keys() and len(ref) == 1
+    for name in ref:
+        assert ref[name].max() > 50
+        assert average_precision(ref[name], ours[name]).ap[0] >= 0.99
+
+
+def test_auto_runtime_says_what_it_picked(tmp_path, exported_cyto):
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, (render(random_labels((96, 96), 10, seed=1), seed=1) * 900).astype(np.uint16))
+    result = cli.invoke(app, ["segment", str(image), "--model", str(exported_cyto), "--out",
+                              str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "runtime: onnxruntime (CPUExecutionProvider) (model.onnx, fp32) on cpu; auto: no " \
+           "TensorRT engine" in result.output.replace("\n", "")
+
+
+def test_runtime_onnx_needs_an_export_directory(tmp_path):
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, np.ones((32, 32), np.uint16))
+    result = cli.invoke(app, ["segment", str(image), "--model", "cyto3", "--runtime", "onnx",
+                              "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "create it with `sa-deploy export cyto3 --out DIR`" in result.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_reduced_precision_masks_agree_with_fp32(trained_cpnet_path, precision):
+    """Precision cast into the graph, on CPU: masks agree with fp32 at AP@0.5 ≥ 0.99."""
+    from selfadapt_deploy.segment import segment_image
+
+    net = load_model(trained_cpnet_path)
+    labels = random_labels((256, 256), 60, radius=(6, 9), seed=7)
+    img = np.stack([render(labels, seed=7), np.zeros((256, 256), np.float32)])
+    with TorchRunner(net) as r32, TorchRunner(net, precision=precision) as low:
+        m32, mlow = segment_image(r32, img).masks, segment_image(low, img).masks
+    assert m32.max() > 30
+    assert average_precision(m32, mlow).ap[0] >= 0.99
+
+
+# ---- GPU: onnxruntime CUDA with I/O binding, TensorRT (skip without them) --------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_onnxruntime_cuda_io_binding_matches_torch(exported_cyto):
+    x = torch.rand(4, 2, 224, 224, device="cuda")
+    with open_runner(exported_cyto, "onnx", "cuda")[0] as runner, \
+            open_runner(exported_cyto, "torch", "cuda")[0] as reference:
+        got, want = runner.infer(x), reference.infer(x)
+    assert got.device.type == "cuda"
+    assert (got - want).abs().max() <= 1e-3  # cuDNN's convolution algorithms differ from torch's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_engines_refit_and_match_torch(tmp_path):
+    """Build, run, refit: a refit engine equals a freshly built one (TensorRT 11.3's REFIT may drop
+    a GEMM bias) and torch with the new weights."""
+    from selfadapt_deploy.export.exporter import export_model
+    from selfadapt_deploy.runtime.trt_runner import TrtRunner
+
+    from .conftest import FIXTURES
+
+    out = tmp_path / "trt"
+    export_model(str(FIXTURES / "tiny_cyto.pth"), out, trt=True, report=lambda m: None)
+    net = load_model(out)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.save(tmp_path / "moved.pt")
+    fresh = tmp_path / "fresh"
+    export_model(str(tmp_path / "moved.pt"), fresh, trt=True, report=lambda m: None)
+    x = torch.rand(4, 2, 224, 224, device="cuda")
+    for graph in (MODEL_GRAPH, TEACHER_GRAPH):
+        with open_runner(out, "tensorrt", "cuda", graph=graph)[0] as refit, \
+                open_runner(fresh, "tensorrt", "cuda", graph=graph)[0] as built:
+            assert isinstance(refit, TrtRunner)
+            refit.update_weights(graph_module(net, graph).state_dict())
+            a, b = refit.run(x), built.run(x)
+        with TorchRunner(net, "cuda", graph=graph) as reference:
+            want = reference.run(x)
+        for name in graph.output_names:
+            assert (a[name] - b[name]).abs().max() <= 1e-3, name
+            assert (a[name] - want[name]).abs().max() <= 1e-3, name
