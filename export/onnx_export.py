@@ -9,6 +9,7 @@ are dynamic multiples of 16 (equal for the square teacher graph); Cellpose-SAM's
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import warnings
@@ -49,7 +50,7 @@ def export_onnx(net: SegmentationNet, graph: GraphIO, precision: str = "fp32", o
                 metadata: dict | None = None) -> onnx.ModelProto:
     """The ONNX model of ``graph`` computed by ``net`` (on the CPU) at ``precision``: float32 input
     and outputs, reduced precision inside; bf16 ops that ONNX does not define run as float32."""
-    net = net.cpu().eval()
+    net = copy.deepcopy(net).cpu().eval()  # the caller's network keeps its device and mode
     module = graph_module(net, graph, precision)
     opset = opset_for(precision, opset)
     example = torch.zeros(2, net.nchan, net.tile_size, net.tile_size)
@@ -190,8 +191,9 @@ def validate_runner(runner, net: SegmentationNet, graph: GraphIO, precision: str
                     tiles: list[torch.Tensor], where: str) -> Validation:
     """Run ``runner`` (an active runner of the exported artefact) and torch on each batch of
     ``tiles``; raise :class:`ExportValidationError` listing every disagreement."""
-    reference = graph_module(net.cpu().eval(), graph, precision)
-    fp32 = graph_module(net.cpu().eval(), graph, "fp32") if precision != "fp32" else reference
+    net = copy.deepcopy(net).cpu().eval()
+    reference = graph_module(net, graph, precision)
+    fp32 = graph_module(net, graph, "fp32") if precision != "fp32" else reference
     diffs: dict[str, float] = {}
     diffs_fp32: dict[str, float] = {}
     problems: list[str] = []

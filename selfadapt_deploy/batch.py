@@ -7,7 +7,7 @@ every output is written atomically, so an interrupted run is resumed by running 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +34,7 @@ class ImageResult:
     source: Path
     name: str
     status: str  # "done", "skipped" (outputs exist), "failed"
-    n_masks: int = 0
+    count: int = 0  # what the work reports: masks for segment
     error: str = ""
     last_in_file: bool = True  # False while more series of the same file follow
 
@@ -43,7 +43,7 @@ class ImageResult:
 class SegmentJob:
     """Everything that stays fixed across the images of one ``segment`` run."""
 
-    runner: Runner  # inactive; segment_files activates it for the run
+    runner: Runner  # inactive or active; segment_files activates an inactive one for the run
     out_dir: Path
     params: SegmentParams
     device: torch.device
@@ -52,35 +52,19 @@ class SegmentJob:
     overwrite: bool = False
 
 
-def _segment_one(job: SegmentJob, image: Image, written: set[str]) -> ImageResult:
-    """Segment one image and write its outputs; a bad image becomes a failed result."""
-    masks_path = job.out_dir / f"{image.name}{MASKS_SUFFIX}"
-    if image.name in written:
-        return ImageResult(image.source, image.name, "failed", error=(
-            f"{image.source}: output name {masks_path.name} was already written in this run by "
-            "another input; rename one of the inputs"))
-    if masks_path.exists() and not job.overwrite:
-        return ImageResult(image.source, image.name, "skipped")
-    try:
-        spec = job.runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
-        data = select_channels(image.data, job.channels, spec.nchan, str(image.source),
-                               pad=not spec.fewer_channels_ok)
-        seg = segment_image(job.runner, data, job.params, job.device)
-        if job.save_flows:
-            write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
-        write_masks(masks_path, seg.masks)
-    except SaDeployError as exc:
-        error = str(exc) if str(image.source) in str(exc) else f"{image.source} ({image.name}): {exc}"
-        return ImageResult(image.source, image.name, "failed", error=error)
-    written.add(image.name)
-    return ImageResult(image.source, image.name, "done", int(seg.masks.max()))
+#: the work done on one image: (image, its data with the network's channels) → the count to report
+#: (masks for segment), having written the image's outputs atomically
+Work = Callable[[Image, np.ndarray], int]
 
 
-def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
-                  series: int | None = None) -> Iterator[ImageResult]:
-    """Segment every image in ``paths``; yield one result per image as it finishes."""
+def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path], work: Work,
+                  channels: Sequence[int] | None = None, overwrite: bool = False,
+                  channel_axis: int | None = None, series: int | None = None) -> Iterator[ImageResult]:
+    """Run ``work`` on every image in ``paths`` (each series of multi-series files) with ``runner``
+    active; yield one result per image as it finishes. ``output(name)`` is the file whose presence
+    means the image is done: it is skipped (resume) unless ``overwrite``."""
     written: set[str] = set()
-    with contextlib.nullcontext() if job.runner.is_active else job.runner:  # the caller's, or ours
+    with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
         for path in paths:
             try:
                 images = read_images(path, channel_axis=channel_axis, series=series)
@@ -88,8 +72,48 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
                 yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
                 continue
             for k, image in enumerate(images):
-                result = _segment_one(job, image, written)
+                result = _process_one(image, runner, output(image.name), work, channels, overwrite,
+                                      written)
                 yield replace(result, last_in_file=k == len(images) - 1)
+
+
+def _process_one(image: Image, runner: Runner, target: Path, work: Work,
+                 channels: Sequence[int] | None, overwrite: bool, written: set[str]) -> ImageResult:
+    """One image: skip when done, refuse a name clash, turn a bad image into a failed result."""
+    if image.name in written:
+        return ImageResult(image.source, image.name, "failed", error=(
+            f"{image.source}: output name {target.name} was already written in this run by "
+            "another input; rename one of the inputs"))
+    if target.exists() and not overwrite:
+        return ImageResult(image.source, image.name, "skipped")
+    try:
+        spec = runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
+        data = select_channels(image.data, channels, spec.nchan, str(image.source),
+                               pad=not spec.fewer_channels_ok)
+        count = work(image, data)
+    except SaDeployError as exc:
+        error = str(exc) if str(image.source) in str(exc) else f"{image.source} ({image.name}): {exc}"
+        return ImageResult(image.source, image.name, "failed", error=error)
+    written.add(image.name)
+    return ImageResult(image.source, image.name, "done", count)
+
+
+def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
+                  series: int | None = None) -> Iterator[ImageResult]:
+    """Segment every image in ``paths``; yield one result per image as it finishes."""
+
+    def masks_path(name: str) -> Path:
+        return job.out_dir / f"{name}{MASKS_SUFFIX}"
+
+    def segment(image: Image, data: np.ndarray) -> int:
+        seg = segment_image(job.runner, data, job.params, job.device)
+        if job.save_flows:
+            write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
+        write_masks(masks_path(image.name), seg.masks)
+        return int(seg.masks.max())
+
+    return process_files(paths, job.runner, masks_path, segment, job.channels, job.overwrite,
+                         channel_axis, series)
 
 
 def read_label_image(path: Path) -> np.ndarray:

@@ -139,7 +139,7 @@ def segment(
                                       soft_wrap=True)
                 else:
                     bar.console.print(f"{result.name}: {result.status}" + (
-                        f", {result.n_masks} masks" if result.status == "done" else ""), highlight=False)
+                        f", {result.count} masks" if result.status == "done" else ""), highlight=False)
                 if result.last_in_file:
                     bar.advance(task)
     finally:
@@ -193,6 +193,94 @@ def export(
                   soft_wrap=True, highlight=False, markup=False)
 
 
+@app.command("pseudo-label")
+def pseudo_label(
+    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders "
+                                                 "of them.")],
+    model: Annotated[str, typer.Option(help="Weights file, run or export directory, or Cellpose "
+                                       "model name.")],
+    out: Annotated[Path, typer.Option(help="Output directory for <stem>_pseudo.npz.")],
+    runtime: Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt, as in "
+                                         "segment.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    precision: Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or "
+                                                  "bf16.")] = None,
+    onnx_provider: Annotated[str, typer.Option(help="onnxruntime provider: auto, cpu, cuda or "
+                                               "tensorrt.")] = "auto",
+    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
+                                            "default.")] = 0.0,
+    tile_overlap: Annotated[float, typer.Option(help="Tile overlap fraction (0.05–0.5).")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Tiles per teacher call (8 views each).")] = 8,
+    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels, as in "
+                                                 "segment.")] = None,
+    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file.")] = None,
+    series: Annotated[int | None, typer.Option(help="Only this series of multi-series "
+                                               "files.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Recompute images whose outputs exist.")] = False,
+):
+    """The SelfAdapt teacher's pseudo-labels (8-view ensemble, its std, confidence masks) for
+    whole images, one <stem>_pseudo.npz each, in any runtime."""
+    from selfadapt_deploy.batch import process_files
+    from selfadapt_deploy.io.readers import expand_inputs
+    from selfadapt_deploy.io.writers import ensure_writable_dir
+    from selfadapt_deploy.runtime import TEACHER_GRAPH, resolve_device
+    from selfadapt_deploy.runtime.select import open_runner
+    from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
+    from selfadapt_deploy.trainer.pseudo_label import (
+        PSEUDO_SUFFIX,
+        PseudoLabelParams,
+        pseudo_label_image,
+        write_pseudo_labels,
+    )
+
+    if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP or diameter < 0 or batch_size < 1:
+        raise _fail(f"--tile-overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], --diameter ≥ 0 "
+                    "and --batch-size ≥ 1")
+    params = PseudoLabelParams(diameter or None, tile_overlap, batch_size)
+    picked = _parse_channels(channels)
+    try:
+        files = expand_inputs(images)
+        ensure_writable_dir(out)
+        runner, choice = open_runner(model, runtime, resolve_device(device), precision, TEACHER_GRAPH,
+                                     onnx_provider)
+        runner.activate()
+    except SaDeployError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"teacher: {choice}", soft_wrap=True, highlight=False, markup=False)
+
+    def output(name: str) -> Path:
+        return out / f"{name}{PSEUDO_SUFFIX}"
+
+    def work(image, data) -> int:
+        arrays = pseudo_label_image(runner, data, params)
+        write_pseudo_labels(output(image.name), arrays)
+        return int(arrays["mask_prob"].sum())
+
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err_console) as bar:
+            task = bar.add_task("pseudo-labelling", total=len(files))
+            for result in process_files(files, runner, output, work, picked, overwrite,
+                                        channel_axis, series):
+                counts[result.status] += 1
+                if result.status == "failed":
+                    bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
+                                      soft_wrap=True)
+                else:
+                    bar.console.print(f"{result.name}: {result.status}" + (
+                        f", {result.count} confident pixels" if result.status == "done" else ""),
+                        highlight=False, markup=False)
+                if result.last_in_file:
+                    bar.advance(task)
+    finally:
+        runner.deactivate()
+    console.print(f"{counts['done']} pseudo-labelled, {counts['skipped']} skipped, {counts['failed']} "
+                  f"failed → {out}", soft_wrap=True, markup=False)
+    if counts["failed"]:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def adapt(
     images: Annotated[list[Path] | None, typer.Argument(help="Unlabeled TIFF / OME-TIFF / PNG "
@@ -223,6 +311,13 @@ def adapt(
     prob_mask: Annotated[bool, typer.Option(help="Confidence mask on cell probability.")] = True,
     flow_mask: Annotated[bool, typer.Option(help="Confidence mask on flows.")] = True,
     augment: Annotated[bool, typer.Option(help="Strong student augmentation.")] = True,
+    teacher_runtime: Annotated[str, typer.Option(help="Teacher pseudo-labels from torch, or from its "
+                                                 "exported TTA graph in onnx (onnxruntime) or "
+                                                 "tensorrt.")] = "torch",
+    teacher_sync: Annotated[int, typer.Option(help="Push the EMA teacher's weights into the onnx / "
+                                              "tensorrt teacher every N steps.")] = 10,
+    teacher_precision: Annotated[str, typer.Option(help="Precision of the exported teacher graph: "
+                                                   "fp32, fp16 or bf16.")] = "fp32",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels, as in "
@@ -240,6 +335,10 @@ def adapt(
 
     if stop not in ("emb", "fn", "both", "none"):
         raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
+    if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
+            or teacher_precision not in ("fp32", "fp16", "bf16"):
+        raise _fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1 and "
+                    "--teacher-precision fp32, fp16 or bf16")
     try:
         dev = resolve_device(device)
         if resume is not None:
@@ -257,7 +356,9 @@ def adapt(
             config = AdaptConfig(iterations=iterations, batch_size=batch_size, lr=lr or None,
                                  l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
                                  eval_every=eval_every, stop=stop, prob_mask=prob_mask,
-                                 flow_mask=flow_mask, augment=augment, seed=seed)
+                                 flow_mask=flow_mask, augment=augment, seed=seed,
+                                 teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
+                                 teacher_precision=teacher_precision)
             kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
                           diameter=diameter or None, channels=_parse_channels(channels),
                           channel_axis=channel_axis, series=series,

@@ -17,7 +17,7 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch
 from selfadapt_deploy.runtime.base import ModelSpec, Runner
-from selfadapt_deploy.tiling import D4, d4_inverse, d4_transform, predict_tiled
+from selfadapt_deploy.tiling import D4, Predict, d4_inverse, d4_transform, predict_tiled
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
 
@@ -73,26 +73,34 @@ def tta_predict(runner: Runner):
     return predict
 
 
-def predict_flows(runner: Runner, img: np.ndarray,
-                  params: SegmentParams) -> tuple[np.ndarray, float]:
-    """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
-    rescale = rescale_factor(runner.spec, params.diameter)
+def predict_image(predict: Predict, spec: ModelSpec, img: np.ndarray, diameter: float | None,
+                  tile_overlap: float, batch_size: int, device: torch.device,
+                  fixed_tile: bool) -> tuple[np.ndarray, float]:
+    """Normalised C×Y×X image → (K×Y×X predictions at the original size, rescale): resized by
+    diam_mean / diameter, tiled, predicted and blended on ``device``, resized back."""
+    rescale = rescale_factor(spec, diameter)
     ly, lx = img.shape[1:]
     x = img
     if rescale != 1.0:
         ry, rx = int(ly * rescale), int(lx * rescale)
         if min(ry, rx) < 1:
-            raise SaDeployError(f"--diameter {params.diameter:g} is too large for a {ly}×{lx} image "
+            raise SaDeployError(f"--diameter {diameter:g} is too large for a {ly}×{lx} image "
                                 f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
         x = resize_chw(x, ry, rx)
-    spec = runner.spec
-    predict = tta_predict(runner) if params.tta else runner.infer
     # the image goes to the runner's device once; tiles, network and blending stay there
-    y = predict_tiled(predict, torch.from_numpy(x).to(runner.device), spec.tile_size,
-                      params.tile_overlap, params.batch_size, spec.fixed_tile).cpu().numpy()
+    y = predict_tiled(predict, torch.from_numpy(x).to(device), spec.tile_size, tile_overlap,
+                      batch_size, fixed_tile).cpu().numpy()
     if rescale != 1.0:
         y = resize_chw(y, ly, lx)
     return y, rescale
+
+
+def predict_flows(runner: Runner, img: np.ndarray,
+                  params: SegmentParams) -> tuple[np.ndarray, float]:
+    """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
+    predict = tta_predict(runner) if params.tta else runner.infer
+    return predict_image(predict, runner.spec, img, params.diameter, params.tile_overlap,
+                         params.batch_size, runner.device, runner.spec.fixed_tile)
 
 
 def _mask_params(params: SegmentParams, rescale: float) -> MaskParams:

@@ -78,3 +78,18 @@ def test_split_indices():
     train, val = split_indices(10, 0.2, 0)
     assert len(val) == 2 and sorted(train + val) == list(range(10))
     assert split_indices(2, 0.9, 0)[0]  # never leaves training empty
+
+
+def test_teacher_in_onnxruntime_gives_the_torch_pseudo_labels_at_every_sync(tmp_path,
+                                                                            trained_cpnet_path):
+    """--teacher-runtime onnx: at each sync point (every 2 steps) the exported teacher graph, with
+    the EMA's weights pushed in, gives the torch teacher's pseudo-labels on that step's tiles."""
+    net, train, val = setup(trained_cpnet_path)
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "teacher_runtime": "onnx", "teacher_sync": 2})
+    adapt(net, train, val, tmp_path / "run", cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    synced = {int(r["iteration"]): float(r["teacher_err"]) for r in rows if r["teacher_err"]}
+    assert sorted(synced) == [1, 3, 5]  # steps 0, 2, 4
+    assert max(synced.values()) <= 1e-4
+    assert (tmp_path / "run" / "teacher_engine" / "teacher_tta.onnx").is_file()
+    assert load_model(tmp_path / "run").family == "cpnet"

@@ -200,3 +200,30 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path):
         for name in graph.output_names:
             assert (a[name] - b[name]).abs().max() <= 1e-3, name
             assert (a[name] - want[name]).abs().max() <= 1e-3, name
+
+
+def test_pseudo_label_in_onnxruntime_equals_torch_on_real_images(tmp_path, exported_cyto, data_dir):
+    image = data_dir / "cdp2bioactives_h23.ome.tif"
+    outputs = {}
+    for rt in ("torch", "onnx"):
+        result = cli.invoke(app, ["pseudo-label", str(image), "--model", str(exported_cyto),
+                                  "--runtime", rt, "--out", str(tmp_path / rt), "--device", "cpu",
+                                  "--channels", "0", "--series", "3"])
+        assert result.exit_code == 0, result.output
+        outputs[rt] = np.load(tmp_path / rt / "cdp2bioactives_h23_pseudo.npz")
+    ref, ours = outputs["torch"], outputs["onnx"]
+    assert ref["flows"].shape == (2, 520, 696) and ref["mask_flows"].shape == (2, 520, 696)
+    assert 0.05 < ref["cell"].mean() < 0.95  # cells and background, not a blank map
+    for name in ("flows", "prob", "flows_std", "prob_std"):
+        assert np.abs(ref[name] - ours[name]).max() <= 1e-4, name
+    for name in ("cell", "mask_prob", "mask_flows"):  # thresholds are quantiles: a few pixels may flip
+        assert (ref[name] == ours[name]).mean() >= 0.999, name
+    # the confidence masks are those of trainer/confidence.py on the written maps
+    from selfadapt_deploy.trainer.confidence import ConfidenceMasks
+
+    again = ConfidenceMasks()(torch.from_numpy(ref["prob"])[None], torch.from_numpy(ref["flows_std"])[None])
+    assert np.array_equal(again.mask_prob[0].numpy().astype(np.uint8), ref["mask_prob"])
+    assert np.array_equal(again.mask_flows[0].numpy().astype(np.uint8), ref["mask_flows"])
+    again = cli.invoke(app, ["pseudo-label", str(image), "--model", str(exported_cyto), "--out",
+                             str(tmp_path / "onnx"), "--device", "cpu", "--channels", "0", "--series", "3"])
+    assert again.exit_code == 0 and "skipped" in again.output  # resumable: done images are skipped

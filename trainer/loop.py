@@ -28,6 +28,7 @@ from selfadapt_deploy.trainer.augment import StrongAugment
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.ema import EMA
+from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
 from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.step import Adaptation, train_step
 from selfadapt_deploy.trainer.stopping import (
@@ -71,6 +72,11 @@ class AdaptConfig:
     # None = batched on CUDA, per view on CPU, where one 8×-larger batch measured 1.5–2× slower
     # (benchmarks/adapt_throughput.py).
     batched_teacher: bool | None = None
+    # where the teacher's pseudo-labels come from: the torch EMA module, or its exported TTA graph
+    # in onnxruntime / TensorRT with the EMA's weights pushed in every teacher_sync steps
+    teacher_runtime: str = "torch"
+    teacher_sync: int = 10
+    teacher_precision: str = "fp32"  # of the exported teacher graph (onnx / tensorrt only)
     seed: int = 0
 
     def resolved(self, family: str) -> AdaptConfig:
@@ -112,7 +118,7 @@ def evaluate_drift(net: SegmentationNet, val: Validation) -> dict[str, float]:
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "lr", "kept_prob",
-            "kept_flow", "fn_rate", "d_emb"]
+            "kept_flow", "teacher_err", "fn_rate", "d_emb"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -187,18 +193,28 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         evaluate(0)
         checkpoint(0)
     step = start
-    while step < cfg.iterations and not stopped:
-        lr = lr_at(step, cfg.lr, max(1, int(cfg.warmup_fraction * cfg.iterations)), cfg.iterations)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        terms = train_step(state, train.sample(cfg.batch_size, g), step, g)
-        step += 1
-        rows.append({"iteration": step, "lr": lr, **terms})
-        if progress is not None:
-            progress(step, terms)
-        if step % cfg.eval_every == 0 or step == cfg.iterations:
-            evaluate(step)
-            checkpoint(step)
+    engine = None
+    if cfg.teacher_runtime != "torch":
+        engine = open_engine_teacher(state.teacher.module, cfg.teacher_runtime, cfg.teacher_precision,
+                                     out / ENGINE_DIR, student.device, cfg.teacher_sync,
+                                     cfg.batch_size)
+        state.pseudo_labeler = engine
+    try:
+        while step < cfg.iterations and not stopped:
+            lr = lr_at(step, cfg.lr, max(1, int(cfg.warmup_fraction * cfg.iterations)), cfg.iterations)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = train_step(state, train.sample(cfg.batch_size, g), step, g)
+            step += 1
+            rows.append({"iteration": step, "lr": lr, **terms})
+            if progress is not None:
+                progress(step, terms)
+            if step % cfg.eval_every == 0 or step == cfg.iterations:
+                evaluate(step)
+                checkpoint(step)
+    finally:
+        if engine is not None:
+            engine.close()
     evaluated = [r["iteration"] for r in rows if "d_emb" in r]
     selected = evaluated[-2] if stopped and len(evaluated) > 1 else evaluated[-1]
     with atomic_path(out / MODEL) as tmp:

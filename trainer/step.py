@@ -13,7 +13,7 @@ from selfadapt_deploy.trainer.augment import StrongAugment, move_flow_mask, move
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
-from selfadapt_deploy.trainer.teacher import teacher_predict
+from selfadapt_deploy.trainer.teacher import PseudoLabeler, teacher_predict
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Adaptation:
     ema_every: int = 1
     scaler: torch.amp.GradScaler | None = None  # mixed precision on CUDA
     batched_teacher: bool = True  # False: one teacher forward per D4 view (benchmarks only)
+    pseudo_labeler: PseudoLabeler | None = None  # None: the torch EMA teacher itself
 
     def autocast(self):
         cuda = self.student.device.type == "cuda"
@@ -42,8 +43,12 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     student, device = state.student, state.student.device
     x = x.to(device)
     # (1) teacher: 8 D4 views in one forward, mapped back and averaged; TTA std = uncertainty
-    with state.autocast():
-        teacher_out = teacher_predict(state.teacher, x, state.batched_teacher)
+    extra: dict[str, float] = {}
+    if state.pseudo_labeler is None:
+        with state.autocast():
+            teacher_out = teacher_predict(state.teacher, x, state.batched_teacher)
+    else:  # the same ensemble as an exported graph in onnxruntime / TensorRT
+        teacher_out, extra = state.pseudo_labeler(x, step)
     # (2) confidence masks: hard cell label, M_p from EMA'd class quantiles, M_f from EMA'd std
     labels = state.masks(teacher_out.prob.float(), teacher_out.flows_std.float())
     # (3) student view: one random D4 for image, targets and masks; intensity augmentation
@@ -77,4 +82,4 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
         state.teacher.update_(student, step)
     terms = {"loss": loss, "loss_prob": loss_prob, "loss_flow": loss_flow, "loss_l2sp": loss_l2sp,
              "kept_prob": labels.mask_prob.mean(), "kept_flow": labels.mask_flows.mean()}
-    return {name: value.item() for name, value in terms.items()}  # note: a CPU-GPU sync point
+    return {**{name: value.item() for name, value in terms.items()}, **extra}  # a CPU-GPU sync point

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,6 +20,23 @@ class TeacherOutput:
     prob: torch.Tensor
     flows_std: torch.Tensor
     prob_std: torch.Tensor
+
+    @classmethod
+    def from_graph(cls, outputs: dict[str, torch.Tensor]) -> TeacherOutput:
+        """From the outputs of the exported teacher-TTA graph (``runtime.base.TEACHER_GRAPH``)."""
+        return cls(flows=outputs["flows"], prob=outputs["prob"][:, 0],
+                   flows_std=outputs["flows_std"], prob_std=outputs["prob_std"][:, 0])
+
+    def max_abs_diff(self, other: TeacherOutput) -> float:
+        return max(float((getattr(self, f) - getattr(other, f).to(getattr(self, f).device)).abs().max())
+                   for f in ("flows", "prob", "flows_std", "prob_std"))
+
+
+class PseudoLabeler(Protocol):
+    """Teacher pseudo-labels from somewhere other than the torch EMA module (an exported graph in
+    onnxruntime or TensorRT): ``(square tiles B×C×S×S, step) → (TeacherOutput, metrics)``."""
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[TeacherOutput, dict[str, float]]: ...
 
 
 @torch.no_grad()
