@@ -34,10 +34,16 @@ from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import resize_chw
 from selfadapt_deploy.synthetic import random_labels, render
 
-from .onnx_export import Validation, export_onnx, opset_for, validate_runner, validation_batches
+from .onnx_export import (
+    Validation,
+    export_onnx,
+    opset_for,
+    structure_sha256,
+    validate_runner,
+    validation_batches,
+)
 
 WEIGHTS_FILE = "model.pt"
-TIMING_CACHE = "timing.cache"
 NORMALIZATION = {"method": "percentile per channel", "lower": 1.0, "upper": 99.0,
                  "flat_channel": "0 when p99 - p1 <= 1e-3", "as": "cellpose.transforms.normalize_img"}
 
@@ -76,8 +82,11 @@ def validation_images(net: SegmentationNet, images: Sequence[np.ndarray] = ()) -
 
 def export_model(model: str, out: Path, precision: str = "fp32", opset: int | None = None,
                  max_batch: int = 8, trt: bool = False, device: str = "cuda",
-                 images: Sequence[np.ndarray] = (), report: Callable[[str], None] = print) -> Manifest:
-    """Export ``model`` into the new directory ``out``; returns its manifest."""
+                 images: Sequence[np.ndarray] = (), report: Callable[[str], None] = print,
+                 engines_from: Path | None = None) -> Manifest:
+    """Export ``model`` into the new directory ``out``; returns its manifest. With ``trt``, the
+    engines of ``engines_from`` (an earlier export of the same graphs, built on this machine) are
+    refit with the new weights instead of being built again."""
     check_precision(precision)
     opset = opset_for(precision, opset)
     if max_batch < 1:
@@ -103,7 +112,7 @@ def export_model(model: str, out: Path, precision: str = "fp32", opset: int | No
         raise OutputWriteError(f"{out.parent}: cannot write here ({exc.strerror})") from exc
     try:
         manifest = _export_into(staging, net, str(model), precision, opset, max_batch, gpu,
-                                validation_images(net, images), report)
+                                validation_images(net, images), report, engines_from)
         os.chmod(staging, 0o777 & ~umask())  # mkdtemp made it private
         (staging / MANIFEST).write_text(manifest.to_json())
         with contextlib.suppress(FileNotFoundError):
@@ -118,7 +127,7 @@ def export_model(model: str, out: Path, precision: str = "fp32", opset: int | No
 
 def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str, opset: int,
                  max_batch: int, gpu: torch.device | None, images: list[np.ndarray],
-                 report: Callable[[str], None]) -> Manifest:
+                 report: Callable[[str], None], engines_from: Path | None) -> Manifest:
     """Write the weights, each graph (and engine when ``gpu``), validated; return the manifest."""
     net.save(staging / WEIGHTS_FILE)
     spec = spec_for(net)
@@ -133,12 +142,16 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
         validation = _validate_onnx(onnx_bytes, net, graph, precision, tiles)
         path = staging / f"{graph.name}.onnx"
         path.write_bytes(onnx_bytes)
-        manifest = manifest.with_artifact(Artifact(path.name, graph.name, "onnx", precision,
-                                                   sha256_file(path), validation.to_dict()))
-        report(f"{path.name}: {_describe(validation)}")
+        manifest = manifest.with_artifact(Artifact(
+            path.name, graph.name, "onnx", precision, sha256_file(path), validation.to_dict(),
+            graph_sha256=structure_sha256(onnx_bytes)))
+        report(f"{path.name}: {validation.describe()}")
         if gpu is not None:
-            manifest = manifest.with_artifact(_build_plan(staging, net, graph, precision, opset,
-                                                          max_batch, gpu, onnx_bytes, tiles, report))
+            from .tensorrt import engine_artifact
+
+            manifest = manifest.with_artifact(engine_artifact(
+                staging, net, graph, precision, opset, max_batch, gpu, onnx_bytes, tiles, report,
+                engines_from))
     return manifest
 
 
@@ -158,32 +171,3 @@ def _validate_onnx(onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO, prec
         return validate_runner(runner, net, graph, precision, tiles, f"{graph.name}.onnx")
     finally:
         runner.deactivate()
-
-
-def _build_plan(staging: Path, net: SegmentationNet, graph: GraphIO, precision: str, opset: int,
-                max_batch: int, device: torch.device, onnx_bytes: bytes, tiles: list[torch.Tensor],
-                report: Callable[[str], None]) -> Artifact:
-    from selfadapt_deploy.runtime.trt_runner import TrtRunner
-
-    from .tensorrt import build_engine, needs_fp32_graph
-
-    if needs_fp32_graph(precision):  # TensorRT 10: precision by builder flags on the fp32 graph
-        onnx_bytes = export_onnx(net, graph, "fp32", opset).SerializeToString()
-    report(f"building {graph.name}.plan with TensorRT (minutes) ...")
-    build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
-                         staging / TIMING_CACHE, device)
-    path = staging / f"{graph.name}.plan"
-    path.write_bytes(build.plan)
-    with TrtRunner(path, spec_for(net), graph, device, build.record) as runner:
-        validation = validate_runner(runner, net, graph, precision, tiles, path.name)
-    report(f"{path.name}: {_describe(validation)}")
-    return Artifact(path.name, graph.name, "tensorrt", precision, sha256_file(path),
-                    validation.to_dict(), build.record)
-
-
-def _describe(v: Validation) -> str:
-    if v.status != "passed":
-        return f"written, NOT validated: {v.reason}"
-    worst = max(v.max_abs_diff.values())
-    return f"validated with {v.provider}: max |Δ| vs torch {worst:.2e} (tolerance {v.atol:g})"
-

@@ -19,16 +19,31 @@ Python API of 10.x and 11.x; see the README's "Not verified here".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.manifest import Artifact, is_export_dir, read_manifest, sha256_file, verified_file
+from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import GraphIO, ModelSpec
-from selfadapt_deploy.runtime.trt_runner import engine_record, import_tensorrt, trt_logger, trt_major
+from selfadapt_deploy.runtime.graphs import graph_module
+from selfadapt_deploy.runtime.torch_runner import spec_for
+from selfadapt_deploy.runtime.trt_runner import (
+    TrtRunner,
+    engine_mismatch,
+    engine_record,
+    import_tensorrt,
+    trt_logger,
+    trt_major,
+)
+
+from .onnx_export import export_onnx, structure_sha256, validate_runner
 
 WORKSPACE_BYTES = 4 << 30
+TIMING_CACHE = "timing.cache"
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,8 @@ def build_engine(onnx_bytes: bytes, graph: GraphIO, spec: ModelSpec, channels: i
     config.set_flag(trt.BuilderFlag.REFIT)
     if not strong and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32 here
     t = spec.tile_size
     smallest = t if spec.fixed_tile else 16
     profile = builder.create_optimization_profile()
@@ -78,3 +95,58 @@ def build_engine(onnx_bytes: bytes, graph: GraphIO, spec: ModelSpec, channels: i
     record = {**engine_record(device), "typing": "strong" if strong else "weak",
               "refittable": True, "max_batch": max_batch, "min_tile": smallest, "tile": t}
     return EngineBuild(bytes(plan), record)
+
+
+def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precision: str, opset: int,
+                    max_batch: int, device: torch.device, onnx_bytes: bytes,
+                    tiles: list[torch.Tensor], report: Callable[[str], None],
+                    engines_from: Path | None = None) -> Artifact:
+    """``<graph>.plan`` in ``staging``: refit from ``engines_from`` when its engine of this graph
+    can be (same graph structure, precision and profile, built on this machine), else built;
+    validated against torch either way."""
+    path = staging / f"{graph.name}.plan"
+    refit = _refit_source(engines_from, net, graph, precision, max_batch, onnx_bytes, device)
+    if isinstance(refit, tuple):
+        old_plan, record = refit
+        path.write_bytes(old_plan.read_bytes())
+        with TrtRunner(path, spec_for(net), graph, device, record) as runner:
+            runner.update_weights(graph_module(net, graph).state_dict())
+            path.write_bytes(runner.serialize())
+        record = {**record, "refit_from": str(engines_from)}
+        report(f"{path.name}: refit from {old_plan} (same graph, new weights)")
+    else:
+        if refit:
+            report(f"{path.name}: building, not refitting: {refit}")
+        if needs_fp32_graph(precision):  # TensorRT 10: precision by builder flags on the fp32 graph
+            onnx_bytes = export_onnx(net, graph, "fp32", opset).SerializeToString()
+        report(f"building {path.name} with TensorRT (minutes) ...")
+        build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
+                             staging / TIMING_CACHE, device)
+        path.write_bytes(build.plan)
+        record = build.record
+    with TrtRunner(path, spec_for(net), graph, device, record) as runner:
+        validation = validate_runner(runner, net, graph, precision, tiles, path.name)
+    report(f"{path.name}: {validation.describe()}")
+    return Artifact(path.name, graph.name, "tensorrt", precision, sha256_file(path),
+                    validation.to_dict(), record)
+
+
+def _refit_source(old: Path | None, net: SegmentationNet, graph: GraphIO, precision: str,
+                  max_batch: int, onnx_bytes: bytes, device: torch.device) -> tuple[Path, dict] | str:
+    """(old plan, its record) when it can be refit into this export, else why not ('' when no
+    ``old`` was given)."""
+    if old is None:
+        return ""
+    if not is_export_dir(old):
+        return f"{old} is not an export directory"
+    manifest = read_manifest(old)
+    engine, graph_onnx = manifest.artifact(graph.name, "tensorrt"), manifest.artifact(graph.name, "onnx")
+    if engine is None or graph_onnx is None:
+        return f"{old} has no engine of the {graph.name} graph"
+    if graph_onnx.graph_sha256 != structure_sha256(onnx_bytes) or manifest.precision != precision:
+        return f"{old}'s {graph.name} graph differs in structure or precision"
+    if not engine.engine.get("refittable") or engine.engine.get("max_batch") != max_batch:
+        return f"{old}'s {engine.file} is not refittable or has another batch profile"
+    if why := engine_mismatch(engine.engine, device):
+        return f"{old}'s {engine.file} was built for another machine ({why})"
+    return verified_file(old, engine.file, engine.sha256), dict(engine.engine)

@@ -162,6 +162,10 @@ def export(
     max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT engines' "
                                            "profile.")] = 8,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18; 22 for bf16).")] = None,
+    engines_from: Annotated[Path | None, typer.Option(help="With --trt: an earlier export of the "
+                                                      "same network built on this machine; its "
+                                                      "engines are refit with the new weights, "
+                                                      "not built again.")] = None,
     validate_on: Annotated[list[Path] | None, typer.Option(help="Images to validate the graphs on "
                                                            "(default: generated cells).")] = None,
     channels: Annotated[str | None, typer.Option(help="Channels of --validate-on images, as in "
@@ -185,7 +189,7 @@ def export(
                 raise _fail("--validate-on: no readable images")
         with err_console.status("exporting ..."):
             manifest = export_model(model, out, precision, opset, max_batch, trt, device, images,
-                                    report=_plain(console))
+                                    report=_plain(console), engines_from=engines_from)
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
     files = ", ".join(a.file for a in manifest.artifacts)

@@ -34,6 +34,7 @@ class Artifact:
     sha256: str
     validation: dict  # status passed|skipped, provider, atol, max_abs_diff per output, reason
     engine: dict | None = None  # TensorRT: gpu, compute_capability, tensorrt, refittable, ...
+    graph_sha256: str | None = None  # ONNX: the graph without its weights' values (refit identity)
 
 
 @dataclass(frozen=True)

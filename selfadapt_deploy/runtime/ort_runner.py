@@ -68,6 +68,7 @@ class OrtRunner(Runner):
         options = {"device_id": self.device.index or 0}
         if self.provider == "cuda":
             options["user_compute_stream"] = str(self._stream.cuda_stream)
+            options["use_tf32"] = 0  # on by default; an fp32 graph runs in fp32
         else:
             cache = ort_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,10 @@ class TrtRunner(Runner):
         current.wait_stream(self._stream)
         return outputs
 
+    def serialize(self) -> bytes:
+        """The live engine as a plan (after a refit: with the new weights)."""
+        return bytes(self.engine.serialize())
+
     def update_weights_impl(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Refit every refittable weight of the live engine from ``weights`` (names are the ONNX
         initializer names, i.e. the graph module's ``state_dict`` names)."""
