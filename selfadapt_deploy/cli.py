@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,10 +18,31 @@ from rich.table import Table
 from selfadapt_deploy import __version__
 from selfadapt_deploy.errors import SaDeployError
 
+if TYPE_CHECKING:
+    from selfadapt_deploy.batch import ImageResult
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adapt Cellpose models without labels, export them, segment fast.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+# options shared by the commands that read images and run a model
+ImagesArg = Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders of them.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an error.")]
+RuntimeOpt = Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
+                                         "export directory; auto: its TensorRT engine when it "
+                                         "matches this GPU, else onnxruntime; torch otherwise.")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or bf16. "
+                                                  "onnx/tensorrt: the export's own.")]
+OnnxProviderOpt = Annotated[str, typer.Option(help="onnxruntime provider: auto (cpu on CPU, cuda on "
+                                              "GPU), cpu, cuda or tensorrt.")]
+ChannelsOpt = Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to the "
+                                                 "network, in order (e.g. 1,0).")]
+ChannelAxisOpt = Annotated[int | None, typer.Option(help="Axis of the channels in the file's array, "
+                                                    "if not recorded.")]
+SeriesOpt = Annotated[int | None, typer.Option(help="Only this series of multi-series files "
+                                               "(default: every series).")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -57,10 +79,9 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 @app.command()
 def segment(
-    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders "
-                                                 "of them.")],
-    model: Annotated[str, typer.Option(help="Weights file (either family), run directory, or "
-                                       "Cellpose model name (cpsam, cyto3, ...).")],
+    images: ImagesArg,
+    model: Annotated[str, typer.Option(help="Weights file (either family), run or export directory, "
+                                       "or Cellpose model name (cpsam, cyto3, ...).")],
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_masks.tif.")],
     diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's default "
                                             "(Cellpose 3: its diam_labels, as cellpose 3 does; "
@@ -76,21 +97,13 @@ def segment(
     tta: Annotated[bool, typer.Option(help="Average the 8 flip/rot90 views of each tile.")] = False,
     integrator: Annotated[str, typer.Option(help="Flow integration: auto (triton on CUDA, numba on "
                                             "CPU), torch (reference), numba or triton.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an "
-                                        "error.")] = "auto",
-    runtime: Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
-                                         "export directory; auto: its TensorRT engine when it "
-                                         "matches this GPU, else onnxruntime; torch otherwise.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or bf16. "
-                                                  "onnx/tensorrt: the export's own.")] = None,
-    onnx_provider: Annotated[str, typer.Option(help="onnxruntime provider: auto (cpu on CPU, cuda "
-                                               "on GPU), cpu, cuda or tensorrt.")] = "auto",
-    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to "
-                                                 "the network, in order (e.g. 1,0).")] = None,
-    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file's "
-                                                     "array, if not recorded.")] = None,
-    series: Annotated[int | None, typer.Option(help="Only this series of multi-series files "
-                                               "(default: every series).")] = None,
+    device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "auto",
+    precision: PrecisionOpt = None,
+    onnx_provider: OnnxProviderOpt = "auto",
+    channels: ChannelsOpt = None,
+    channel_axis: ChannelAxisOpt = None,
+    series: SeriesOpt = None,
     save_flows: Annotated[bool, typer.Option(help="Also write <stem>_flows.tif (dY, dX, "
                                              "cellprob).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Recompute images whose masks exist (default: "
@@ -125,27 +138,32 @@ def segment(
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
     console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
+    job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
     try:
-        with Progress(*columns, console=err_console, transient=False) as bar:
-            task = bar.add_task("segmenting", total=len(images))
-            job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
-            for result in segment_files(images, job, channel_axis, series):
-                counts[result.status] += 1
-                if result.status == "failed":
-                    bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
-                                      soft_wrap=True)
-                else:
-                    bar.console.print(f"{result.name}: {result.status}" + (
-                        f", {result.count} masks" if result.status == "done" else ""), highlight=False)
-                if result.last_in_file:
-                    bar.advance(task)
+        _report_each(segment_files(images, job, channel_axis, series), len(images), "segmenting",
+                     "masks", out)
     finally:
         runner.deactivate()
-    console.print(f"{counts['done']} segmented, {counts['skipped']} skipped (outputs exist; "
-                  f"--overwrite to redo), {counts['failed']} failed → {out}", soft_wrap=True)
+
+
+def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: str, out: Path) -> None:
+    """A progress bar over the files, one line per image, a summary; exit code 1 if any failed."""
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task(doing, total=files)
+        for result in results:
+            counts[result.status] += 1
+            if result.status == "failed":
+                bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
+                                  soft_wrap=True)
+            else:
+                done = f", {result.count} {unit}" if result.status == "done" else ""
+                bar.console.print(f"{result.name}: {result.status}{done}", highlight=False, markup=False)
+            if result.last_in_file:
+                bar.advance(task)
+    console.print(f"{counts['done']} done, {counts['skipped']} skipped (outputs exist; --overwrite to "
+                  f"redo), {counts['failed']} failed → {out}", soft_wrap=True, markup=False)
     if counts["failed"]:
         raise typer.Exit(code=1)
 
@@ -199,27 +217,21 @@ def export(
 
 @app.command("pseudo-label")
 def pseudo_label(
-    images: Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders "
-                                                 "of them.")],
+    images: ImagesArg,
     model: Annotated[str, typer.Option(help="Weights file, run or export directory, or Cellpose "
                                        "model name.")],
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_pseudo.npz.")],
-    runtime: Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt, as in "
-                                         "segment.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or "
-                                                  "bf16.")] = None,
-    onnx_provider: Annotated[str, typer.Option(help="onnxruntime provider: auto, cpu, cuda or "
-                                               "tensorrt.")] = "auto",
+    runtime: RuntimeOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    onnx_provider: OnnxProviderOpt = "auto",
     diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
                                             "default.")] = 0.0,
     tile_overlap: Annotated[float, typer.Option(help="Tile overlap fraction (0.05–0.5).")] = 0.1,
     batch_size: Annotated[int, typer.Option(help="Tiles per teacher call (8 views each).")] = 8,
-    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels, as in "
-                                                 "segment.")] = None,
-    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file.")] = None,
-    series: Annotated[int | None, typer.Option(help="Only this series of multi-series "
-                                               "files.")] = None,
+    channels: ChannelsOpt = None,
+    channel_axis: ChannelAxisOpt = None,
+    series: SeriesOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute images whose outputs exist.")] = False,
 ):
     """The SelfAdapt teacher's pseudo-labels (8-view ensemble, its std, confidence masks) for
@@ -260,36 +272,18 @@ def pseudo_label(
         write_pseudo_labels(output(image.name), arrays)
         return int(arrays["mask_prob"].sum())
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=err_console) as bar:
-            task = bar.add_task("pseudo-labelling", total=len(files))
-            for result in process_files(files, runner, output, work, picked, overwrite,
-                                        channel_axis, series):
-                counts[result.status] += 1
-                if result.status == "failed":
-                    bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
-                                      soft_wrap=True)
-                else:
-                    bar.console.print(f"{result.name}: {result.status}" + (
-                        f", {result.count} confident pixels" if result.status == "done" else ""),
-                        highlight=False, markup=False)
-                if result.last_in_file:
-                    bar.advance(task)
+        _report_each(process_files(files, runner, output, work, picked, overwrite, channel_axis,
+                                   series), len(files), "pseudo-labelling", "confident pixels", out)
     finally:
         runner.deactivate()
-    console.print(f"{counts['done']} pseudo-labelled, {counts['skipped']} skipped, {counts['failed']} "
-                  f"failed → {out}", soft_wrap=True, markup=False)
-    if counts["failed"]:
-        raise typer.Exit(code=1)
 
 
 @app.command()
 def adapt(
     images: Annotated[list[Path] | None, typer.Argument(help="Unlabeled TIFF / OME-TIFF / PNG "
                                                         "images, or folders of them.")] = None,
-    model: Annotated[str | None, typer.Option(help="Pretrained model: weights file, run directory "
+    model: Annotated[str | None, typer.Option(help="Pretrained model: weights file, run or export directory "
                                               "or Cellpose name.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to create.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory "
@@ -323,12 +317,10 @@ def adapt(
     teacher_precision: Annotated[str, typer.Option(help="Precision of the exported teacher graph: "
                                                    "fp32, fp16 or bf16.")] = "fp32",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    channels: Annotated[str | None, typer.Option(help="Comma-separated 0-based channels, as in "
-                                                 "segment.")] = None,
-    channel_axis: Annotated[int | None, typer.Option(help="Axis of the channels in the file.")] = None,
-    series: Annotated[int | None, typer.Option(help="Only this series of multi-series "
-                                               "files.")] = None,
+    device: DeviceOpt = "auto",
+    channels: ChannelsOpt = None,
+    channel_axis: ChannelAxisOpt = None,
+    series: SeriesOpt = None,
 ):
     """Adapt a pretrained model to unlabeled images (SelfAdapt); resumable with --resume RUN."""
     from rich.progress import TaskProgressColumn
