@@ -60,7 +60,7 @@ def export_onnx(net: SegmentationNet, graph: GraphIO, precision: str = "fp32", o
                 metadata: dict | None = None) -> onnx.ModelProto:
     """The ONNX model of ``graph`` computed by ``net`` (on the CPU) at ``precision``: float32 input
     and outputs, reduced precision inside; bf16 ops that ONNX does not define run as float32."""
-    net = copy.deepcopy(net).cpu().eval()  # the caller's network keeps its device and mode
+    net = _cpu_eval(net)
     module = graph_module(net, graph, precision)
     opset = opset_for(precision, opset)
     example = torch.zeros(2, net.nchan, net.tile_size, net.tile_size)
@@ -92,6 +92,14 @@ def export_onnx(net: SegmentationNet, graph: GraphIO, precision: str = "fp32", o
         onnx.helper.set_model_props(model, {ONNX_METADATA_KEY: json.dumps(metadata)})
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _cpu_eval(net: SegmentationNet) -> SegmentationNet:
+    """``net`` when it is on the CPU in eval mode, else such a copy: the caller's network keeps
+    its device and mode (a training student, an EMA teacher on the GPU)."""
+    if net.device.type == "cpu" and not net.training:
+        return net
+    return copy.deepcopy(net).cpu().eval()
 
 
 def _name_axes(model: onnx.ModelProto, graph: GraphIO) -> None:
@@ -219,7 +227,7 @@ def validate_runner(runner, net: SegmentationNet, graph: GraphIO, precision: str
                     tiles: list[torch.Tensor], where: str) -> Validation:
     """Run ``runner`` (an active runner of the exported artefact) and torch on each batch of
     ``tiles``; raise :class:`ExportValidationError` listing every disagreement."""
-    net = copy.deepcopy(net).cpu().eval()
+    net = _cpu_eval(net)
     reference = graph_module(net, graph, precision)
     fp32 = graph_module(net, graph, "fp32") if precision != "fp32" else reference
     atol, relative = tolerance(precision, runner.device)

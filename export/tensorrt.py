@@ -105,7 +105,7 @@ def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precisi
     can be (same graph structure, precision and profile, built on this machine), else built;
     validated against torch either way."""
     path = staging / f"{graph.name}.plan"
-    refit = _refit_source(engines_from, net, graph, precision, max_batch, onnx_bytes, device)
+    refit = _refit_source(engines_from, graph, precision, max_batch, onnx_bytes, device)
     if isinstance(refit, tuple):
         old_plan, record = refit
         path.write_bytes(old_plan.read_bytes())
@@ -131,8 +131,8 @@ def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precisi
                     validation.to_dict(), record)
 
 
-def _refit_source(old: Path | None, net: SegmentationNet, graph: GraphIO, precision: str,
-                  max_batch: int, onnx_bytes: bytes, device: torch.device) -> tuple[Path, dict] | str:
+def _refit_source(old: Path | None, graph: GraphIO, precision: str, max_batch: int, onnx_bytes: bytes,
+                  device: torch.device) -> tuple[Path, dict] | str:
     """(old plan, its record) when it can be refit into this export, else why not ('' when no
     ``old`` was given)."""
     if old is None:

@@ -337,6 +337,10 @@ def adapt(
                     "--teacher-precision fp32, fp16 or bf16")
     try:
         dev = resolve_device(device)
+        if teacher_runtime == "tensorrt":  # fail before any work when it cannot run here
+            from selfadapt_deploy.runtime.trt_runner import import_tensorrt
+
+            import_tensorrt()
         if resume is not None:
             s = resume_settings(resume)
             kwargs = dict(images=s["images"], model=s["model"], out=resume, config=s["config"],

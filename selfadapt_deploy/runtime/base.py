@@ -55,7 +55,6 @@ MODEL_GRAPH = GraphIO("model", "tiles", (("flows_cellprob", 3),))
 #: over the 8 flip/rot90 views, and their per-pixel standard deviation across views
 TEACHER_GRAPH = GraphIO("teacher_tta", "tiles", (("flows", 2), ("prob", 1), ("flows_std", 2),
                                                  ("prob_std", 1)), square=True)
-GRAPHS = {g.name: g for g in (MODEL_GRAPH, TEACHER_GRAPH)}
 
 
 class Runner(ABC):

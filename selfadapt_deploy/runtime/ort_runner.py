@@ -27,14 +27,6 @@ def ort_cache_dir() -> Path:
     return Path.home() / ".cache" / "sa-deploy" / "ort-tensorrt"
 
 
-def available_providers() -> list[str]:
-    """Provider short names this onnxruntime build offers (compiled in; loading may still fail)."""
-    import onnxruntime as ort
-
-    offered = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in offered]
-
-
 class OrtRunner(Runner):
     """Runs an ONNX graph (a file, or serialised bytes) with one onnxruntime execution provider."""
 
@@ -98,9 +90,9 @@ class OrtRunner(Runner):
     def _check_io(self, session) -> None:
         inputs, outputs = session.get_inputs(), [o.name for o in session.get_outputs()]
         if [i.name for i in inputs] != [self.graph.input] or outputs != self.graph.output_names:
-            raise ArtifactError(f"{self.source!s:.200}: graph has inputs {[i.name for i in inputs]} and "
-                             f"outputs {outputs}; the {self.graph.name} graph has "
-                             f"[{self.graph.input}] and {self.graph.output_names}")
+            raise ArtifactError(f"{self.source!s:.200}: graph has inputs {[i.name for i in inputs]} "
+                                f"and outputs {outputs}; the {self.graph.name} graph has "
+                                f"[{self.graph.input}] and {self.graph.output_names}")
         channels = inputs[0].shape[1]
         self.pads_channels = self.spec.fewer_channels_ok and channels == self.spec.nchan
 
