@@ -337,10 +337,6 @@ def adapt(
                     "--teacher-precision fp32, fp16 or bf16")
     try:
         dev = resolve_device(device)
-        if teacher_runtime == "tensorrt":  # fail before any work when it cannot run here
-            from selfadapt_deploy.runtime.trt_runner import import_tensorrt
-
-            import_tensorrt()
         if resume is not None:
             s = resume_settings(resume)
             kwargs = dict(images=s["images"], model=s["model"], out=resume, config=s["config"],
@@ -364,6 +360,10 @@ def adapt(
                           channel_axis=channel_axis, series=series,
                           val_images=[str(p) for p in val or []], val_fraction=val_fraction,
                           keep_snapshots=keep_snapshots)
+        if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
+            from selfadapt_deploy.runtime.trt_runner import import_tensorrt
+
+            import_tensorrt()
         total = kwargs["config"].iterations
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TaskProgressColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),

@@ -186,3 +186,23 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
         for name in graph.output_names:
             assert close(a[name], b[name]) and close(c[name], b[name]), name
             assert close(a[name].cpu(), want[name]), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_requests_without_tensorrt_fail_before_any_work(tmp_path, trained_cpnet_path):
+    import numpy as np
+    import tifffile
+    from typer.testing import CliRunner
+
+    from selfadapt_deploy.cli import app
+
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, np.random.default_rng(0).integers(0, 900, (96, 96), dtype=np.uint16))
+    for args in (["adapt", str(image), "--model", str(trained_cpnet_path), "--out",
+                  str(tmp_path / "run"), "--teacher-runtime", "tensorrt", "--device", "cpu"],
+                 ["export", str(trained_cpnet_path), "--out", str(tmp_path / "export"), "--trt"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1
+        assert "error: TensorRT is not installed" in result.output
+        assert "pip install 'sa-deploy[trt]'" in result.output.replace("\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]  # nothing was started
