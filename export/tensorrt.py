@@ -40,7 +40,13 @@ from selfadapt_deploy.runtime.trt_runner import (
     trt_major,
 )
 
-from .onnx_export import export_onnx, structure_sha256, validate_runner
+from .onnx_export import (
+    ExportValidationError,
+    Validation,
+    export_onnx,
+    structure_sha256,
+    validate_runner,
+)
 
 WORKSPACE_BYTES = 4 << 30
 TIMING_CACHE = "timing.cache"
@@ -58,7 +64,8 @@ def needs_fp32_graph(precision: str) -> bool:
 
 
 def build_engine(onnx_bytes: bytes, graph: GraphIO, spec: ModelSpec, channels: int, precision: str,
-                 max_batch: int, timing_cache: Path, device: torch.device) -> EngineBuild:
+                 max_batch: int, timing_cache: Path, device: torch.device,
+                 refittable: bool = True) -> EngineBuild:
     """Serialized engine of an ONNX graph (the float32 graph on TensorRT 10 when ``precision`` is
     reduced, the graph at ``precision`` on TensorRT 11)."""
     trt = import_tensorrt()
@@ -74,7 +81,8 @@ def build_engine(onnx_bytes: bytes, graph: GraphIO, spec: ModelSpec, channels: i
         raise SaDeployError(f"TensorRT {trt.__version__} cannot parse the {graph.name} graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    config.set_flag(trt.BuilderFlag.REFIT)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if not strong and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
@@ -93,7 +101,7 @@ def build_engine(onnx_bytes: bytes, graph: GraphIO, spec: ModelSpec, channels: i
                             "(see its log above)")
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     record = {**engine_record(device), "typing": "strong" if strong else "weak",
-              "refittable": True, "max_batch": max_batch, "min_tile": smallest, "tile": t}
+              "refittable": refittable, "max_batch": max_batch, "min_tile": smallest, "tile": t}
     return EngineBuild(bytes(plan), record)
 
 
@@ -114,21 +122,40 @@ def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precisi
             path.write_bytes(runner.serialize())
         record = {**record, "refit_from": str(engines_from)}
         report(f"{path.name}: refit from {old_plan} (same graph, new weights)")
+        with TrtRunner(path, spec_for(net), graph, device, record) as runner:
+            validation = validate_runner(runner, net, graph, precision, tiles, path.name)
     else:
         if refit:
             report(f"{path.name}: building, not refitting: {refit}")
         if needs_fp32_graph(precision):  # TensorRT 10: precision by builder flags on the fp32 graph
             onnx_bytes = export_onnx(net, graph, "fp32", opset).SerializeToString()
-        report(f"building {path.name} with TensorRT (minutes) ...")
-        build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
-                             staging / TIMING_CACHE, device)
-        path.write_bytes(build.plan)
-        record = build.record
-    with TrtRunner(path, spec_for(net), graph, device, record) as runner:
-        validation = validate_runner(runner, net, graph, precision, tiles, path.name)
+        validation, record = _build_validated(path, onnx_bytes, net, graph, precision, max_batch,
+                                              device, tiles, report)
     report(f"{path.name}: {validation.describe()}")
     return Artifact(path.name, graph.name, "tensorrt", precision, sha256_file(path),
                     validation.to_dict(), record)
+
+
+def _build_validated(path: Path, onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO,
+                     precision: str, max_batch: int, device: torch.device, tiles: list[torch.Tensor],
+                     report: Callable[[str], None]) -> tuple[Validation, dict]:
+    """Build a refittable engine and validate it; if it disagrees with torch, build a
+    non-refittable one (TensorRT 11.3: "Enabling BuilderFlag::kREFIT may produce incorrect
+    numerical output ... A GEMM bias can be dropped"), say so, and validate that."""
+    for refittable in (True, False):
+        report(f"building {path.name} with TensorRT (minutes) ...")
+        build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
+                             path.parent / TIMING_CACHE, device, refittable)
+        path.write_bytes(build.plan)
+        with TrtRunner(path, spec_for(net), graph, device, build.record) as runner:
+            try:
+                return validate_runner(runner, net, graph, precision, tiles, path.name), build.record
+            except ExportValidationError as exc:
+                if not refittable:
+                    raise
+                report(f"{path.name}: the refittable engine disagrees with torch ({exc}); "
+                       "building it without REFIT (refit and --engines-from will not apply to it)")
+    raise AssertionError("unreachable")
 
 
 def _refit_source(old: Path | None, graph: GraphIO, precision: str, max_batch: int, onnx_bytes: bytes,

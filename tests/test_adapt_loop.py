@@ -93,3 +93,24 @@ def test_teacher_in_onnxruntime_gives_the_torch_pseudo_labels_at_every_sync(tmp_
     assert max(synced.values()) <= 1e-4
     assert (tmp_path / "run" / "teacher_engine" / "teacher_tta.onnx").is_file()
     assert load_model(tmp_path / "run").family == "cpnet"
+
+
+def test_a_teacher_runtime_that_disagrees_with_torch_stops_the_run(trained_cpnet_path, monkeypatch,
+                                                                  tmp_path):
+    """A runner whose weights did not follow the EMA (here: the sync is skipped after the teacher
+    moved) is caught at the sync point instead of silently training on wrong pseudo-labels."""
+    from selfadapt_deploy.errors import SaDeployError
+    from selfadapt_deploy.trainer.engine_teacher import open_engine_teacher
+
+    net = load_model(trained_cpnet_path)
+    engine = open_engine_teacher(net, "onnx", "fp32", tmp_path, torch.device("cpu"), 1, 2)
+    x = torch.rand(2, 2, 64, 64)
+    _, metrics = engine(x, 0)
+    assert metrics["teacher_err"] <= 1e-4
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    monkeypatch.setattr(engine.runner, "update_weights", lambda weights: None)
+    with pytest.raises(SaDeployError, match="disagrees with the torch teacher at step 1"):
+        engine(x, 1)
+    engine.close()

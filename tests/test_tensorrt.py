@@ -154,9 +154,13 @@ def test_missing_tensorrt_is_one_clear_error(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
-    """Build, run, refit: a refit engine equals a freshly built one and torch with the new
-    weights; export --engines-from refits instead of building."""
+    """Build, run, refit: a refit engine equals a non-refittable engine built with the new weights
+    (TensorRT 11.3: REFIT may drop a GEMM bias) and torch; export --engines-from refits."""
     from selfadapt_deploy.export.exporter import export_model
+    from selfadapt_deploy.export.onnx_export import export_onnx
+    from selfadapt_deploy.export.tensorrt import build_engine
+    from selfadapt_deploy.runtime import spec_for
+    from selfadapt_deploy.runtime.trt_runner import TrtRunner
 
     out = tmp_path / "trt"
     export_model(str(trained_cpnet_path), out, trt=True, report=lambda m: None)
@@ -165,8 +169,7 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     net.save(tmp_path / "moved.pt")
-    fresh, refit_dir = tmp_path / "fresh", tmp_path / "refit"
-    export_model(str(tmp_path / "moved.pt"), fresh, trt=True, report=lambda m: None)
+    refit_dir = tmp_path / "refit"
     manifest = export_model(str(tmp_path / "moved.pt"), refit_dir, trt=True, report=lambda m: None,
                             engines_from=out)
     assert manifest.artifact("model", "tensorrt").engine["refit_from"] == str(out)
@@ -176,8 +179,13 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
         return (a - b).abs().max() <= 1e-3 * max(1.0, float(b.abs().max()))
 
     for graph in (MODEL_GRAPH, TEACHER_GRAPH):
+        build = build_engine(export_onnx(net, graph).SerializeToString(), graph, spec_for(net),
+                             net.nchan, "fp32", 8, tmp_path / "timing.cache", torch.device("cuda"),
+                             refittable=False)
+        plain = tmp_path / f"{graph.name}.plan"
+        plain.write_bytes(build.plan)
         with open_runner(out, "tensorrt", "cuda", graph=graph)[0] as refit, \
-                open_runner(fresh, "tensorrt", "cuda", graph=graph)[0] as built, \
+                TrtRunner(plain, spec_for(net), graph, "cuda", build.record) as built, \
                 open_runner(refit_dir, "tensorrt", "cuda", graph=graph)[0] as exported:
             refit.update_weights(graph_module(net, graph).state_dict())
             a, b, c = refit.run(x), built.run(x), exported.run(x)

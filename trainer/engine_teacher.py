@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.export.onnx_export import export_onnx
+from selfadapt_deploy.export.onnx_export import export_onnx, tolerance
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import TEACHER_GRAPH, Runner
@@ -31,12 +31,17 @@ TEACHER_RUNTIMES = ("torch", "onnx", "tensorrt")
 
 
 class RunnerTeacher:
-    """A :class:`~selfadapt_deploy.trainer.teacher.PseudoLabeler` over an active teacher-TTA runner."""
+    """A :class:`~selfadapt_deploy.trainer.teacher.PseudoLabeler` over an active teacher-TTA runner.
+    A runner that disagrees with the torch teacher at a sync point beyond what its precision and
+    device allow (the export's validation tolerance) stops the run: training on wrong pseudo-labels
+    would not announce itself."""
 
-    def __init__(self, runner: Runner, teacher: SegmentationNet, sync_every: int):
+    def __init__(self, runner: Runner, teacher: SegmentationNet, sync_every: int,
+                 precision: str = "fp32"):
         if sync_every < 1:
             raise SaDeployError(f"--teacher-sync must be ≥ 1, got {sync_every}")
         self.runner, self.teacher, self.sync_every = runner, teacher, sync_every
+        self.tolerance, self.relative = tolerance(precision, runner.device)
         # at fp32 the graph module shares the EMA's parameters: its state_dict is always current,
         # named as the exported graph's initializers
         self.weights = graph_module(teacher, TEACHER_GRAPH)
@@ -49,7 +54,13 @@ class RunnerTeacher:
         self.synced = True
         out = TeacherOutput.from_graph(self.runner.run(x))
         reference = teacher_predict(self.teacher, x)
-        return out, {"teacher_err": out.max_abs_diff(reference)}
+        err = out.max_abs_diff(reference)
+        bound = self.tolerance * (max(1.0, float(reference.flows.abs().max())) if self.relative else 1)
+        if not err <= bound:
+            raise SaDeployError(f"{self.runner.name}'s teacher disagrees with the torch teacher at step "
+                                f"{step} (max |Δ| {err:.3g} > {bound:.3g}); its pseudo-labels cannot "
+                                "be trusted — use --teacher-runtime torch")
+        return out, {"teacher_err": err}
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -71,7 +82,7 @@ def open_engine_teacher(teacher: SegmentationNet, runtime: str, precision: str, 
     else:
         runner = _tensorrt_teacher(onnx_bytes, teacher, precision, Path(directory), device, max_batch)
     runner.activate()
-    return RunnerTeacher(runner, teacher, sync_every)
+    return RunnerTeacher(runner, teacher, sync_every, precision)
 
 
 def _tensorrt_teacher(onnx_bytes: bytes, teacher: SegmentationNet, precision: str, directory: Path,
