@@ -4,5 +4,7 @@ One module per part of the method: ``ema`` (in-place EMA teacher), ``teacher`` (
 ``confidence`` (ACTIS masks), ``augment`` (strong student view), ``losses`` (BCE/MSE/L2-SP),
 ``schedule`` (warm-up + cosine), ``stopping`` (FN rate / embedding distance), ``step`` (one
 optimisation step in the method's order), ``loop`` (run directory, snapshots, resume), ``run``
-(images on disk → ``adapt``) and ``report`` (curves.png).
+(images on disk → ``adapt``), ``report`` (curves.png), ``engine_teacher`` (the teacher's
+pseudo-labels from its exported graph in onnxruntime / TensorRT) and ``pseudo_label`` (the
+teacher's ensemble for whole images, ``sa-deploy pseudo-label``).
 """
