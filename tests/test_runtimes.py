@@ -193,3 +193,19 @@ def test_pseudo_label_in_onnxruntime_equals_torch_on_real_images(tmp_path, expor
     again = cli.invoke(app, ["pseudo-label", str(image), "--model", str(exported_cyto), "--out",
                              str(tmp_path / "onnx"), "--device", "cpu", "--channels", "0", "--series", "3"])
     assert again.exit_code == 0 and "skipped" in again.output  # resumable: done images are skipped
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "fp8"], "--precision must be one of fp32, fp16, bf16, got 'fp8'"),
+    (["--runtime", "onnx", "--precision", "fp16"], "holds fp32 graphs, not fp16"),
+    (["--runtime", "foo"], "--runtime must be one of auto, torch, onnx, tensorrt"),
+    (["--runtime", "onnx", "--onnx-provider", "cuda"], "provider 'cuda' does not run on device cpu"),
+    (["--runtime", "tensorrt"], "no tensorrt artefact of the model graph"),
+])
+def test_bad_runtime_choices_fail_with_one_line_before_any_work(tmp_path, exported_cyto, args, message):
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, np.ones((32, 32), np.uint16))
+    result = cli.invoke(app, ["segment", str(image), "--model", str(exported_cyto), "--out",
+                              str(tmp_path / "o"), "--device", "cpu", *args])
+    assert result.exit_code == 1 and message in result.output.replace("\n", "")
+    assert not list((tmp_path / "o").glob("*.tif"))

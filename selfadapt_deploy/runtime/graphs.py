@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, TEACHER_GRAPH, GraphIO
 from selfadapt_deploy.tiling import d4_ensemble, d4_views
@@ -24,8 +25,9 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def check_precision(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name; anything else is a user error."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        raise SaDeployError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     return PRECISIONS[precision]
 
 

@@ -17,6 +17,7 @@ from selfadapt_deploy.errors import ArtifactError, SaDeployError
 from selfadapt_deploy.manifest import Manifest, is_export_dir, read_manifest, verified_file
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.runtime.graphs import check_precision
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
 from selfadapt_deploy.runtime.torch_runner import TorchRunner
 
@@ -39,6 +40,8 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
           onnx_provider: str) -> tuple[Runner, str, str]:
     if runtime not in RUNTIMES:
         raise SaDeployError(f"--runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if precision is not None:
+        check_precision(precision)
     if onnx_provider not in ONNX_PROVIDERS:
         raise SaDeployError(f"--onnx-provider must be one of {', '.join(ONNX_PROVIDERS)}, got "
                             f"'{onnx_provider}'")
@@ -82,9 +85,9 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
 def _artifact(path: Path, manifest: Manifest, graph: GraphIO, fmt: str):
     artifact = manifest.artifact(graph.name, fmt)
     if artifact is None:
-        hint = " with --trt" if fmt == "tensorrt" else ""
+        hint = " --trt" if fmt == "tensorrt" else ""
         raise ArtifactError(f"{path} has no {fmt} artefact of the {graph.name} graph; re-run "
-                            f"`sa-deploy export{hint}`")
+                            f"`sa-deploy export MODEL --out DIR{hint}`")
     return artifact
 
 
