@@ -31,7 +31,7 @@ from selfadapt_deploy.runtime.base import MODEL_GRAPH, TEACHER_GRAPH, GraphIO
 from selfadapt_deploy.runtime.graphs import check_precision
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
 from selfadapt_deploy.runtime.torch_runner import spec_for
-from selfadapt_deploy.segment import resize_chw
+from selfadapt_deploy.segment import prepare_image, rescale_factor
 from selfadapt_deploy.synthetic import random_labels, render
 
 from .onnx_export import (
@@ -64,14 +64,8 @@ def validation_images(net: SegmentationNet, images: Sequence[np.ndarray] = ()) -
     """Normalised C×Y×X images at the network's scale to validate on: the user's (already with the
     network's channels), else generated cells of the network's mean diameter."""
     if images:
-        rescale = net.diam_mean / net.default_diameter
-        out = []
-        for img in images:
-            x = normalize_image(img)
-            if rescale != 1.0:
-                x = resize_chw(x, max(1, int(x.shape[1] * rescale)), max(1, int(x.shape[2] * rescale)))
-            out.append(x)
-        return out
+        rescale = rescale_factor(spec_for(net), None)
+        return [prepare_image(img, rescale) for img in images]
     side = 2 * net.tile_size
     radius = (0.35 * net.diam_mean, 0.55 * net.diam_mean)
     labels = random_labels((side, side), int(side**2 / (3 * net.diam_mean**2)), radius, seed=0)

@@ -56,6 +56,14 @@ def resize_chw(img: np.ndarray, ly: int, lx: int) -> np.ndarray:
     return (out[..., None] if out.ndim == 2 else out).transpose(2, 0, 1)
 
 
+def prepare_image(img: np.ndarray, rescale: float) -> np.ndarray:
+    """C×Y×X raw image → normalised float32 at the network's scale (resized by ``rescale``)."""
+    x = normalize_image(img)
+    if rescale != 1.0:
+        x = resize_chw(x, max(1, int(x.shape[1] * rescale)), max(1, int(x.shape[2] * rescale)))
+    return x
+
+
 def rescale_factor(spec: ModelSpec, diameter: float | None) -> float:
     """diam_mean / diameter; without a diameter, the model's default diameter (cellpose's rule)."""
     return spec.diam_mean / (diameter or spec.default_diameter)

@@ -7,16 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from selfadapt_deploy.io.normalize import normalize_image
-from selfadapt_deploy.segment import resize_chw
+from selfadapt_deploy.segment import prepare_image
 
-
-def prepare_image(img: np.ndarray, rescale: float) -> np.ndarray:
-    """C×Y×X raw image → normalised float32 at the network's scale (resized by ``rescale``)."""
-    x = normalize_image(img)
-    if rescale != 1.0:
-        x = resize_chw(x, max(1, int(x.shape[1] * rescale)), max(1, int(x.shape[2] * rescale)))
-    return x
+__all__ = ["TileSampler", "prepare_image"]
 
 
 class TileSampler:
