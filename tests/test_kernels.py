@@ -102,12 +102,14 @@ np.savez(sys.argv[2], positions=res[0][1].numpy(), masks=masks)
 def test_triton_kernel_under_the_interpreter_matches_the_reference(tmp_path):
     _, flows, cellprob = synthetic_flows((48, 48), 8, seed=3, noise=0.5)
     np.savez(tmp_path / "in.npz", flows=flows, cellprob=cellprob)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: new process
+    # TRITON_INTERPRET is read when the kernel is defined: a new process. It failed on a GPU
+    # machine only: the GPU is hidden from it, so it runs the same on every machine.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tmp_path / "in.npz"),
                     str(tmp_path / "out.npz")], env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
     ref = integrate(flows, cellprob, 0.0, 200, "cpu", "torch")[1].numpy()
-    # CUDA's formulas (no FMA in the interpreter) against ATen CPU's: equal to rounding
+    # the reference's formulas with its FMAs evaluated unfused by the interpreter: equal to rounding
     assert (np.abs(got["positions"] - ref) < 1e-3).all(axis=0).mean() > 0.99
     assert (got["positions"].astype(int) == ref.astype(int)).all(axis=0).mean() > 0.99
     reference_masks = cellpose_masks(flows, cellprob, MaskParams())
@@ -161,16 +163,35 @@ def test_torch_flow_errors_equal_cellposes():
     np.testing.assert_allclose(_flow_errors_torch(masks, heat, net), ref, rtol=1e-10)
     np.testing.assert_allclose(flow_errors(masks, net), ref, rtol=1e-10)
 
+def assert_positions_agree(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """What a flow integrator on another machine guarantees (../shared/GPU_FACTS.md): 200 Euler
+    steps amplify last-bit differences near the flow's fixed points, so torch's own CUDA
+    grid_sample ends up to 0.65 px from its CPU result on 0.23 % of pixels. Nearly every pixel
+    within 1e-3 px, none by more than 1.5 px, the integer bins (which make the masks) equal for
+    nearly every pixel."""
+    diff = (got.cpu() - ref.cpu()).abs().amax(dim=0)
+    assert (diff <= 1e-3).float().mean().item() >= 0.95, diff.quantile(0.95)
+    assert diff.max().item() <= 1.5
+    assert (got.cpu().int() == ref.cpu().int()).all(0).float().mean().item() >= 0.99
+
+
 @cuda
 @pytest.mark.gpu
 @needs_triton
-def test_triton_on_cuda_matches_torch_on_cuda():
+@pytest.mark.parametrize("method", ["torch", "triton"])
+def test_cuda_integrators_agree_with_the_cpu_reference(method):
+    """torch's grid_sample on CUDA (cellpose's GPU path) and our Triton kernel against the CPU
+    reference (= cellpose on the CPU, bit for bit), with the criterion the method guarantees."""
     flows, cellprob = _batch((300, 280), n=3, cells=150)
-    ref = integrate_batch(flows, cellprob, 0.0, 200, "cuda", "torch")
-    ours = integrate_batch(flows, cellprob, 0.0, 200, "cuda", "triton")
-    for (_, rp), (_, op) in zip(ref, ours, strict=True):
-        assert (op - rp).abs().max().item() < 1e-2
-        assert (op.int() == rp.int()).all(0).float().mean().item() > 0.999
+    ref = integrate_batch(flows, cellprob, 0.0, 200, "cpu", "numba")
+    ours = integrate_batch(flows, cellprob, 0.0, 200, "cuda", method)
+    for (ri, rp), (oi, op) in zip(ref, ours, strict=True):
+        np.testing.assert_array_equal(ri[0], oi[0])
+        assert_positions_agree(op, rp)
+    for b in range(len(flows)):
+        cpu = flows_to_masks(flows[b], cellprob[b], MaskParams(integrator="numba"))
+        gpu = flows_to_masks(flows[b], cellprob[b], MaskParams(integrator=method), device="cuda")
+        assert average_precision(cpu, gpu).ap[0] >= 0.99
 
 
 @cuda
