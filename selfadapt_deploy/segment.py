@@ -2,6 +2,11 @@
 
 normalise → resize by diam_mean/diameter → tiles → runner (optionally 8 D4 views) → taper blend →
 resize back → integrate → assemble → flow QC → fill holes / min size.
+
+Two pipelines compute it (``SegmentParams.pipeline``): ``host`` — numpy/OpenCV around the network,
+numba kernels after it (the CPU default, exact); ``device`` — the image goes to the runner's
+device once as read, and normalisation, resizing, tiles, TTA, integration, assembly and flow QC
+stay there; only the label image comes back (the default on CUDA).
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.normalize import normalize_image
-from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch
+from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
+from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
 from selfadapt_deploy.runtime.base import ModelSpec, Runner
 from selfadapt_deploy.tiling import D4, Predict, d4_inverse, d4_transform, predict_tiled
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
+PIPELINES = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)
@@ -37,20 +44,41 @@ class SegmentParams:
     tta: bool = False  # average the 8 D4 views of every tile
     normalize: bool = True
     integrator: str = "auto"  # flow integration kernel: auto | torch | numba | triton
+    pipeline: str = "auto"  # auto (device on CUDA, host elsewhere) | host | device
 
 
 @dataclass
 class Segmentation:
-    """Masks plus the flows (network units) and cellprob logits they were computed from."""
+    """Masks plus the network output they were computed from: 3×Y×X (dY, dX in network units,
+    cellprob logit) at the image's size — a device tensor in the device pipeline, brought to the
+    host only when ``flows`` or ``cellprob`` is read."""
 
     masks: np.ndarray
-    flows: np.ndarray  # 2×Y×X
-    cellprob: np.ndarray  # Y×X
+    output: np.ndarray | torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
+    def _host(self) -> np.ndarray:
+        if isinstance(self.output, torch.Tensor):
+            self.output = self.output.cpu().numpy()
+        return self.output
 
-def resize_chw(img: np.ndarray, ly: int, lx: int) -> np.ndarray:
-    """Bilinear resize of a C×Y×X float array (OpenCV, as cellpose's ``resize_image``)."""
+    @property
+    def flows(self) -> np.ndarray:  # 2×Y×X
+        return self._host()[:2]
+
+    @property
+    def cellprob(self) -> np.ndarray:  # Y×X
+        return self._host()[2]
+
+
+Image = np.ndarray | torch.Tensor  # C×Y×X: numpy on the host pipeline, a tensor on the device one
+
+
+def resize_chw(img: Image, ly: int, lx: int) -> Image:
+    """Bilinear resize of a C×Y×X float array: OpenCV for numpy (as cellpose's ``resize_image``),
+    ``interpolate`` (bilinear, half-pixel centres, no antialiasing: OpenCV's rule) for a tensor."""
+    if isinstance(img, torch.Tensor):
+        return F.interpolate(img[None], size=(ly, lx), mode="bilinear", align_corners=False)[0]
     out = cv2.resize(np.ascontiguousarray(img.transpose(1, 2, 0)), (lx, ly),
                      interpolation=cv2.INTER_LINEAR)
     return (out[..., None] if out.ndim == 2 else out).transpose(2, 0, 1)
@@ -81,11 +109,12 @@ def tta_predict(runner: Runner):
     return predict
 
 
-def predict_image(predict: Predict, spec: ModelSpec, img: np.ndarray, diameter: float | None,
+def predict_image(predict: Predict, spec: ModelSpec, img: Image, diameter: float | None,
                   tile_overlap: float, batch_size: int, device: torch.device,
-                  fixed_tile: bool) -> tuple[np.ndarray, float]:
+                  fixed_tile: bool) -> tuple[Image, float]:
     """Normalised C×Y×X image → (K×Y×X predictions at the original size, rescale): resized by
-    diam_mean / diameter, tiled, predicted and blended on ``device``, resized back."""
+    diam_mean / diameter, tiled, predicted and blended on ``device``, resized back. A numpy image
+    gives numpy (resized by OpenCV on the host); a tensor stays a tensor on its device."""
     rescale = rescale_factor(spec, diameter)
     ly, lx = img.shape[1:]
     x = img
@@ -96,15 +125,17 @@ def predict_image(predict: Predict, spec: ModelSpec, img: np.ndarray, diameter: 
                                 f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
         x = resize_chw(x, ry, rx)
     # the image goes to the runner's device once; tiles, network and blending stay there
-    y = predict_tiled(predict, torch.from_numpy(x).to(device), spec.tile_size, tile_overlap,
-                      batch_size, fixed_tile).cpu().numpy()
+    on_host = isinstance(x, np.ndarray)
+    y = predict_tiled(predict, torch.from_numpy(x).to(device) if on_host else x.to(device),
+                      spec.tile_size, tile_overlap, batch_size, fixed_tile)
+    if on_host:
+        y = y.cpu().numpy()
     if rescale != 1.0:
         y = resize_chw(y, ly, lx)
     return y, rescale
 
 
-def predict_flows(runner: Runner, img: np.ndarray,
-                  params: SegmentParams) -> tuple[np.ndarray, float]:
+def predict_flows(runner: Runner, img: Image, params: SegmentParams) -> tuple[Image, float]:
     """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
     predict = tta_predict(runner) if params.tta else runner.infer
     return predict_image(predict, runner.spec, img, params.diameter, params.tile_overlap,
@@ -118,14 +149,47 @@ def _mask_params(params: SegmentParams, rescale: float) -> MaskParams:
                       max_size_fraction=params.max_size_fraction, integrator=params.integrator)
 
 
+def use_device_pipeline(params: SegmentParams, device: torch.device) -> bool:
+    """Whether ``params.pipeline`` means the device-resident pipeline on ``device``."""
+    if params.pipeline not in PIPELINES:
+        raise SaDeployError(f"--pipeline must be one of {', '.join(PIPELINES)}, got '{params.pipeline}'")
+    return params.pipeline == "device" or (params.pipeline == "auto" and device.type == "cuda")
+
+
+def _sync(device: torch.device) -> float:
+    """The time once ``device`` has finished its queued work (stage timings of the device pipeline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def segment_on_device(runner: Runner, img: np.ndarray, params: SegmentParams) -> Segmentation:
+    """The device-resident pipeline for one C×Y×X image: uploaded once in its own dtype; every
+    stage up to the label image runs on the runner's device (:mod:`postprocess` on tensors)."""
+    device = runner.device
+    t0 = time.perf_counter()
+    x = torch.from_numpy(np.ascontiguousarray(img)).to(device, non_blocking=True)
+    x = normalize_tensor(x) if params.normalize else x.float()
+    t1 = _sync(device)
+    y, rescale = predict_flows(runner, x, params)
+    t2 = _sync(device)
+    masks = flows_to_masks_on_device(y[None, :2], y[None, 2], _mask_params(params, rescale))[0]
+    t3 = time.perf_counter()
+    return Segmentation(masks=masks, output=y,
+                        timings={"normalize": t1 - t0, "network": t2 - t1, "masks": t3 - t2})
+
+
 def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams = SegmentParams(),
                    device: torch.device | str = "cpu") -> list[Segmentation]:
     """Segment C×Y×X images whose channels are already those the network expects.
 
-    The network runs image by image; the post-processing of images of one size (and step count)
-    runs as one batch — one integrator call, one kernel launch on a GPU. Its time is shared
-    equally among the images of the batch in ``timings["masks"]``.
+    With the device pipeline (:func:`use_device_pipeline` on the runner's device) each image runs
+    :func:`segment_on_device`. Otherwise the network runs image by image and the post-processing
+    of images of one size (and step count) runs as one batch on ``device`` — one integrator call.
+    Its time is shared equally among the images of the batch in ``timings["masks"]``.
     """
+    if use_device_pipeline(params, runner.device):
+        return [segment_on_device(runner, img, params) for img in imgs]
     predicted = []  # (network output 3×Y×X, mask settings, timings) per image
     for img in imgs:
         t0 = time.perf_counter()
@@ -147,7 +211,7 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
         share = (time.perf_counter() - t0) / len(members)
         for k in members:
             predicted[k][2]["masks"] = share
-    return [Segmentation(masks=masks[k], flows=y[:2], cellprob=y[2], timings=timings)
+    return [Segmentation(masks=masks[k], output=y, timings=timings)
             for k, (y, _, timings) in enumerate(predicted)]
 
 

@@ -15,11 +15,12 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
 from selfadapt_deploy.postprocess.flow_qc import (
-    _heat_torch,
-    diffusion_steps,
     flow_errors,
+    flow_errors_torch,
     heat_map,
+    heat_map_torch,
     mask_boxes,
+    mask_geometry,
 )
 from selfadapt_deploy.postprocess.integrate import (
     integrate,
@@ -117,13 +118,27 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference(tmp_path):
     assert average_precision(reference_masks, got["masks"]).ap[0] >= 0.99
 
 
-def test_per_mask_heat_equals_whole_image_heat():
-    masks = random_labels((90, 110), 30, seed=4)
+def test_batched_torch_heat_equals_the_cpu_kernels():
+    """The torch diffusion (crops of masks batched by size, as on a GPU) against the numba kernel:
+    same sums in the same order, so the same float64 numbers."""
+    masks = _concave_masks()
+    masks[60:100, 0:60] = masks.max() + 1  # one large mask: its own, larger bucket
+    masks = fastremap.renumber(masks)[0]
     boxes = mask_boxes(masks)
-    whole = _heat_torch(masks, mask_centres(masks, boxes), diffusion_steps(boxes), "cpu")
-    # equal up to the summation order of torch's 9-term reduction (last bit of float64)
-    np.testing.assert_allclose(heat_map(masks, boxes, "cpu").numpy(), whole.numpy(), rtol=1e-14, atol=0)
+    labels = torch.from_numpy(masks.astype(np.int64))
+    np.testing.assert_array_equal(heat_map_torch(labels).numpy(), heat_map(masks, boxes, "cpu").numpy())
+    _, _, _, t_boxes, t_centres = mask_geometry(labels)
+    np.testing.assert_array_equal(t_boxes.numpy(), boxes)
+    np.testing.assert_array_equal(t_centres.numpy(), mask_centres(masks, boxes))
+    small = torch.from_numpy(random_labels((90, 110), 30, seed=4).astype(np.int64))
+    import selfadapt_deploy.postprocess.flow_qc as fq
 
+    whole = heat_map_torch(small)
+    fq.HEAT_BUDGET, budget = 3 * 16**2, fq.HEAT_BUDGET  # buckets split into chunks of 3 crops
+    try:
+        torch.testing.assert_close(heat_map_torch(small), whole, rtol=0, atol=0)
+    finally:
+        fq.HEAT_BUDGET = budget
 
 
 def _concave_masks() -> np.ndarray:
@@ -150,18 +165,16 @@ def test_mask_centres_equal_cellposes_including_concave_masks():
 
 
 def test_torch_flow_errors_equal_cellposes():
-    """The segmented-sum flow QC used on GPUs, run here on the CPU, against cellpose."""
+    """The batched torch flow QC used on GPUs, run here on the CPU, against cellpose."""
     from cellpose.dynamics import flow_error
-
-    from selfadapt_deploy.postprocess.flow_qc import _flow_errors_torch
 
     masks = _concave_masks()
     net = np.random.default_rng(1).normal(0, 3, (2, *masks.shape)).astype(np.float32)
     ref, _ = flow_error(masks, net)
-    heat = _heat_torch(masks, mask_centres(masks, mask_boxes(masks)),
-                       diffusion_steps(mask_boxes(masks)), "cpu")
-    np.testing.assert_allclose(_flow_errors_torch(masks, heat, net), ref, rtol=1e-10)
+    got = flow_errors_torch(torch.from_numpy(masks.astype(np.int64)), torch.from_numpy(net))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10)
     np.testing.assert_allclose(flow_errors(masks, net), ref, rtol=1e-10)
+
 
 def assert_positions_agree(got: torch.Tensor, ref: torch.Tensor) -> None:
     """What a flow integrator on another machine guarantees (../shared/GPU_FACTS.md): 200 Euler

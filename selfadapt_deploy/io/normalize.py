@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 DOWNSAMPLE_ABOVE = 224**3  # cellpose computes percentiles on a strided subsample above this size
 
@@ -28,4 +29,36 @@ def normalize_image(img: np.ndarray, lower: float = 1.0, upper: float = 99.0) ->
     for c in range(img.shape[0]):
         if np.ptp(img[c]) > 0:
             out[c] = normalize_channel(img[c], lower, upper)
+    return out
+
+
+def _percentile_torch(sample: torch.Tensor, q: float) -> torch.Tensor:
+    """``np.percentile(sample, q)`` (linear method) of a float32 tensor, on its device, as a 0-d
+    tensor: the two order statistics around (n−1)·q/100, blended in float32 as numpy's ``_lerp``."""
+    n = sample.numel()
+    virtual = (n - 1) * (q / 100)
+    below = int(np.floor(virtual))
+    a = torch.kthvalue(sample, below + 1).values
+    b = torch.kthvalue(sample, min(below + 2, n)).values
+    t = float(np.float32(virtual - below))
+    diff = b - a
+    return b - diff * float(np.float32(1 - t)) if t >= 0.5 else a + diff * t
+
+
+def normalize_tensor(img: torch.Tensor, lower: float = 1.0, upper: float = 99.0) -> torch.Tensor:
+    """:func:`normalize_image` on a C×Y×X tensor of any dtype, on its device (no host transfer):
+    the same percentiles (same subsample above 224³ pixels) and the same float32 arithmetic."""
+    x = img.float()
+    out = torch.zeros_like(x)
+    for c in range(x.shape[0]):
+        xc = x[c]
+        sample = xc
+        if xc.numel() > DOWNSAMPLE_ABOVE:
+            sample = xc[tuple(slice(None, None, max(1, n // 224)) for n in xc.shape)]
+        sample = sample.flatten()
+        lo, hi = _percentile_torch(sample, lower), _percentile_torch(sample, upper)
+        scale = hi - lo  # a device tensor: true division, as numpy's (a CPU scalar would not be)
+        normalised = (xc - lo) / scale
+        ok = (scale > 1e-3) & (xc.amax() > xc.amin())
+        out[c] = torch.where(ok, normalised, 0.0)
     return out

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
-from selfadapt_deploy.postprocess.flow_qc import remove_bad_flow_masks
-from selfadapt_deploy.postprocess.integrate import integrate_batch
-from selfadapt_deploy.postprocess.masks import assemble_masks
+from selfadapt_deploy.postprocess.flow_qc import flow_errors_torch, remove_bad_flow_masks
+from selfadapt_deploy.postprocess.integrate import integrate_batch, integrate_tensors
+from selfadapt_deploy.postprocess.masks import assemble_masks, assemble_masks_torch, relabel_torch
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,33 @@ def flows_to_masks_batch(flows: np.ndarray, cellprob: np.ndarray, params: MaskPa
         masks = assemble_masks(inds, positions, cellprob.shape[-2:], params.max_size_fraction)
         if masks.max() > 0 and params.flow_threshold > 0:
             masks = remove_bad_flow_masks(masks, f, params.flow_threshold, device)
-        masks = fill_holes_and_remove_small(masks, params.min_size)
-        out.append(masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32))
+        out.append(_finish(masks, params.min_size))
+    return out
+
+
+def _finish(masks: np.ndarray, min_size: int) -> np.ndarray:
+    masks = fill_holes_and_remove_small(masks, min_size)
+    return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)
+
+
+@torch.no_grad()
+def flows_to_masks_on_device(flows: torch.Tensor, cellprob: torch.Tensor,
+                             params: MaskParams = MaskParams()) -> list[np.ndarray]:
+    """:func:`flows_to_masks_batch` for tensors that stay on their device (flows B×2×Y×X, cellprob
+    B×Y×X): integration, assembly, flow QC (heat diffusion batched over masks) and the removal of
+    bad masks run there; each label image then crosses to the host once for hole filling and the
+    size filter (the CPU kernels). Same masks as the host path on the same numbers."""
+    out = []
+    for (inds, positions), f in zip(integrate_tensors(flows, cellprob, params.cellprob_threshold,
+                                                      params.niter, params.integrator),
+                                    flows, strict=True):
+        masks = assemble_masks_torch(inds, positions, tuple(cellprob.shape[-2:]), params.max_size_fraction)
+        if params.flow_threshold > 0 and bool(masks.any()):
+            bad = flow_errors_torch(masks, f) > params.flow_threshold
+            masks = relabel_torch(masks, torch.cat([bad.new_zeros(1), bad]))
+        host = masks.cpu().numpy()  # the one transfer of this image
+        out.append(_finish(host.astype(np.uint16 if host.max(initial=0) < 2**16 else np.uint32),
+                           params.min_size))
     return out
 
 
@@ -51,4 +76,4 @@ def flows_to_masks(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams =
     return flows_to_masks_batch(flows[None], cellprob[None], params, device)[0]
 
 
-__all__ = ["MaskParams", "flows_to_masks", "flows_to_masks_batch"]
+__all__ = ["MaskParams", "flows_to_masks", "flows_to_masks_batch", "flows_to_masks_on_device"]

@@ -27,11 +27,6 @@ from selfadapt_deploy.errors import SaDeployError
 INTEGRATORS = ("auto", "torch", "numba", "triton")
 
 
-def foreground(cellprob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x) indices of pixels whose cellprob logit exceeds ``threshold``, row-major."""
-    return np.nonzero(cellprob > threshold)
-
-
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -69,44 +64,49 @@ def resolve_integrator(name: str, device: torch.device | str) -> str:
 @dataclass
 class Problem:
     """A batch prepared for the kernels: B×2×Y×X field (x, y) in grid units per step, start
-    points N×2 (x, y) in [-1, 1], the image of each point, and each image's foreground indices."""
+    points N×2 (x, y) in [-1, 1], the image of each point, and the foreground (y, x) of all images
+    (row-major, image after image) with each image's count."""
 
     field: torch.Tensor
     start: torch.Tensor
     image: torch.Tensor
-    inds: list[tuple[np.ndarray, np.ndarray]]
+    fg_y: torch.Tensor
+    fg_x: torch.Tensor
+    counts: list[int]
     extent: torch.Tensor  # (x, y) = (L−1) per axis
+
+    def inds(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, the (y, x) foreground index tensors."""
+        return list(zip(torch.split(self.fg_y, self.counts), torch.split(self.fg_x, self.counts),
+                        strict=True))
 
     def positions(self, final: torch.Tensor) -> list[torch.Tensor]:
         """Per image 2×N (y, x) pixel positions from final normalised N×2 (x, y) points."""
         pos = ((final + 1) * 0.5 * self.extent).flip(-1).T
-        counts = [len(i[0]) for i in self.inds]
-        return [p.contiguous() for p in torch.split(pos, counts, dim=1)]
+        return [p.contiguous() for p in torch.split(pos, self.counts, dim=1)]
 
 
-def prepare(flows: np.ndarray, cellprob: np.ndarray, threshold: float,
-            device: torch.device | str) -> Problem:
-    """flows B×2×Y×X (network units), cellprob B×Y×X → :class:`Problem` on ``device``.
+def prepare(flows: torch.Tensor, cellprob: torch.Tensor, threshold: float) -> Problem:
+    """flows B×2×Y×X (network units), cellprob B×Y×X, on any device → :class:`Problem` there.
 
     Operation order follows cellpose's so that float32 rounding, and therefore the final integer
     positions, match exactly: flows zeroed outside the foreground, divided by 5, scaled to grid
     units 2/(L−1); start points p/(L−1)·2 − 1.
     """
+    device = flows.device
     ly, lx = cellprob.shape[-2:]
     extent = torch.tensor([lx - 1, ly - 1], dtype=torch.float32, device=device)
-    fg = torch.from_numpy(cellprob > threshold).to(device)
-    field = torch.from_numpy(np.ascontiguousarray(flows[:, ::-1])).to(device, torch.float32)
-    field = torch.where(fg[:, None], field, 0.0)
+    fg = cellprob > threshold
+    field = torch.where(fg[:, None], flows.flip(1).float(), 0.0)
     if not torch.isfinite(field).all():
         raise SaDeployError("the network's flows contain NaN or infinite values inside cells; the "
                             "model or the input image is broken (check the weights and the image's "
                             "intensities)")
     field = (field / 5.0 * (2.0 / extent[:, None, None])).contiguous()
-    inds = [foreground(c, threshold) for c in cellprob]
-    pts = torch.cat([torch.stack([torch.from_numpy(x), torch.from_numpy(y)], dim=-1)
-                     for y, x in inds]).to(device, torch.float32)
-    image = torch.cat([torch.full((len(y),), b, dtype=torch.int32) for b, (y, _) in enumerate(inds)])
-    return Problem(field, (pts / extent * 2 - 1).contiguous(), image.to(device), inds, extent)
+    image, y, x = torch.nonzero(fg, as_tuple=True)  # row-major, image after image
+    pts = torch.stack([x, y], dim=-1).float()
+    counts = fg.flatten(1).sum(1).tolist()
+    return Problem(field, (pts / extent * 2 - 1).contiguous(), image.int(), y, x, counts, extent)
 
 
 def _run_torch(p: Problem, niter: int) -> torch.Tensor:
@@ -141,17 +141,27 @@ _RUN = {"torch": _run_torch, "numba": _run_numba, "triton": _run_triton}
 
 
 @torch.no_grad()
+def integrate_tensors(flows: torch.Tensor, cellprob: torch.Tensor, threshold: float, niter: int,
+                      method: str = "auto") -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Per image of a batch on one device (flows B×2×Y×X, cellprob B×Y×X): foreground (y, x)
+    index tensors and a 2×N float32 tensor of final (y, x) positions, all on that device. One
+    kernel call for the batch."""
+    method = resolve_integrator(method, flows.device)
+    problem = prepare(flows, cellprob, threshold)
+    if len(problem.start) == 0:
+        return [(i, torch.zeros(2, 0, device=flows.device)) for i in problem.inds()]
+    final = _RUN[method](problem, niter).to(flows.device)
+    return list(zip(problem.inds(), problem.positions(final), strict=True))
+
+
 def integrate_batch(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,
                     device: torch.device | str = "cpu", method: str = "auto",
                     ) -> list[tuple[tuple[np.ndarray, np.ndarray], torch.Tensor]]:
-    """Per image of a batch (flows B×2×Y×X, cellprob B×Y×X): foreground (y, x) indices and a
-    2×N float32 tensor of final (y, x) positions on ``device``. One kernel call for the batch."""
-    method = resolve_integrator(method, device)
-    problem = prepare(flows, cellprob, threshold, device)
-    if len(problem.start) == 0:
-        return [(i, torch.zeros(2, 0, device=device)) for i in problem.inds]
-    final = _RUN[method](problem, niter).to(device)
-    return list(zip(problem.inds, problem.positions(final), strict=True))
+    """:func:`integrate_tensors` for host arrays, run on ``device``: foreground indices as numpy
+    arrays, positions as tensors on ``device``."""
+    out = integrate_tensors(torch.from_numpy(flows).to(device), torch.from_numpy(cellprob).to(device),
+                            threshold, niter, method)
+    return [((y.cpu().numpy(), x.cpu().numpy()), pos) for (y, x), pos in out]
 
 
 def integrate(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,

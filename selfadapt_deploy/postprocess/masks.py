@@ -47,9 +47,9 @@ def _seeds(hist: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
-                   shape: tuple[int, int], max_size_fraction: float = 0.4) -> np.ndarray:
-    """Label image (uint16/uint32, labels 1..N sequential) from final positions (2×N int-castable)."""
+def label_points(positions: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """(label 0..S of every point, S seeds) from final positions (2×N int-castable): histogram,
+    seeds, seed growth; label 0 where a point's bin belongs to no seed."""
     device = positions.device
     ly, lx = shape
     hy, hx = ly + 2 * RPAD, lx + 2 * RPAD
@@ -61,7 +61,7 @@ def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
 
     seeds = _seeds(hist)
     if len(seeds) == 0:
-        return np.zeros(shape, np.uint16)
+        return torch.zeros_like(flat), 0
     seeds = seeds[hist[seeds[:, 0], seeds[:, 1]].argsort()]  # ascending count: stronger seeds win
 
     offs = torch.arange(-GROW_RADIUS, GROW_RADIUS + 1, device=device)
@@ -77,10 +77,18 @@ def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
     label_of_bin = torch.zeros(hy * hx, dtype=torch.int64, device=device)
     label_of_bin.scatter_reduce_(0, ((win_y[s, gy, 0]) * hx + win_x[s, 0, gx]).long(), s + 1,
                                  reduce="amax", include_self=False)
+    return label_of_bin[flat], len(seeds)
 
-    dtype = np.uint16 if len(seeds) < 2**16 else np.uint32
-    masks = np.zeros(shape, dtype)
-    masks[inds] = label_of_bin[flat].cpu().numpy()
+
+def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
+                   shape: tuple[int, int], max_size_fraction: float = 0.4) -> np.ndarray:
+    """Label image (uint16/uint32, labels 1..N sequential) from final positions (2×N int-castable)."""
+    ly, lx = shape
+    point_labels, n_seeds = label_points(positions, shape)
+    if n_seeds == 0:
+        return np.zeros(shape, np.uint16)
+    masks = np.zeros(shape, np.uint16 if n_seeds < 2**16 else np.uint32)
+    masks[inds] = point_labels.cpu().numpy()
 
     labels, counts_px = fastremap.unique(masks, return_counts=True)
     too_big = labels[(counts_px > ly * lx * max_size_fraction) & (labels != 0)]
@@ -88,3 +96,39 @@ def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
         masks = fastremap.mask(masks, too_big)
     fastremap.renumber(masks, in_place=True)
     return masks
+
+
+def relabel_torch(masks: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """``fastremap.mask`` + ``renumber`` on a label tensor (any device): labels where ``drop``
+    (bool, indexed by label) is true become 0, the rest 1..N in order of first appearance
+    (row-major), as fastremap numbers them."""
+    flat = masks.flatten().long()
+    k = int(flat.max()) + 1 if flat.numel() else 1
+    if drop is not None:
+        flat = torch.where(drop[:k][flat], 0, flat)
+    n = flat.numel()
+    first = torch.full((k,), n, dtype=torch.int64, device=flat.device)
+    first.scatter_reduce_(0, flat, torch.arange(n, device=flat.device), "amin")
+    first[0] = -1  # background stays 0
+    present = first < n
+    order = torch.argsort(torch.where(present, first, n + 1))
+    new = torch.zeros(k, dtype=torch.int64, device=flat.device)
+    new[order] = torch.arange(k, device=flat.device)
+    new = torch.where(present, new, 0)
+    return new[flat].view(masks.shape)
+
+
+@torch.no_grad()
+def assemble_masks_torch(inds: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                         shape: tuple[int, int], max_size_fraction: float = 0.4) -> torch.Tensor:
+    """:func:`assemble_masks` on the positions' device: a Y×X int64 label tensor, labels 1..N."""
+    ly, lx = shape
+    point_labels, n_seeds = label_points(positions, shape)
+    masks = torch.zeros(shape, dtype=torch.int64, device=positions.device)
+    if n_seeds == 0:
+        return masks
+    masks[inds] = point_labels
+    counts = torch.bincount(masks.flatten(), minlength=n_seeds + 1)
+    too_big = counts > ly * lx * max_size_fraction
+    too_big[0] = False
+    return relabel_torch(masks, too_big)
