@@ -9,8 +9,9 @@ What is measured
     * **cellpose**: ``dynamics.compute_masks`` (follow_flows → get_masks_torch →
       remove_bad_flow_masks) + ``utils.fill_holes_and_remove_small_masks``, cellpose defaults
       (niter 200, cellprob 0, flow threshold 0.4, max size fraction 0.4, min size 15);
-    * **ours**: ``selfadapt_deploy.postprocess.flows_to_masks`` with the same settings and the
-      device's default integrator (numba on CPU, triton on CUDA).
+    * **ours**: on the CPU ``selfadapt_deploy.postprocess.flows_to_masks`` (numba kernels); on CUDA
+      the device-resident ``flows_to_masks_on_device`` (Triton integrator, assembly and flow QC
+      on the GPU, one transfer of the labels), upload included; same settings.
 
     Stages are timed inside the end-to-end call (``stage_timing``); each pipeline runs once to
     warm up (numba compilation, CUDA context) on a small crop. The script prints per-stage times,
@@ -78,15 +79,26 @@ def run_cellpose(flows, cellprob, device) -> tuple[np.ndarray, dict[str, float]]
 
 
 def run_ours(flows, cellprob, device) -> tuple[np.ndarray, dict[str, float]]:
+    """The host path on the CPU; on a GPU the device-resident path (upload included, as cellpose
+    uploads its numpy flows itself), which ``sa-deploy segment --device cuda`` runs."""
     import selfadapt_deploy.postprocess as post
 
     clock = StageClock()
-    targets = {"integrate": (post, "integrate_batch"), "assemble": (post, "assemble_masks"),
-               "flow_qc": (post, "remove_bad_flow_masks"),
-               "cleanup": (post, "fill_holes_and_remove_small")}
+    if device.type == "cpu":
+        targets = {"integrate": (post, "integrate_batch"), "assemble": (post, "assemble_masks"),
+                   "flow_qc": (post, "remove_bad_flow_masks"),
+                   "cleanup": (post, "fill_holes_and_remove_small")}
+    else:
+        targets = {"integrate": (post, "integrate_tensors"), "assemble": (post, "assemble_masks_torch"),
+                   "flow_qc": (post, "flow_errors_torch"),
+                   "cleanup": (post, "fill_holes_and_remove_small")}
     with patched(clock, targets):
         tic = time.perf_counter()
-        masks = post.flows_to_masks(flows, cellprob, post.MaskParams(), device)
+        if device.type == "cpu":
+            masks = post.flows_to_masks(flows, cellprob, post.MaskParams(), device)
+        else:
+            masks = post.flows_to_masks_on_device(torch.from_numpy(flows[None]).to(device),
+                                                  torch.from_numpy(cellprob[None]).to(device))[0]
         sync(device)
         total = time.perf_counter() - tic
     return masks, clock.summary(total)
@@ -101,7 +113,8 @@ def kernel_bandwidth(flows, cellprob, device) -> str:
     """Effective bandwidth of the Triton integrator alone (field reads it issues / time)."""
     from selfadapt_deploy.postprocess.integrate import _run_triton, prepare
 
-    problem = prepare(flows[None], cellprob[None], 0.0, device)
+    problem = prepare(torch.from_numpy(flows[None]).to(device), torch.from_numpy(cellprob[None]).to(device),
+                      0.0)
     _run_triton(problem, 200)
     sync(device)
     tic = time.perf_counter()

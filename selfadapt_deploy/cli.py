@@ -33,8 +33,15 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing G
 RuntimeOpt = Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
                                          "export directory; auto: its TensorRT engine when it "
                                          "matches this GPU, else onnxruntime; torch otherwise.")]
-PrecisionOpt = Annotated[str | None, typer.Option(help="torch: fp32 (default), fp16 or bf16. "
-                                                  "onnx/tensorrt: the export's own.")]
+PrecisionOpt = Annotated[str, typer.Option(help="torch: auto (on CUDA bf16 for Cellpose-SAM as "
+                                           "cellpose 4, fp16 for Cellpose 3 nets; fp32 on CPU), "
+                                           "fp32, fp16 or bf16. onnx/tensorrt: the export's own.")]
+CompileOpt = Annotated[bool, typer.Option(help="torch.compile the network (torch runtime; the first "
+                                          "batch compiles, kernels are cached for later runs).")]
+CompileCacheOpt = Annotated[Path | None, typer.Option(help="Compiled-kernel cache for --compile "
+                                                      "(default ~/.cache/sa-deploy/torch-compile).")]
+AttentionOpt = Annotated[str, typer.Option(help="Cellpose-SAM attention in torch: auto (sdpa on CUDA, "
+                                           "cellpose's own on CPU), sdpa or native.")]
 OnnxProviderOpt = Annotated[str, typer.Option(help="onnxruntime provider: auto (cpu on CPU, cuda on "
                                               "GPU), cpu, cuda or tensorrt.")]
 ChannelsOpt = Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to the "
@@ -99,7 +106,13 @@ def segment(
                                             "CPU), torch (reference), numba or triton.")] = "auto",
     device: DeviceOpt = "auto",
     runtime: RuntimeOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    compile_cache: CompileCacheOpt = None,
+    attention: AttentionOpt = "auto",
+    pipeline: Annotated[str, typer.Option(help="auto (device on CUDA, host on CPU), host (numpy/numba "
+                                          "around the network) or device (every stage on the "
+                                          "runner's device, one transfer of the labels).")] = "auto",
     onnx_provider: OnnxProviderOpt = "auto",
     channels: ChannelsOpt = None,
     channel_axis: ChannelAxisOpt = None,
@@ -116,7 +129,7 @@ def segment(
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.runtime.select import open_runner
-    from selfadapt_deploy.segment import SegmentParams
+    from selfadapt_deploy.segment import SegmentParams, use_device_pipeline
     from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
 
     if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP:
@@ -126,14 +139,16 @@ def segment(
     params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
                            cellprob_threshold=cellprob_threshold, min_size=min_size,
                            niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
-                           tta=tta, integrator=integrator)
+                           tta=tta, integrator=integrator, pipeline=pipeline)
     picked = _parse_channels(channels)
     try:
         images = expand_inputs(images)
         ensure_writable_dir(out)
         dev = resolve_device(device)
         resolve_integrator(integrator, dev)  # an unusable choice fails before any work
-        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider)
+        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
+                                     compile=compile, attention=attention, compile_cache=compile_cache)
+        use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
         runner.activate()  # a provider, engine or device that cannot run fails before any image
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
@@ -223,7 +238,10 @@ def pseudo_label(
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_pseudo.npz.")],
     runtime: RuntimeOpt = "auto",
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    compile_cache: CompileCacheOpt = None,
+    attention: AttentionOpt = "auto",
     onnx_provider: OnnxProviderOpt = "auto",
     diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
                                             "default.")] = 0.0,
@@ -258,7 +276,8 @@ def pseudo_label(
         files = expand_inputs(images)
         ensure_writable_dir(out)
         runner, choice = open_runner(model, runtime, resolve_device(device), precision, TEACHER_GRAPH,
-                                     onnx_provider)
+                                     onnx_provider, compile=compile, attention=attention,
+                                     compile_cache=compile_cache)
         runner.activate()
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
@@ -316,6 +335,11 @@ def adapt(
                                               "tensorrt teacher every N steps.")] = 10,
     teacher_precision: Annotated[str, typer.Option(help="Precision of the exported teacher graph: "
                                                    "fp32, fp16 or bf16.")] = "fp32",
+    amp: Annotated[str, typer.Option(help="Mixed precision of teacher and student on CUDA: bf16 "
+                                     "(autocast), fp16 (autocast + loss scaling) or fp32. The "
+                                     "CPU runs fp32.")] = "bf16",
+    compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
+                                                  "steps compile).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
@@ -332,9 +356,9 @@ def adapt(
     if stop not in ("emb", "fn", "both", "none"):
         raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
     if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
-            or teacher_precision not in ("fp32", "fp16", "bf16"):
-        raise _fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1 and "
-                    "--teacher-precision fp32, fp16 or bf16")
+            or teacher_precision not in ("fp32", "fp16", "bf16") or amp not in ("fp32", "fp16", "bf16"):
+        raise _fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, and "
+                    "--teacher-precision and --amp fp32, fp16 or bf16")
     try:
         dev = resolve_device(device)
         if resume is not None:
@@ -354,7 +378,8 @@ def adapt(
                                  eval_every=eval_every, stop=stop, prob_mask=prob_mask,
                                  flow_mask=flow_mask, augment=augment, seed=seed,
                                  teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
-                                 teacher_precision=teacher_precision)
+                                 teacher_precision=teacher_precision, amp=amp,
+                                 compile_teacher=compile_teacher)
             kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
                           diameter=diameter or None, channels=_parse_channels(channels),
                           channel_axis=channel_axis, series=series,

@@ -82,6 +82,9 @@ def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
     (["--model", "cyto33"], "Did you mean"),
     (["--tile-overlap", "0.9"], "--tile-overlap must be between"),
     (["--channels", "a,b"], "comma-separated list"),
+    (["--pipeline", "gpu"], "--pipeline must be one of"),
+    (["--precision", "int8"], "--precision must be one of"),
+    (["--attention", "flash"], "--attention must be one of"),
 ])
 def test_bad_arguments_fail_with_one_clear_line(tmp_path, weights, args, message):
     image = write_image(tmp_path / "a.tif")
@@ -115,6 +118,19 @@ def test_unwritable_out_dir(tmp_path, weights):
     result = runner.invoke(app, ["segment", str(write_image(tmp_path / "a.tif")), "--model",
                                  str(weights), "--out", str(tmp_path / "file" / "out")])
     assert result.exit_code == 1 and "cannot write outputs here" in result.output
+
+
+def test_segment_device_pipeline_on_cpu_writes_the_host_pipelines_masks(tmp_path, weights):
+    image = write_image(tmp_path / "a.tif")
+    for pipeline in ("host", "device"):
+        result = runner.invoke(app, ["segment", str(image), "--model", str(weights), "--out",
+                                     str(tmp_path / pipeline), "--device", "cpu", "--pipeline", pipeline,
+                                     "--cellprob-threshold", "-2", "--flow-threshold", "0"])
+        assert result.exit_code == 0, result.output
+        assert "runtime: torch (fp32) on cpu" in result.output
+    host, device = (tifffile.imread(tmp_path / p / "a_masks.tif") for p in ("host", "device"))
+    assert host.max() > 0
+    np.testing.assert_array_equal(device, host)
 
 
 def test_segment_passes_parsed_options_to_the_library(tmp_path, weights, monkeypatch):

@@ -136,6 +136,36 @@ def test_student_augmentation_changes_intensities_and_keeps_shapes():
     torch.testing.assert_close(StrongAugment()(x, torch.Generator().manual_seed(0)), y)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_student_augmentation_runs_on_the_gpu_without_leaving_it():
+    from selfadapt_deploy.trainer.augment import StrongAugment
+
+    x = torch.rand(8, 2, 64, 64)
+    on_gpu = StrongAugment()(x.cuda(), torch.Generator().manual_seed(0))
+    on_cpu = StrongAugment()(x, torch.Generator().manual_seed(0))
+    assert on_gpu.device.type == "cuda" and torch.isfinite(on_gpu).all()
+    # the same settings per sample (same CPU draws); only the noise differs, by its std (≤ 0.15)
+    assert (on_gpu.cpu() - on_cpu).std().item() < 0.5
+    torch.testing.assert_close(StrongAugment()(x.cuda(), torch.Generator().manual_seed(0)), on_gpu)
+
+
+def test_compiled_teacher_follows_the_ema_updates(tiny_cpnet):
+    """torch.compile of the EMA module (--compile-teacher): the in-place EMA updates reach the
+    compiled forward, so its pseudo-labels stay the eager teacher's."""
+    student = tiny_cpnet.train()
+    ema = EMA(student, decay=0.5)
+    compiled = torch.compile(ema.module)
+    x = torch.rand(2, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.01)
+        ema.update_(student, step)
+        torch.testing.assert_close(teacher_predict(compiled, x).flows, teacher_predict(ema, x).flows,
+                                   atol=1e-4, rtol=1e-3)
+
+
 def test_flow_masks_follow_their_components_under_d4():
     """A mask on the dY component must end up on whichever component carries old dY."""
     from selfadapt_deploy.trainer.augment import move_flow_mask

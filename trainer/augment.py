@@ -37,7 +37,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StrongAugment:
-    """Per-sample intensity augmentation of a normalised B×C×H×W batch (ranges are uniform)."""
+    """Per-sample intensity augmentation of a normalised B×C×H×W batch (ranges are uniform).
+
+    It runs on the batch's device. The per-sample settings always come from the CPU generator
+    ``g``; on the CPU the noise does too, and on another device it comes from a generator there,
+    seeded from ``g`` (one draw), so a GPU step never copies its batch to the host and back."""
 
     scale: tuple[float, float] = (0.6, 1.4)  # multiplicative intensity
     shift: tuple[float, float] = (-0.15, 0.15)  # additive intensity
@@ -51,6 +55,10 @@ class StrongAugment:
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
         out = x.clone()
+        noise_g = g
+        if x.device.type != "cpu":
+            seed = int(torch.randint(2**62, (1,), generator=g))
+            noise_g = torch.Generator(device=x.device).manual_seed(seed)
         scale, shift = _uniform(*self.scale, n, g), _uniform(*self.shift, n, g)
         gamma, sigma = _uniform(*self.gamma, n, g), _uniform(*self.blur_sigma, n, g)
         blur, noise = torch.rand(n, generator=g) < self.blur_p, _uniform(*self.noise_std, n, g)
@@ -62,8 +70,8 @@ class StrongAugment:
                 xi = gaussian_blur(xi, float(sigma[i]))
             if poisson[i]:
                 lam = float(photons[i])
-                xi = torch.poisson(xi.clamp_min(0) * lam, generator=g) / lam
-            xi = xi + float(noise[i]) * torch.randn(xi.shape, generator=g).to(xi)
+                xi = torch.poisson(xi.clamp_min(0) * lam, generator=noise_g) / lam
+            xi = xi + float(noise[i]) * torch.randn(xi.shape, generator=noise_g, device=xi.device)
             out[i] = xi
         return out
 

@@ -48,6 +48,9 @@ CHECKPOINT, MODEL, SNAPSHOTS, METRICS, RUN_JSON = ("checkpoint.pt", "model.pt", 
                                                   "metrics.csv", "run.json")
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --amp on CUDA
+
+
 @dataclass(frozen=True)
 class AdaptConfig:
     """Settings of one adaptation run (defaults: the paper's, scaled to CPU budgets)."""
@@ -77,6 +80,10 @@ class AdaptConfig:
     teacher_runtime: str = "torch"
     teacher_sync: int = 10
     teacher_precision: str = "fp32"  # of the exported teacher graph (onnx / tensorrt only)
+    # mixed precision of teacher and student on CUDA: bf16 autocast (fp16 risks overflow in
+    # Cellpose-SAM's ViT and needs loss scaling), fp16, or fp32; the CPU always runs fp32
+    amp: str = "bf16"
+    compile_teacher: bool = False  # torch.compile the EMA teacher's forward (tracks EMA updates)
     seed: int = 0
 
     def resolved(self, family: str) -> AdaptConfig:
@@ -143,8 +150,11 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
                                                              use_flow_mask=cfg.flow_mask),
                        augment=StrongAugment() if cfg.augment else None,
                        lambda_bal=cfg.lambda_bal, lambda_l2sp=cfg.l2sp, ema_every=cfg.ema_every,
-                       scaler=torch.amp.GradScaler("cuda") if cuda else None,
+                       amp=AMP_DTYPES[cfg.amp],
+                       scaler=torch.amp.GradScaler("cuda") if cuda and cfg.amp == "fp16" else None,
                        batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
+    if cfg.compile_teacher:
+        state.compiled_teacher = torch.compile(state.teacher.module)
     monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
     rows: list[dict] = []
     start, stopped, reason, seconds_before = 0, False, "", 0.0

@@ -29,13 +29,16 @@ class Adaptation:
     lambda_bal: float = 0.5
     lambda_l2sp: float = 1e-2
     ema_every: int = 1
-    scaler: torch.amp.GradScaler | None = None  # mixed precision on CUDA
+    amp: torch.dtype | None = None  # autocast dtype on CUDA (bf16 by default); None: fp32
+    scaler: torch.amp.GradScaler | None = None  # loss scaling, needed with fp16 autocast only
     batched_teacher: bool = True  # False: one teacher forward per D4 view (benchmarks only)
     pseudo_labeler: PseudoLabeler | None = None  # None: the torch EMA teacher itself
+    compiled_teacher: torch.nn.Module | None = None  # torch.compile of the EMA module, if asked
 
     def autocast(self):
-        cuda = self.student.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+        if self.amp is None or self.student.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp)
 
 
 def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator) -> dict[str, float]:
@@ -46,7 +49,8 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     extra: dict[str, float] = {}
     if state.pseudo_labeler is None:
         with state.autocast():
-            teacher_out = teacher_predict(state.teacher, x, state.batched_teacher)
+            teacher_out = teacher_predict(state.compiled_teacher or state.teacher, x,
+                                          state.batched_teacher)
     else:  # the same ensemble as an exported graph in onnxruntime / TensorRT
         teacher_out, extra = state.pseudo_labeler(x, step)
     # (2) confidence masks: hard cell label, M_p from EMA'd class quantiles, M_f from EMA'd std
@@ -55,7 +59,7 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     k, flip = random_d4(g)
     x_student = d4_transform(x, k, flip)
     if state.augment is not None:
-        x_student = state.augment(x_student.cpu(), g).to(device)
+        x_student = state.augment(x_student, g)  # on the device
     target_flows = d4_transform(teacher_out.flows.float(), k, flip, vector=True)
     cell, mask_p = move_map(labels.cell, k, flip), move_map(labels.mask_prob, k, flip)
     mask_f = move_flow_mask(labels.mask_flows, k, flip)

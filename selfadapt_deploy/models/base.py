@@ -43,9 +43,10 @@ class SegmentationNet(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×3×H×W: (dY, dX, cellprob logit)."""
 
-    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def export_forward(self, x: torch.Tensor, sdpa: bool = False) -> torch.Tensor:
         """``forward`` in eval mode as it is traced for export (ONNX, TensorRT) and run by the
-        runners: the same outputs, written so that every weight is a named graph initializer."""
+        runners: the same outputs, written so that every weight is a named graph initializer.
+        ``sdpa``: attention through ``scaled_dot_product_attention`` (families with attention)."""
         return self.forward(x)
 
     @abstractmethod

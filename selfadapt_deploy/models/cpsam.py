@@ -52,6 +52,35 @@ def _small_cpsam(embed_dim: int, depth: int, num_heads: int, out_chans: int, ps:
     return net
 
 
+def sdpa_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ``Attention.forward`` (global attention, decomposed relative-position
+    bias) with the softmax(QKᵀ·scale + bias)·V computed by ``scaled_dot_product_attention``, the
+    bias as its additive mask: the same function, without the hand-written B·heads×N×N softmax
+    (memory-efficient kernels on GPUs). ``scale`` is SDPA's default, head_dim^−½, as SAM's."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = None
+    if attn.use_rel_pos:
+        r_q = q.reshape(b * heads, h, w, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, attn.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, attn.rel_pos_w))
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(b, heads, h * w, h * w)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return attn.proj(y.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def sdpa_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ``Block.forward`` with :func:`sdpa_attention` (windowed blocks, which
+    Cellpose-SAM does not have, keep their own forward)."""
+    if block.window_size > 0:
+        return block(x)
+    x = x + sdpa_attention(block.attn, block.norm1(x))
+    return x + block.mlp(block.norm2(x))
+
+
 class CellposeSAM(SegmentationNet):
     """Wraps a ``cellpose.vit.CPSAM``; tiles are fixed (position embeddings are not interpolated)."""
 
@@ -78,19 +107,20 @@ class CellposeSAM(SegmentationNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]
 
-    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def export_forward(self, x: torch.Tensor, sdpa: bool = False) -> torch.Tensor:
         """cellpose's ``CPSAM.forward`` in eval mode, restated for tracing (equal outputs, tested):
         cellpose reads the patch embedding through ``.data``, which a tracer freezes into an
         anonymous constant (no refit, no weight sync); and the read-out ``W2`` is an identity
         kernel, so its transposed convolution is exactly a pixel shuffle — no ConvTranspose in
         the graph (TensorRT's weak spot in bf16). A file whose W2 is not the identity keeps the
-        transposed convolution, in float32."""
+        transposed convolution, in float32. With ``sdpa`` the encoder's attention runs through
+        ``scaled_dot_product_attention`` (:func:`sdpa_block`), equal to rounding."""
         net = self.net
         proj = net.encoder.patch_embed.proj
         x = F.conv2d(x, proj.weight[:, : x.shape[1]], bias=proj.bias, stride=net.ps)
         x = x.permute(0, 2, 3, 1) + net.encoder.pos_embed
         for block in net.encoder.blocks:
-            x = block(x)
+            x = sdpa_block(block, x) if sdpa else block(x)
         y = net.out(net.encoder.neck(x.permute(0, 3, 1, 2)))
         if self.w2_is_identity:
             return F.pixel_shuffle(y, net.ps)

@@ -34,32 +34,34 @@ def check_precision(precision: str) -> torch.dtype:
 class ModelGraph(nn.Module):
     """tiles B×C×H×W float32 → (B×3×H×W float32,)."""
 
-    def __init__(self, net: SegmentationNet, dtype: torch.dtype = torch.float32):
+    def __init__(self, net: SegmentationNet, dtype: torch.dtype = torch.float32, sdpa: bool = False):
         super().__init__()
-        self.net, self.dtype = net, dtype
+        self.net, self.dtype, self.sdpa = net, dtype, sdpa
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.net.export_forward(tiles.to(self.dtype)).float(),)
+        return (self.net.export_forward(tiles.to(self.dtype), sdpa=self.sdpa).float(),)
 
 
 class TeacherTTAGraph(nn.Module):
     """Square tiles B×C×S×S → (flows B×2, prob B×1, flows_std B×2, prob_std B×1), all ×S×S, float32:
     the 8 D4 views in one forward, mapped back (flows as vectors), averaged."""
 
-    def __init__(self, net: SegmentationNet, dtype: torch.dtype = torch.float32):
+    def __init__(self, net: SegmentationNet, dtype: torch.dtype = torch.float32, sdpa: bool = False):
         super().__init__()
-        self.net, self.dtype = net, dtype
+        self.net, self.dtype, self.sdpa = net, dtype, sdpa
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return d4_ensemble(self.net.export_forward(d4_views(tiles.to(self.dtype))))
+        return d4_ensemble(self.net.export_forward(d4_views(tiles.to(self.dtype)), sdpa=self.sdpa))
 
 
-def graph_module(net: SegmentationNet, graph: GraphIO = MODEL_GRAPH, precision: str = "fp32") -> nn.Module:
+def graph_module(net: SegmentationNet, graph: GraphIO = MODEL_GRAPH, precision: str = "fp32",
+                 sdpa: bool = False) -> nn.Module:
     """The eval-mode module computing ``graph`` with ``net`` at ``precision``. At fp32 it shares
     ``net``'s parameters (its ``state_dict`` names are the exported graph's initializer names);
-    at reduced precision it holds a cast copy, so the caller's network is never changed."""
+    at reduced precision it holds a cast copy, so the caller's network is never changed.
+    ``sdpa``: attention through ``scaled_dot_product_attention`` (torch runner; not exported)."""
     dtype = check_precision(precision)
     if dtype != torch.float32:
         net = copy.deepcopy(net).to(dtype)
     cls = {MODEL_GRAPH.name: ModelGraph, TEACHER_GRAPH.name: TeacherTTAGraph}[graph.name]
-    return cls(net, dtype).eval()
+    return cls(net, dtype, sdpa).eval()

@@ -27,17 +27,23 @@ ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 
 def open_runner(model: str | Path, runtime: str = "auto", device: torch.device | str = "cpu",
                 precision: str | None = None, graph: GraphIO = MODEL_GRAPH,
-                onnx_provider: str = "auto") -> tuple[Runner, str]:
+                onnx_provider: str = "auto", **torch_options) -> tuple[Runner, str]:
     """An inactive runner for ``model`` on ``device`` and a one-line description of the choice
-    ("<family> (diam_mean …, tile …); runtime: <runner> on <device>; <why>")."""
+    ("<family> (diam_mean …, tile …); runtime: <runner> on <device>; <why>").
+
+    ``precision`` None/``auto``: bf16 on CUDA and fp32 on the CPU for torch, the export's own
+    for onnx / tensorrt. ``torch_options`` (``compile``, ``attention``, ``compile_cache``) go to
+    :class:`TorchRunner`; asking for compilation of another runtime is an error."""
     device = torch.device(device)
-    runner, family, how = _open(model, runtime, device, precision, graph, onnx_provider)
+    precision = None if precision == "auto" else precision
+    torch_options = {k: v for k, v in torch_options.items() if v is not None}
+    runner, family, how = _open(model, runtime, device, precision, graph, onnx_provider, torch_options)
     s = runner.spec
     return runner, f"{family} (diam_mean {s.diam_mean:g}, tile {s.tile_size}); runtime: {how}"
 
 
 def _open(model: str | Path, runtime: str, device: torch.device, precision: str | None, graph: GraphIO,
-          onnx_provider: str) -> tuple[Runner, str, str]:
+          onnx_provider: str, torch_options: dict) -> tuple[Runner, str, str]:
     if runtime not in RUNTIMES:
         raise SaDeployError(f"--runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
     if precision is not None:
@@ -51,12 +57,15 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
             raise SaDeployError(f"--runtime {runtime} runs an export directory, and {model} is not one; "
                                 f"create it with `sa-deploy export {model} --out DIR`")
         net = load_model(model, device)
-        runner = TorchRunner(net, device, precision or "fp32", graph)
+        runner = TorchRunner(net, device, precision, graph, **torch_options)
         return runner, net.family, f"{runner.name} on {device}"
     manifest = read_manifest(path)
     if runtime == "torch":
-        runner = TorchRunner(load_model(path, device), device, precision or "fp32", graph)
+        runner = TorchRunner(load_model(path, device), device, precision, graph, **torch_options)
         return runner, manifest.family, f"{runner.name} on {device} ({manifest.source['file']})"
+    if torch_options.get("compile"):
+        raise SaDeployError("--compile compiles the torch runtime; onnxruntime and TensorRT optimise "
+                            "their graphs themselves (use --runtime torch to compile)")
     if precision not in (None, manifest.precision):
         raise SaDeployError(f"{path} holds {manifest.precision} graphs, not {precision}; re-export "
                             f"with --precision {precision} or use --runtime torch")

@@ -1,13 +1,25 @@
-"""PyTorch backend of the runner contract; device choice is explicit and never falls back."""
+"""PyTorch backend of the runner contract; device choice is explicit and never falls back.
+
+On CUDA it runs in reduced precision by default (Cellpose-SAM in bf16 as cellpose 4 does, CPnet
+in fp16) and can go further: Cellpose-SAM's
+attention through ``scaled_dot_product_attention``, CPnet in channels-last layout, and the whole
+graph under ``torch.compile`` with batch sizes bucketed to powers of two (a slide's last, smaller
+batch reuses a compiled graph instead of compiling another) and a persistent compilation cache.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
-from selfadapt_deploy.errors import DeviceError
+from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
 from selfadapt_deploy.runtime.graphs import check_precision, graph_module
+
+ATTENTIONS = ("auto", "sdpa", "native")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -22,6 +34,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: ``auto`` precision on CUDA per family. Cellpose-SAM: bf16, as cellpose 4 runs it (fp16 risks
+#: overflow in the ViT). CPnet: fp16 — on an H100 it is faster than bf16 (2036 vs 1825 tiles/s,
+#: ../shared/GPU_FACTS.md), and its 10-bit mantissa keeps masks closer to fp32 (AP@0.5 agreement
+#: on the six real bbbc047 fields: fp16 0.992–1.0, bf16 0.977–1.0; the style vector stays fp32).
+AUTO_PRECISION_ON_CUDA = {"cpsam": "bf16", "cpnet": "fp16"}
+
+
+def resolve_precision(precision: str | None, device: torch.device | str, family: str = "cpsam") -> str:
+    """``auto`` (or None) → the family's reduced precision on CUDA (:data:`AUTO_PRECISION_ON_CUDA`),
+    fp32 elsewhere (the CPU path stays exact). Any other name must be fp32, fp16 or bf16."""
+    if precision in (None, "auto"):
+        return AUTO_PRECISION_ON_CUDA[family] if torch.device(device).type == "cuda" else "fp32"
+    check_precision(precision)
+    return precision
+
+
+def default_compile_cache() -> Path:
+    """Where compiled kernels persist across runs: $XDG_CACHE_HOME (or ~/.cache)/sa-deploy/torch-compile."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sa-deploy" / "torch-compile"
+
+
+def batch_bucket(n: int) -> int:
+    """The compiled batch size that serves ``n`` tiles: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
 def spec_for(net: SegmentationNet) -> ModelSpec:
     return ModelSpec(nchan=net.nchan, tile_size=net.tile_size, fixed_tile=net.fixed_tile,
                      diam_mean=net.diam_mean, default_diameter=net.default_diameter,
@@ -30,24 +68,56 @@ def spec_for(net: SegmentationNet) -> ModelSpec:
 
 class TorchRunner(Runner):
     """Runs a graph (:mod:`runtime.graphs`) of a :class:`SegmentationNet` in eval mode under
-    ``torch.inference_mode``, at fp32 or with the precision cast into the graph (fp16 / bf16)."""
+    ``torch.inference_mode``, at fp32 or with the precision cast into the graph (fp16 / bf16).
+
+    ``attention``: ``sdpa`` routes Cellpose-SAM's attention through
+    ``scaled_dot_product_attention`` (same function, equal to rounding); ``auto`` does so on CUDA
+    and keeps cellpose's own code on the CPU. ``compile``: ``torch.compile`` of the graph, kernels
+    cached in ``compile_cache`` (default :func:`default_compile_cache`).
+    """
 
     name = "torch"
 
     def __init__(self, net: SegmentationNet, device: torch.device | str = "cpu",
-                 precision: str = "fp32", graph: GraphIO = MODEL_GRAPH):
+                 precision: str | None = "fp32", graph: GraphIO = MODEL_GRAPH, compile: bool = False,
+                 attention: str = "auto", compile_cache: Path | None = None):
         super().__init__(spec_for(net), graph, device)
-        check_precision(precision)
-        self.net, self.precision = net, precision
-        self.name = f"torch ({precision})"
+        if attention not in ATTENTIONS:
+            raise SaDeployError(f"--attention must be one of {', '.join(ATTENTIONS)}, got '{attention}'")
+        self.net, self.precision = net, resolve_precision(precision, self.device, net.family)
+        self.sdpa = net.family == "cpsam" and (attention == "sdpa" or (attention == "auto" and
+                                                                       self.device.type == "cuda"))
+        # at reduced precision the graph holds its own cast copy: its layout can change freely
+        self.channels_last = (net.family == "cpnet" and self.device.type == "cuda"
+                              and self.precision != "fp32")
+        self.compile, self.compile_cache = compile, compile_cache
+        extras = [self.precision] + ["sdpa"] * self.sdpa + ["channels-last"] * self.channels_last
+        self.name = f"torch ({', '.join(extras + ['compiled'] * compile)})"
 
     def activate_impl(self) -> None:
         self.net.to(self.device).eval()
-        self.module = graph_module(self.net, self.graph, self.precision)
+        module = graph_module(self.net, self.graph, self.precision, self.sdpa)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if self.compile:
+            cache = self.compile_cache or default_compile_cache()
+            cache.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it compiles
+            module = torch.compile(module, dynamic=False)
+        self.module = module
 
     def deactivate_impl(self) -> None:
         del self.module
 
     @torch.inference_mode()
     def run_impl(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.graph.output_names, self.module(x), strict=True))
+        n = x.shape[0]
+        if self.compile:  # zero tiles up to the bucket, results sliced off; always a new tensor
+            # made here, so every call's input is alike for the compiled graph's guards
+            padded = x.new_zeros((batch_bucket(n), *x.shape[1:]))
+            padded[:n] = x
+            x = padded
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs = self.module(x)
+        return {name: y[:n].contiguous() for name, y in zip(self.graph.output_names, outputs, strict=True)}
