@@ -7,7 +7,9 @@ every output is written atomically, so an interrupted run is resumed by running 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,9 +67,9 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
     means the image is done: it is skipped (resume) unless ``overwrite``."""
     written: set[str] = set()
     with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
-        for path in paths:
+        for path, read in read_ahead(paths, channel_axis, series):
             try:
-                images = read_images(path, channel_axis=channel_axis, series=series)
+                images = read.result()
             except ImageReadError as exc:
                 yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
                 continue
@@ -75,6 +77,32 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
                 result = _process_one(image, runner, output(image.name), work, channels, overwrite,
                                       written)
                 yield replace(result, last_in_file=k == len(images) - 1)
+
+
+READ_AHEAD = 2  # files read (decoded) in a background thread while the current one is processed
+
+
+def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | None,
+               depth: int = READ_AHEAD) -> Iterator[tuple[Path, Future]]:
+    """(path, future of its images) in order, the next ``depth`` files read by a reader thread
+    meanwhile, so decoding TIFFs overlaps the network and post-processing (which release the
+    GIL). A read error surfaces from ``future.result()`` when that file's turn comes."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-deploy-reader") as pool:
+        pending: deque[tuple[Path, Future]] = deque()
+        upcoming = iter(paths)
+
+        def submit_next() -> None:
+            path = next(upcoming, None)
+            if path is not None:
+                pending.append((path, pool.submit(read_images, path, channel_axis=channel_axis,
+                                                  series=series)))
+
+        for _ in range(depth):
+            submit_next()
+        while pending:
+            item = pending.popleft()
+            submit_next()
+            yield item
 
 
 def _process_one(image: Image, runner: Runner, target: Path, work: Work,

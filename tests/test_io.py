@@ -91,3 +91,25 @@ def test_unwritable_directory_is_an_error(tmp_path):
     (tmp_path / "a_file").write_text("not a directory")  # fails for root too, unlike chmod
     with pytest.raises(OutputWriteError, match="cannot write outputs here"):
         write_masks(tmp_path / "a_file" / "a_masks.tif", np.zeros((2, 2), np.uint16))
+
+
+def test_files_are_read_ahead_in_a_reader_thread_in_order(monkeypatch):
+    import threading
+
+    from selfadapt_deploy import batch
+
+    started: list[tuple[str, str]] = []
+
+    def fake_read(path, channel_axis=None, series=None):
+        started.append((str(path), threading.current_thread().name))
+        return [str(path)]
+
+    monkeypatch.setattr(batch, "read_images", fake_read)
+    paths = [f"f{i}.tif" for i in range(5)]
+    it = batch.read_ahead(paths, None, None, depth=2)
+    first_path, first = next(it)
+    assert first_path == "f0.tif" and first.result() == ["f0.tif"]
+    seen = [first_path] + [p for p, f in it if f.result() == [p]]
+    assert seen == paths
+    assert [p for p, _ in started] == paths  # read in order, ahead of use, on the reader thread
+    assert all(name.startswith("sa-deploy-reader") for _, name in started)
