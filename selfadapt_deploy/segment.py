@@ -23,7 +23,7 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
 from selfadapt_deploy.runtime.base import ModelSpec, Runner
-from selfadapt_deploy.tiling import D4, Predict, d4_inverse, d4_transform, predict_tiled
+from selfadapt_deploy.tiling import D4, Predict, d4_inverse, d4_transform, predict_tiled_many
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
 PIPELINES = ("auto", "host", "device")
@@ -109,37 +109,55 @@ def tta_predict(runner: Runner):
     return predict
 
 
+def predict_images(predict: Predict, spec: ModelSpec, imgs: list[Image], diameter: float | None,
+                   tile_overlap: float, batch_size: int, device: torch.device,
+                   fixed_tile: bool) -> tuple[list[Image], float]:
+    """Normalised C×Y×X images → (K×Y×X predictions at each original size, rescale): resized by
+    diam_mean / diameter, tiled, predicted and blended on ``device`` (the tiles of all images
+    share network batches), resized back. Numpy images give numpy (resized by OpenCV on the
+    host); tensors stay tensors on their device."""
+    rescale = rescale_factor(spec, diameter)
+    resized = []
+    for img in imgs:
+        ly, lx = img.shape[1:]
+        if rescale != 1.0:
+            ry, rx = int(ly * rescale), int(lx * rescale)
+            if min(ry, rx) < 1:
+                raise SaDeployError(f"--diameter {diameter:g} is too large for a {ly}×{lx} image "
+                                    f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
+            img = resize_chw(img, ry, rx)
+        # each image goes to the runner's device once; tiles, network and blending stay there
+        resized.append(torch.from_numpy(img).to(device) if isinstance(img, np.ndarray) else img.to(device))
+    ys = predict_tiled_many(predict, resized, spec.tile_size, tile_overlap, batch_size, fixed_tile)
+    out = []
+    for img, y in zip(imgs, ys, strict=True):
+        if isinstance(img, np.ndarray):
+            y = y.cpu().numpy()
+        out.append(resize_chw(y, *img.shape[1:]) if rescale != 1.0 else y)
+    return out, rescale
+
+
 def predict_image(predict: Predict, spec: ModelSpec, img: Image, diameter: float | None,
                   tile_overlap: float, batch_size: int, device: torch.device,
                   fixed_tile: bool) -> tuple[Image, float]:
-    """Normalised C×Y×X image → (K×Y×X predictions at the original size, rescale): resized by
-    diam_mean / diameter, tiled, predicted and blended on ``device``, resized back. A numpy image
-    gives numpy (resized by OpenCV on the host); a tensor stays a tensor on its device."""
-    rescale = rescale_factor(spec, diameter)
-    ly, lx = img.shape[1:]
-    x = img
-    if rescale != 1.0:
-        ry, rx = int(ly * rescale), int(lx * rescale)
-        if min(ry, rx) < 1:
-            raise SaDeployError(f"--diameter {diameter:g} is too large for a {ly}×{lx} image "
-                                f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
-        x = resize_chw(x, ry, rx)
-    # the image goes to the runner's device once; tiles, network and blending stay there
-    on_host = isinstance(x, np.ndarray)
-    y = predict_tiled(predict, torch.from_numpy(x).to(device) if on_host else x.to(device),
-                      spec.tile_size, tile_overlap, batch_size, fixed_tile)
-    if on_host:
-        y = y.cpu().numpy()
-    if rescale != 1.0:
-        y = resize_chw(y, ly, lx)
-    return y, rescale
+    """:func:`predict_images` for one image."""
+    ys, rescale = predict_images(predict, spec, [img], diameter, tile_overlap, batch_size, device,
+                                 fixed_tile)
+    return ys[0], rescale
+
+
+def predict_flows_many(runner: Runner, imgs: list[Image],
+                       params: SegmentParams) -> tuple[list[Image], float]:
+    """Normalised C×Y×X images → (3×Y×X network outputs at the original sizes, rescale)."""
+    predict = tta_predict(runner) if params.tta else runner.infer
+    return predict_images(predict, runner.spec, imgs, params.diameter, params.tile_overlap,
+                          params.batch_size, runner.device, runner.spec.fixed_tile)
 
 
 def predict_flows(runner: Runner, img: Image, params: SegmentParams) -> tuple[Image, float]:
     """Normalised C×Y×X image → (3×Y×X network output at the original size, rescale)."""
-    predict = tta_predict(runner) if params.tta else runner.infer
-    return predict_image(predict, runner.spec, img, params.diameter, params.tile_overlap,
-                         params.batch_size, runner.device, runner.spec.fixed_tile)
+    ys, rescale = predict_flows_many(runner, [img], params)
+    return ys[0], rescale
 
 
 def _mask_params(params: SegmentParams, rescale: float) -> MaskParams:
@@ -163,41 +181,51 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def segment_on_device(runner: Runner, img: np.ndarray, params: SegmentParams) -> Segmentation:
-    """The device-resident pipeline for one C×Y×X image: uploaded once in its own dtype; every
-    stage up to the label image runs on the runner's device (:mod:`postprocess` on tensors)."""
+def segment_on_device(runner: Runner, imgs: list[np.ndarray], params: SegmentParams) -> list[Segmentation]:
+    """The device-resident pipeline for C×Y×X images: each uploaded once in its own dtype; every
+    stage up to the label image runs on the runner's device (:mod:`postprocess` on tensors), and
+    the tiles of all the images share network batches. Normalisation and network time are shared
+    equally among the images in ``timings``."""
     device = runner.device
     t0 = time.perf_counter()
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(device, non_blocking=True)
-    x = normalize_tensor(x) if params.normalize else x.float()
+    xs = []
+    for img in imgs:
+        x = torch.from_numpy(np.ascontiguousarray(img)).to(device, non_blocking=True)
+        xs.append(normalize_tensor(x) if params.normalize else x.float())
     t1 = _sync(device)
-    y, rescale = predict_flows(runner, x, params)
+    ys, rescale = predict_flows_many(runner, xs, params)
     t2 = _sync(device)
-    masks = flows_to_masks_on_device(y[None, :2], y[None, 2], _mask_params(params, rescale))[0]
-    t3 = time.perf_counter()
-    return Segmentation(masks=masks, output=y,
-                        timings={"normalize": t1 - t0, "network": t2 - t1, "masks": t3 - t2})
+    out = []
+    for y in ys:
+        t = time.perf_counter()
+        masks = flows_to_masks_on_device(y[None, :2], y[None, 2], _mask_params(params, rescale))[0]
+        out.append(Segmentation(masks=masks, output=y, timings={
+            "normalize": (t1 - t0) / len(imgs), "network": (t2 - t1) / len(imgs),
+            "masks": time.perf_counter() - t}))
+    return out
 
 
 def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams = SegmentParams(),
                    device: torch.device | str = "cpu") -> list[Segmentation]:
     """Segment C×Y×X images whose channels are already those the network expects.
 
-    With the device pipeline (:func:`use_device_pipeline` on the runner's device) each image runs
-    :func:`segment_on_device`. Otherwise the network runs image by image and the post-processing
-    of images of one size (and step count) runs as one batch on ``device`` — one integrator call.
-    Its time is shared equally among the images of the batch in ``timings["masks"]``.
+    The tiles of all the images share network batches (small images fill a batch together). With
+    the device pipeline (:func:`use_device_pipeline` on the runner's device) everything then runs
+    in :func:`segment_on_device`. Otherwise the post-processing of images of one size runs as one
+    batch on ``device`` — one integrator call. Stage times of shared work are split equally among
+    the images in ``timings``.
     """
     if use_device_pipeline(params, runner.device):
-        return [segment_on_device(runner, img, params) for img in imgs]
-    predicted = []  # (network output 3×Y×X, mask settings, timings) per image
-    for img in imgs:
-        t0 = time.perf_counter()
-        x = normalize_image(img) if params.normalize else img.astype(np.float32)
-        t1 = time.perf_counter()
-        y, rescale = predict_flows(runner, x, params)
-        t2 = time.perf_counter()
-        predicted.append((y, _mask_params(params, rescale), {"normalize": t1 - t0, "network": t2 - t1}))
+        return segment_on_device(runner, imgs, params) if imgs else []
+    if not imgs:
+        return []
+    t0 = time.perf_counter()
+    xs = [normalize_image(img) if params.normalize else img.astype(np.float32) for img in imgs]
+    t1 = time.perf_counter()
+    ys, rescale = predict_flows_many(runner, xs, params)  # tiles of all images share batches
+    t2 = time.perf_counter()
+    shared = {"normalize": (t1 - t0) / len(imgs), "network": (t2 - t1) / len(imgs)}
+    predicted = [(y, _mask_params(params, rescale), dict(shared)) for y in ys]
     groups: dict[tuple, list[int]] = {}
     for k, (y, mask_params, _) in enumerate(predicted):
         groups.setdefault((y.shape, mask_params), []).append(k)

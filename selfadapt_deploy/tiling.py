@@ -8,6 +8,7 @@ flip X negates dX.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +51,69 @@ def taper_mask(ly: int, lx: int, sig: float = 7.5) -> np.ndarray:
 Predict = Callable[[torch.Tensor], torch.Tensor]  # B×C×h×w float32 → B×K×h×w float32, same device
 
 
+@dataclass
+class _Blend:
+    """One image's tiling: padded image, tile corners and size, taper weight, blended sums."""
+
+    padded: torch.Tensor
+    pads: tuple[int, int, int, int]
+    corners: list[tuple[int, int]]
+    th: int
+    tw: int
+    weight: torch.Tensor
+    out: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
+
+    def add(self, corner: tuple[int, int], pred: torch.Tensor) -> None:
+        y, x = corner
+        if self.out is None:
+            py, px = self.padded.shape[1:]
+            self.out = torch.zeros((pred.shape[0], py, px), dtype=torch.float32, device=pred.device)
+            self.norm = torch.zeros((py, px), dtype=torch.float64, device=pred.device)
+        region = self.out[:, y : y + self.th, x : x + self.tw]
+        region.copy_(region.double() + pred.double() * self.weight)
+        self.norm[y : y + self.th, x : x + self.tw] += self.weight
+
+    def result(self) -> torch.Tensor:
+        top, bottom, left, right = self.pads
+        py, px = self.padded.shape[1:]
+        out = (self.out.double() / self.norm).float()
+        return out[:, top : py - bottom, left : px - right]
+
+
+def _plan(img: torch.Tensor, tile: int, overlap: float, fixed_tile: bool) -> _Blend:
+    _, ly, lx = img.shape
+    pads = pad_amounts(ly, lx, tile if fixed_tile else None)
+    top, bottom, left, right = pads
+    padded = torch.nn.functional.pad(img.float(), (left, right, top, bottom))
+    py, px = padded.shape[1:]
+    th, tw = min(tile, py), min(tile, px)
+    corners = [(y, x) for y in tile_starts(py, tile, overlap) for x in tile_starts(px, tile, overlap)]
+    return _Blend(padded, pads, corners, th, tw, torch.from_numpy(taper_mask(th, tw)).to(img.device))
+
+
+def predict_tiled_many(predict: Predict, imgs: list[torch.Tensor], tile: int, overlap: float = 0.1,
+                       batch_size: int = 8, fixed_tile: bool = True) -> list[torch.Tensor]:
+    """:func:`predict_tiled` for several C×Y×X tensors: the tiles of all images (of one tile size)
+    share network batches — small images fill a batch together instead of one call each. Each
+    image's result is what :func:`predict_tiled` gives for it alone (same tiles, same blending
+    order; in eval mode the network sees each tile independently), up to the last-bit rounding a
+    convolution backend may change with the batch size."""
+    if not MIN_OVERLAP <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"tile overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], got {overlap}")
+    plans = [_plan(img, tile, overlap, fixed_tile) for img in imgs]
+    by_shape: dict[tuple[int, int], list[tuple[_Blend, tuple[int, int]]]] = {}
+    for plan in plans:
+        by_shape.setdefault((plan.th, plan.tw), []).extend((plan, c) for c in plan.corners)
+    for (th, tw), queue in by_shape.items():
+        for b in range(0, len(queue), batch_size):
+            batch = queue[b : b + batch_size]
+            preds = predict(torch.stack([p.padded[:, y : y + th, x : x + tw] for p, (y, x) in batch]))
+            for (plan, corner), pred in zip(batch, preds, strict=True):
+                plan.add(corner, pred)
+    return [plan.result() for plan in plans]
+
+
 def predict_tiled(predict: Predict, img: torch.Tensor, tile: int, overlap: float = 0.1,
                   batch_size: int = 8, fixed_tile: bool = True) -> torch.Tensor:
     """Run ``predict`` over overlapping tiles of a C×Y×X tensor; blend with the taper mask → K×Y×X
@@ -59,29 +123,7 @@ def predict_tiled(predict: Predict, img: torch.Tensor, tile: int, overlap: float
     With ``fixed_tile=False`` (CPnet) an image smaller than a tile runs as one smaller tile, as in
     cellpose 3; with ``fixed_tile=True`` (CPSAM) it is padded up to a full tile, as in cellpose 4.
     """
-    if not MIN_OVERLAP <= overlap <= MAX_OVERLAP:
-        raise ValueError(f"tile overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], got {overlap}")
-    _, ly, lx = img.shape
-    top, bottom, left, right = pad_amounts(ly, lx, tile if fixed_tile else None)
-    padded = torch.nn.functional.pad(img.float(), (left, right, top, bottom))
-    py, px = padded.shape[1:]
-    th, tw = min(tile, py), min(tile, px)
-    corners = [(y, x) for y in tile_starts(py, tile, overlap) for x in tile_starts(px, tile, overlap)]
-    weight = torch.from_numpy(taper_mask(th, tw)).to(img.device)
-    out: torch.Tensor | None = None
-    norm = torch.zeros((py, px), dtype=torch.float64, device=img.device)
-    for b in range(0, len(corners), batch_size):
-        batch = corners[b : b + batch_size]
-        preds = predict(torch.stack([padded[:, y : y + th, x : x + tw] for y, x in batch]))
-        if out is None:
-            out = torch.zeros((preds.shape[1], py, px), dtype=torch.float32, device=img.device)
-        for (y, x), pred in zip(batch, preds, strict=True):
-            region = out[:, y : y + th, x : x + tw]
-            region.copy_(region.double() + pred.double() * weight)
-            norm[y : y + th, x : x + tw] += weight
-    assert out is not None  # at least one tile
-    out = (out.double() / norm).float()
-    return out[:, top : py - bottom, left : px - right]
+    return predict_tiled_many(predict, [img], tile, overlap, batch_size, fixed_tile)[0]
 
 
 # ---- D4 test-time views ------------------------------------------------------------------------

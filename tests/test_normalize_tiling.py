@@ -18,6 +18,7 @@ from selfadapt_deploy.tiling import (
     d4_views,
     pad_amounts,
     predict_tiled,
+    predict_tiled_many,
     taper_mask,
 )
 
@@ -55,6 +56,27 @@ def test_tiled_output_matches_cellpose_run_net(tiny_cpnet, shape, overlap):
     ref, _ = core.run_net(CellposeNetAdapter(tiny_cpnet), img.transpose(1, 2, 0)[None],
                           bsize=224, tile_overlap=overlap, batch_size=3)
     np.testing.assert_allclose(ours, ref[0].transpose(2, 0, 1), atol=1e-5, rtol=0)
+
+
+def test_tiles_of_several_images_share_batches_with_unchanged_results(tiny_cpnet):
+    """Small and large images together (CPnet: a small image is one smaller tile of its own
+    shape): each result equals the image tiled alone (to the rounding of a convolution at another
+    batch size), in fewer network calls."""
+    rng = np.random.default_rng(2)
+    imgs = [torch.from_numpy(rng.random(s, dtype=np.float32))
+            for s in [(2, 100, 120), (2, 300, 260), (2, 90, 100), (2, 100, 120)]]
+    calls = []
+    with TorchRunner(tiny_cpnet) as runner:
+        def predict(tiles):
+            calls.append(len(tiles))
+            return runner.infer(tiles)
+
+        together = predict_tiled_many(predict, imgs, 224, 0.1, batch_size=8, fixed_tile=False)
+        n_together = len(calls)
+        alone = [predict_tiled(predict, img, 224, 0.1, batch_size=8, fixed_tile=False) for img in imgs]
+    assert n_together < len(calls) - n_together
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("diameter", [None, 45.0, 20.0])

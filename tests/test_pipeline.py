@@ -94,6 +94,8 @@ def test_segment_images_batches_post_processing_by_size(tiny_cpsam):
         alone = [segment_image(runner, im, params) for im in imgs]
     assert together[0].masks.max() > 0
     for a, b in zip(together, alone, strict=True):
+        # the tiles of the three images shared network batches: same numbers up to a
+        # convolution's rounding at another batch size
+        np.testing.assert_allclose(a.flows, b.flows, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(a.masks, b.masks)
-        np.testing.assert_array_equal(a.flows, b.flows)
         assert set(a.timings) == {"normalize", "network", "masks"}
