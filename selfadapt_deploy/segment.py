@@ -190,7 +190,8 @@ def segment_on_device(runner: Runner, imgs: list[np.ndarray], params: SegmentPar
     t0 = time.perf_counter()
     xs = []
     for img in imgs:
-        x = torch.from_numpy(np.ascontiguousarray(img)).to(device, non_blocking=True)
+        native = np.ascontiguousarray(img, dtype=img.dtype.newbyteorder("="))  # torch needs native order
+        x = torch.from_numpy(native).to(device, non_blocking=True)
         xs.append(normalize_tensor(x) if params.normalize else x.float())
     t1 = _sync(device)
     ys, rescale = predict_flows_many(runner, xs, params)
