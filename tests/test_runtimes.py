@@ -160,7 +160,7 @@ def test_torch_reduced_precision_masks_agree_with_fp32(trained_cpnet_path, preci
 def test_onnxruntime_cuda_io_binding_matches_torch(exported_cyto):
     x = torch.rand(4, 2, 224, 224, device="cuda")
     with open_runner(exported_cyto, "onnx", "cuda")[0] as runner, \
-            open_runner(exported_cyto, "torch", "cuda")[0] as reference:
+            open_runner(exported_cyto, "torch", "cuda", "fp32")[0] as reference:
         got, want = runner.infer(x), reference.infer(x)
     assert got.device.type == "cuda"
     # cuDNN's algorithms sum in other orders than torch's, and torch's convolutions use TF32 by
