@@ -159,6 +159,11 @@ def segment(
                      "masks", out)
     finally:
         runner.deactivate()
+        if dev.type == "cuda":  # what a run at this --batch-size needs, to size it on other GPUs
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30
+            console.print(f"peak GPU memory: {peak:.2f} GiB at --batch-size {batch_size}")
 
 
 def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: str, out: Path) -> None:

@@ -101,7 +101,7 @@ def prepare(flows: torch.Tensor, cellprob: torch.Tensor, threshold: float) -> Pr
     if not torch.isfinite(field).all():
         raise SaDeployError("the network's flows contain NaN or infinite values inside cells; the "
                             "model or the input image is broken (check the weights and the image's "
-                            "intensities)")
+                            "intensities), or reduced precision overflowed (try --precision fp32)")
     field = (field / 5.0 * (2.0 / extent[:, None, None])).contiguous()
     image, y, x = torch.nonzero(fg, as_tuple=True)  # row-major, image after image
     pts = torch.stack([x, y], dim=-1).float()
