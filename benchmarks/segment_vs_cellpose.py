@@ -16,7 +16,7 @@ What is measured
     overlap 0.1, batch size 8), in the same process and thread count. Each
     end-to-end call is timed as a whole; per-stage times are taken *inside* that same call by
     temporarily wrapping the stage functions each pipeline looks up at call time (ours:
-    ``normalize_image``, ``predict_flows``, ``integrate_batch``, ``assemble_masks``,
+    ``normalize_image``, ``predict_flows_many``, ``integrate_batch``, ``assemble_masks``,
     ``remove_bad_flow_masks``, ``fill_holes_and_remove_small``; cellpose: ``normalize_img``,
     ``_run_net``, ``follow_flows``, ``get_masks_torch``, ``remove_bad_flow_masks``,
     ``fill_holes_and_remove_small_masks``, ``plot.dx_to_circ``), so the stages add up to the
@@ -88,7 +88,7 @@ def our_targets() -> dict[str, tuple[Any, str]]:
     import selfadapt_deploy.postprocess as post
     import selfadapt_deploy.segment as seg
 
-    return {"normalize": (seg, "normalize_image"), "network": (seg, "predict_flows"),
+    return {"normalize": (seg, "normalize_image"), "network": (seg, "predict_flows_many"),
             "integrate": (post, "integrate_batch"), "assemble": (post, "assemble_masks"),
             "flow_qc": (post, "remove_bad_flow_masks"), "cleanup": (post, "fill_holes_and_remove_small")}
 

@@ -10,7 +10,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,13 @@ from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_preci
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.runtime.torch_runner import TorchRunner
-from selfadapt_deploy.segment import SegmentParams, segment_image, segment_images
+from selfadapt_deploy.segment import (
+    Segmentation,
+    SegmentParams,
+    segment_image,
+    segment_images,
+    tiles_per_image,
+)
 
 MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
 
@@ -59,24 +65,103 @@ class SegmentJob:
 Work = Callable[[Image, np.ndarray], int]
 
 
+@dataclass(frozen=True)
+class Grouping:
+    """How small images share one call: ``work_many`` does a group (counts in order, outputs
+    written), ``size(data)`` is what an image fills (its tiles) of a group's ``capacity`` (a
+    network batch). An image that fills it alone runs alone."""
+
+    work_many: Callable[[list[tuple[Image, np.ndarray]]], list[int]]
+    size: Callable[[np.ndarray], int]
+    capacity: int
+
+
 def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path], work: Work,
                   channels: Sequence[int] | None = None, overwrite: bool = False,
-                  channel_axis: int | None = None, series: int | None = None) -> Iterator[ImageResult]:
+                  channel_axis: int | None = None, series: int | None = None,
+                  grouping: Grouping | None = None) -> Iterator[ImageResult]:
     """Run ``work`` on every image in ``paths`` (each series of multi-series files) with ``runner``
-    active; yield one result per image as it finishes. ``output(name)`` is the file whose presence
-    means the image is done: it is skipped (resume) unless ``overwrite``."""
-    written: set[str] = set()
-    with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
-        for path, read in read_ahead(paths, channel_axis, series):
+    active; yield one result per image, in input order, as it finishes. ``output(name)`` is the
+    file whose presence means the image is done: it is skipped (resume) unless ``overwrite``.
+    With ``grouping``, consecutive small images go through ``grouping.work_many`` together."""
+    claimed: set[str] = set()
+    pending: list[tuple[Image, np.ndarray, bool]] = []
+
+    def flush() -> Iterator[ImageResult]:
+        group, pending[:] = list(pending), []
+        if len(group) > 1:
             try:
-                images = read.result()
-            except ImageReadError as exc:
-                yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
+                counts = grouping.work_many([(image, data) for image, data, _ in group])
+            except SaDeployError:  # one bad image: run them one by one to say which
+                pass
+            else:
+                for (image, _, last), count in zip(group, counts, strict=True):
+                    yield ImageResult(image.source, image.name, "done", count, last_in_file=last)
+                return
+        for image, data, last in group:
+            yield _run_one(image, data, last, work, claimed)
+
+    with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
+        for item in _todo(paths, runner, output, channels, overwrite, channel_axis, series, claimed):
+            if isinstance(item, ImageResult):
+                yield from flush()
+                yield item
                 continue
-            for k, image in enumerate(images):
-                result = _process_one(image, runner, output(image.name), work, channels, overwrite,
-                                      written)
-                yield replace(result, last_in_file=k == len(images) - 1)
+            if grouping is None or grouping.size(item[1]) >= grouping.capacity:
+                yield from flush()
+                yield _run_one(*item, work, claimed)
+                continue
+            pending.append(item)
+            if sum(grouping.size(data) for _, data, _ in pending) >= grouping.capacity:
+                yield from flush()
+        yield from flush()
+
+
+def _todo(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path],
+          channels: Sequence[int] | None, overwrite: bool, channel_axis: int | None,
+          series: int | None, claimed: set[str]) -> Iterator[ImageResult | tuple[Image, np.ndarray, bool]]:
+    """Each image in turn: a finished result (unreadable, skipped, name clash, bad channels), or
+    (image, its data with the network's channels, last series of its file) to work on."""
+    for path, read in read_ahead(paths, channel_axis, series):
+        try:
+            images = read.result()
+        except ImageReadError as exc:
+            yield ImageResult(Path(path), image_stem(Path(path)), "failed", error=str(exc))
+            continue
+        for k, image in enumerate(images):
+            last = k == len(images) - 1
+            target = output(image.name)
+            if image.name in claimed:
+                yield ImageResult(image.source, image.name, "failed", last_in_file=last, error=(
+                    f"{image.source}: output name {target.name} was already written in this run by "
+                    "another input; rename one of the inputs"))
+            elif target.exists() and not overwrite:
+                yield ImageResult(image.source, image.name, "skipped", last_in_file=last)
+            else:
+                try:
+                    spec = runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
+                    data = select_channels(image.data, channels, spec.nchan, str(image.source),
+                                           pad=not spec.fewer_channels_ok)
+                except SaDeployError as exc:
+                    yield _failed(image, exc, last)
+                    continue
+                claimed.add(image.name)
+                yield image, data, last
+
+
+def _failed(image: Image, exc: SaDeployError, last: bool) -> ImageResult:
+    error = str(exc) if str(image.source) in str(exc) else f"{image.source} ({image.name}): {exc}"
+    return ImageResult(image.source, image.name, "failed", error=error, last_in_file=last)
+
+
+def _run_one(image: Image, data: np.ndarray, last: bool, work: Work, claimed: set[str]) -> ImageResult:
+    """``work`` on one image; a bad image becomes a failed result (and frees its output name)."""
+    try:
+        count = work(image, data)
+    except SaDeployError as exc:
+        claimed.discard(image.name)
+        return _failed(image, exc, last)
+    return ImageResult(image.source, image.name, "done", count, last_in_file=last)
 
 
 READ_AHEAD = 2  # files read (decoded) in a background thread while the current one is processed
@@ -105,27 +190,6 @@ def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | No
             yield item
 
 
-def _process_one(image: Image, runner: Runner, target: Path, work: Work,
-                 channels: Sequence[int] | None, overwrite: bool, written: set[str]) -> ImageResult:
-    """One image: skip when done, refuse a name clash, turn a bad image into a failed result."""
-    if image.name in written:
-        return ImageResult(image.source, image.name, "failed", error=(
-            f"{image.source}: output name {target.name} was already written in this run by "
-            "another input; rename one of the inputs"))
-    if target.exists() and not overwrite:
-        return ImageResult(image.source, image.name, "skipped")
-    try:
-        spec = runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
-        data = select_channels(image.data, channels, spec.nchan, str(image.source),
-                               pad=not spec.fewer_channels_ok)
-        count = work(image, data)
-    except SaDeployError as exc:
-        error = str(exc) if str(image.source) in str(exc) else f"{image.source} ({image.name}): {exc}"
-        return ImageResult(image.source, image.name, "failed", error=error)
-    written.add(image.name)
-    return ImageResult(image.source, image.name, "done", count)
-
-
 def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
                   series: int | None = None) -> Iterator[ImageResult]:
     """Segment every image in ``paths``; yield one result per image as it finishes."""
@@ -133,15 +197,26 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
     def masks_path(name: str) -> Path:
         return job.out_dir / f"{name}{MASKS_SUFFIX}"
 
-    def segment(image: Image, data: np.ndarray) -> int:
-        seg = segment_image(job.runner, data, job.params, job.device)
+    def write(image: Image, seg: Segmentation) -> int:
         if job.save_flows:
             write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
         write_masks(masks_path(image.name), seg.masks)
         return int(seg.masks.max())
 
+    def segment(image: Image, data: np.ndarray) -> int:
+        return write(image, segment_image(job.runner, data, job.params, job.device))
+
+    def segment_many(items: list[tuple[Image, np.ndarray]]) -> list[int]:
+        segs = segment_images(job.runner, [data for _, data in items], job.params, job.device)
+        return [write(image, seg) for (image, _), seg in zip(items, segs, strict=True)]
+
+    # small images (fewer tiles than a network batch) share batches with their neighbours
+    def tiles(data: np.ndarray) -> int:
+        return tiles_per_image(job.runner.spec, data.shape[1:], job.params)
+
+    grouping = Grouping(segment_many, tiles, job.params.batch_size)
     return process_files(paths, job.runner, masks_path, segment, job.channels, job.overwrite,
-                         channel_axis, series)
+                         channel_axis, series, grouping)
 
 
 def read_label_image(path: Path) -> np.ndarray:

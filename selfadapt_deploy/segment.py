@@ -23,7 +23,14 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
 from selfadapt_deploy.runtime.base import ModelSpec, Runner
-from selfadapt_deploy.tiling import D4, Predict, d4_inverse, d4_transform, predict_tiled_many
+from selfadapt_deploy.tiling import (
+    D4,
+    Predict,
+    count_tiles,
+    d4_inverse,
+    d4_transform,
+    predict_tiled_many,
+)
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
 PIPELINES = ("auto", "host", "device")
@@ -95,6 +102,13 @@ def prepare_image(img: np.ndarray, rescale: float) -> np.ndarray:
 def rescale_factor(spec: ModelSpec, diameter: float | None) -> float:
     """diam_mean / diameter; without a diameter, the model's default diameter (cellpose's rule)."""
     return spec.diam_mean / (diameter or spec.default_diameter)
+
+
+def tiles_per_image(spec: ModelSpec, shape: tuple[int, int], params: SegmentParams) -> int:
+    """How many network tiles a Y×X image takes at these settings (after the rescale)."""
+    rescale = rescale_factor(spec, params.diameter)
+    ly, lx = (max(1, int(n * rescale)) for n in shape) if rescale != 1.0 else shape
+    return count_tiles(ly, lx, spec.tile_size, params.tile_overlap, spec.fixed_tile)
 
 
 def tta_predict(runner: Runner):

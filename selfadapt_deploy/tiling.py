@@ -38,6 +38,13 @@ def tile_starts(length: int, tile: int, overlap: float) -> np.ndarray:
     return np.linspace(0, length - tile, n).astype(int)
 
 
+def count_tiles(ly: int, lx: int, tile: int, overlap: float, fixed_tile: bool) -> int:
+    """How many tiles :func:`predict_tiled` runs for a Y×X image."""
+    top, bottom, left, right = pad_amounts(ly, lx, tile if fixed_tile else None)
+    ny = len(tile_starts(ly + top + bottom, tile, overlap))
+    return ny * len(tile_starts(lx + left + right, tile, overlap))
+
+
 def taper_mask(ly: int, lx: int, sig: float = 7.5) -> np.ndarray:
     """Separable weight ``1/(1+exp((|x−c| − (bsize/2−20))/sig))``, centre crop of a ≥224 window."""
     bsize = max(224, ly, lx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from selfadapt_deploy.io import read_images, select_channels
 from selfadapt_deploy.metrics import average_precision
@@ -99,3 +100,58 @@ def test_segment_images_batches_post_processing_by_size(tiny_cpsam):
         np.testing.assert_allclose(a.flows, b.flows, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(a.masks, b.masks)
         assert set(a.timings) == {"normalize", "network", "masks"}
+
+
+def test_count_tiles_is_what_the_tiler_runs(tiny_cpnet):
+    from selfadapt_deploy.tiling import count_tiles, predict_tiled
+
+    for shape, fixed in [((100, 120), False), ((300, 260), False), ((100, 120), True), ((470, 231), True)]:
+        seen = []
+
+        def predict(tiles):
+            seen.append(len(tiles))
+            return torch.zeros((len(tiles), 3, *tiles.shape[2:]))
+
+        predict_tiled(predict, torch.zeros((2, *shape)), 224, 0.1, batch_size=5, fixed_tile=fixed)
+        assert sum(seen) == count_tiles(*shape, 224, 0.1, fixed)
+
+
+def test_small_files_share_network_batches_in_segment_files(tmp_path, trained_cpnet_path):
+    """A folder of small images: grouped into shared batches (fewer network calls), results in
+    input order, the same masks as one image at a time, and a bad image in a group is reported
+    alone while its neighbours are done."""
+    import tifffile
+
+    from selfadapt_deploy.batch import SegmentJob, segment_files
+
+    paths = []
+    for k, shape in enumerate([(150, 170), (40, 40), (160, 150), (150, 170), (170, 160)]):
+        labels = random_labels(shape, 10, radius=(4, 6), seed=k)
+        paths.append(tmp_path / f"img{k}.tif")
+        tifffile.imwrite(paths[-1], (render(labels, seed=k) * 1000).astype(np.uint16))
+    net = load_model(trained_cpnet_path)
+    masks = {}
+    for batch_size in (1, 8):  # 1: every image alone
+        calls = []
+        runner = TorchRunner(net)
+        infer = runner.infer
+        runner.infer = lambda x, infer=infer: (calls.append(len(x)), infer(x))[1]
+        out = tmp_path / f"out{batch_size}"
+        out.mkdir()
+        params = SegmentParams(batch_size=batch_size)
+        job = SegmentJob(runner, out, params, torch.device("cpu"), [0])
+        results = list(segment_files(paths, job))
+        assert [r.name for r in results] == [p.stem for p in paths]
+        assert all(r.status == "done" for r in results)
+        masks[batch_size] = [tifffile.imread(out / f"{p.stem}_masks.tif") for p in paths]
+        if batch_size == 8:
+            assert len(calls) < len(paths)  # images shared network batches
+    for alone, grouped in zip(masks[1], masks[8], strict=True):
+        np.testing.assert_array_equal(grouped, alone)
+    # one image that cannot be rescaled (40×40 at diameter 700 shrinks below a pixel)
+    job = SegmentJob(TorchRunner(net), tmp_path / "bad", SegmentParams(diameter=700.0), torch.device("cpu"),
+                     [0])
+    (tmp_path / "bad").mkdir()
+    results = list(segment_files(paths, job))
+    assert [r.status for r in results] == ["done", "failed", "done", "done", "done"]
+    assert "img1" in results[1].error and "too large" in results[1].error
