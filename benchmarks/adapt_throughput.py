@@ -81,7 +81,7 @@ def time_steps(net: SegmentationNet, sampler: TileSampler, batched: bool, args) 
     state = Adaptation(student=net, teacher=EMA(net), optimizer=torch.optim.AdamW(params, lr=1e-5),
                        anchors=[p.detach().clone() for p in params], masks=ConfidenceMasks(),
                        augment=StrongAugment(), batched_teacher=batched,
-                       scaler=torch.amp.GradScaler("cuda") if cuda else None)
+                       amp=torch.bfloat16 if cuda else None)  # the trainer's CUDA default
     g = torch.Generator().manual_seed(0)
     times = []
     for step in range(args.warmup + args.steps):
@@ -101,7 +101,7 @@ def time_teacher(net: SegmentationNet, x: torch.Tensor, batched: bool, repeats: 
     for _ in range(repeats + 1):
         sync(net.device)
         tic = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=net.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=net.device.type == "cuda"):
             teacher_predict(net, x, batched)
         sync(net.device)
         times.append(time.perf_counter() - tic)

@@ -108,7 +108,7 @@ def test_count_tiles_is_what_the_tiler_runs(tiny_cpnet):
     for shape, fixed in [((100, 120), False), ((300, 260), False), ((100, 120), True), ((470, 231), True)]:
         seen = []
 
-        def predict(tiles):
+        def predict(tiles, seen=seen):
             seen.append(len(tiles))
             return torch.zeros((len(tiles), 3, *tiles.shape[2:]))
 
@@ -135,7 +135,7 @@ def test_small_files_share_network_batches_in_segment_files(tmp_path, trained_cp
         calls = []
         runner = TorchRunner(net)
         infer = runner.infer
-        runner.infer = lambda x, infer=infer: (calls.append(len(x)), infer(x))[1]
+        runner.infer = lambda x, infer=infer, calls=calls: (calls.append(len(x)), infer(x))[1]
         out = tmp_path / f"out{batch_size}"
         out.mkdir()
         params = SegmentParams(batch_size=batch_size)
