@@ -111,6 +111,20 @@ def tiles_per_image(spec: ModelSpec, shape: tuple[int, int], params: SegmentPara
     return count_tiles(ly, lx, spec.tile_size, params.tile_overlap, spec.fixed_tile)
 
 
+def batch_chunks(spec: ModelSpec, imgs: list[np.ndarray], params: SegmentParams) -> list[list[np.ndarray]]:
+    """Consecutive images grouped until their tiles fill a network batch: small images share
+    batches, and only one chunk's blending buffers are on the device at a time."""
+    chunks: list[list[np.ndarray]] = []
+    filled = params.batch_size
+    for img in imgs:
+        if filled >= params.batch_size:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append(img)
+        filled += tiles_per_image(spec, img.shape[1:], params)
+    return chunks
+
+
 def tta_predict(runner: Runner):
     """A predict function averaging the runner's outputs over the 8 D4 views (flows as vectors)."""
 
@@ -224,23 +238,24 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
                    device: torch.device | str = "cpu") -> list[Segmentation]:
     """Segment C×Y×X images whose channels are already those the network expects.
 
-    The tiles of all the images share network batches (small images fill a batch together). With
-    the device pipeline (:func:`use_device_pipeline` on the runner's device) everything then runs
-    in :func:`segment_on_device`. Otherwise the post-processing of images of one size runs as one
-    batch on ``device`` — one integrator call. Stage times of shared work are split equally among
-    the images in ``timings``.
+    Consecutive small images share network batches (:func:`batch_chunks`). With the device
+    pipeline (:func:`use_device_pipeline` on the runner's device) everything runs in
+    :func:`segment_on_device`, and each result's network output stays on the device until read.
+    Otherwise the post-processing of images of one size runs as one batch on ``device`` — one
+    integrator call. Stage times of shared work are split equally among the images in ``timings``.
     """
+    chunks = batch_chunks(runner.spec, imgs, params)
     if use_device_pipeline(params, runner.device):
-        return segment_on_device(runner, imgs, params) if imgs else []
-    if not imgs:
-        return []
-    t0 = time.perf_counter()
-    xs = [normalize_image(img) if params.normalize else img.astype(np.float32) for img in imgs]
-    t1 = time.perf_counter()
-    ys, rescale = predict_flows_many(runner, xs, params)  # tiles of all images share batches
-    t2 = time.perf_counter()
-    shared = {"normalize": (t1 - t0) / len(imgs), "network": (t2 - t1) / len(imgs)}
-    predicted = [(y, _mask_params(params, rescale), dict(shared)) for y in ys]
+        return [seg for chunk in chunks for seg in segment_on_device(runner, chunk, params)]
+    predicted = []  # (network output 3×Y×X on the host, mask settings, timings) per image
+    for chunk in chunks:
+        t0 = time.perf_counter()
+        xs = [normalize_image(img) if params.normalize else img.astype(np.float32) for img in chunk]
+        t1 = time.perf_counter()
+        ys, rescale = predict_flows_many(runner, xs, params)  # the chunk's tiles share batches
+        t2 = time.perf_counter()
+        shared = {"normalize": (t1 - t0) / len(chunk), "network": (t2 - t1) / len(chunk)}
+        predicted += [(y, _mask_params(params, rescale), dict(shared)) for y in ys]
     groups: dict[tuple, list[int]] = {}
     for k, (y, mask_params, _) in enumerate(predicted):
         groups.setdefault((y.shape, mask_params), []).append(k)

@@ -155,3 +155,14 @@ def test_small_files_share_network_batches_in_segment_files(tmp_path, trained_cp
     results = list(segment_files(paths, job))
     assert [r.status for r in results] == ["done", "failed", "done", "done", "done"]
     assert "img1" in results[1].error and "too large" in results[1].error
+
+
+def test_batch_chunks_group_small_images_until_a_batch_is_full(tiny_cpnet):
+    from selfadapt_deploy.runtime.torch_runner import spec_for
+    from selfadapt_deploy.segment import batch_chunks
+
+    small, large = np.zeros((2, 100, 100), np.float32), np.zeros((2, 900, 900), np.float32)
+    chunks = batch_chunks(spec_for(tiny_cpnet), [small] * 5 + [large, small], SegmentParams(batch_size=2))
+    assert [len(c) for c in chunks] == [2, 2, 2, 1]  # a chunk closes once its tiles fill a batch
+    chunks = batch_chunks(spec_for(tiny_cpnet), [small, large, small, small], SegmentParams(batch_size=8))
+    assert [len(c) for c in chunks] == [2, 2]  # the large image fills the first batch
