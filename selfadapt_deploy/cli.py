@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from selfadapt_deploy import __version__
@@ -20,6 +27,7 @@ from selfadapt_deploy.errors import SaDeployError
 
 if TYPE_CHECKING:
     from selfadapt_deploy.batch import ImageResult
+    from selfadapt_deploy.wsi.stream import StreamSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Adapt Cellpose models without labels, export them, segment fast.")
@@ -121,8 +129,22 @@ def segment(
                                              "cellprob).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Recompute images whose masks exist (default: "
                                             "skip them, which resumes a run).")] = False,
+    stream: Annotated[bool, typer.Option(help="Stream every image block by block (whole-slide "
+                                         "path); images above 8192² pixels and OME-Zarr inputs "
+                                         "always stream.")] = False,
+    block_size: Annotated[int, typer.Option(help="Streaming: block edge in pixels (a multiple of "
+                                            "256); memory grows with it.")] = 2048,
+    halo: Annotated[int, typer.Option(help="Streaming: context around each block in pixels; 0 = "
+                                      "twice the cell diameter (at least 32).")] = 0,
+    out_format: Annotated[str, typer.Option(help="Streaming: labels as a tiled BigTIFF (tiff) or "
+                                            "OME-Zarr (zarr).")] = "tiff",
+    resume: Annotated[bool, typer.Option(help="Streaming: continue an interrupted slide from its "
+                                         "finished blocks.")] = False,
+    dask: Annotated[str | None, typer.Option(help="Streaming: run blocks on dask.distributed "
+                                             "workers: a scheduler address, or local:N.")] = None,
 ):
-    """Segment images with a Cellpose-family model (cellpose 4.2's pipeline)."""
+    """Segment images with a Cellpose-family model (cellpose 4.2's pipeline); slides larger than
+    memory stream block by block."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
     from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
@@ -131,6 +153,8 @@ def segment(
     from selfadapt_deploy.runtime.select import open_runner
     from selfadapt_deploy.segment import SegmentParams, use_device_pipeline
     from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
+    from selfadapt_deploy.wsi.slide import split_inputs
+    from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
 
     if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP:
         raise _fail(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}")
@@ -141,22 +165,34 @@ def segment(
                            niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
                            tta=tta, integrator=integrator, pipeline=pipeline)
     picked = _parse_channels(channels)
+    torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
+    settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
     try:
         images = expand_inputs(images)
+        in_memory, slides = split_inputs(images, series, stream or dask is not None, STREAM_ABOVE)
+        output_path(out, "x", out_format)  # a bad --out-format fails before any work
         ensure_writable_dir(out)
-        dev = resolve_device(device)
+        # with --dask the workers run the network: here the model only describes itself (CPU)
+        dev = resolve_device("cpu" if dask and not in_memory else device)
         resolve_integrator(integrator, dev)  # an unusable choice fails before any work
         runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
-                                     compile=compile, attention=attention, compile_cache=compile_cache)
+                                     **torch_options)
         use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
-        runner.activate()  # a provider, engine or device that cannot run fails before any image
+        if in_memory or not dask:
+            runner.activate()  # a provider, engine or device that cannot run fails before any image
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
     console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
     job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
+    runner_args = dict(model=model, runtime=runtime, device=device, precision=precision,
+                       onnx_provider=onnx_provider, **torch_options)
     try:
-        _report_each(segment_files(images, job, channel_axis, series), len(images), "segmenting",
-                     "masks", out)
+        failed = _stream_slides(slides, runner, out, params, settings, picked, runner_args)
+        if in_memory:
+            _report_each(segment_files(in_memory, job, channel_axis, series), len(in_memory),
+                         "segmenting", "masks", out)
+        if failed:
+            raise typer.Exit(code=1)
     finally:
         runner.deactivate()
         if dev.type == "cuda":  # what a run at this --batch-size needs, to size it on other GPUs
@@ -164,6 +200,41 @@ def segment(
 
             peak = torch.cuda.max_memory_allocated(dev) / 2**30
             console.print(f"peak GPU memory: {peak:.2f} GiB at --batch-size {batch_size}")
+
+
+def _stream_slides(slides: list, runner, out: Path, params, settings: StreamSettings, channels,
+                   runner_args: dict) -> int:
+    """Stream each slide with a progress bar over its blocks; returns how many failed."""
+    from selfadapt_deploy.wsi import segment_slide
+
+    failed = 0
+    for path, index in slides:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
+            task = bar.add_task(f"{path.name} blocks", total=None)
+
+            def progress(done: int, total: int, _result: dict, task=task, bar=bar) -> None:
+                bar.update(task, completed=done, total=total)
+
+            try:
+                summary = segment_slide(path, runner, out, params, settings, index, channels,
+                                        runner_args, progress)
+            except SaDeployError as exc:
+                bar.console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                failed += 1
+                continue
+        if summary["status"] == "skipped":
+            console.print(f"{path.name}: skipped ({summary['output']} exists; --overwrite to redo)",
+                          markup=False, highlight=False)
+            continue
+        for warning in summary["warnings"]:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        b = summary["blocks"]
+        console.print(f"{path.name}: done, {summary['objects']} masks → {summary['output']} ({b['total']} "
+                      f"blocks, {b['resumed']} resumed; {summary['seconds']['total']:.1f} s, peak RSS "
+                      f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB)", markup=False, highlight=False,
+                      soft_wrap=True)
+    return failed
 
 
 def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: str, out: Path) -> None:

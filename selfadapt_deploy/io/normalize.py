@@ -8,19 +8,35 @@ import torch
 DOWNSAMPLE_ABOVE = 224**3  # cellpose computes percentiles on a strided subsample above this size
 
 
-def normalize_channel(x: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
-    """``(x − p_lower)/(p_upper − p_lower)``; 0 where the channel is flat (p_upper − p_lower ≤ 1e-3)."""
-    x = x.astype(np.float32, copy=True)
-    sample = x
-    if x.size > DOWNSAMPLE_ABOVE:
-        sample = x[tuple(slice(None, None, max(1, n // 224)) for n in x.shape)]
-    lo, hi = np.percentile(sample, lower), np.percentile(sample, upper)
+def subsample_steps(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """cellpose's strided subsample for percentiles: every (n // 224)-th element per axis above
+    224³ pixels, every element below."""
+    if int(np.prod(shape)) <= DOWNSAMPLE_ABOVE:
+        return tuple(1 for _ in shape)
+    return tuple(max(1, n // 224) for n in shape)
+
+
+def percentiles(sample: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float]:
+    """(p_lower, p_upper) of a float32 sample, as numpy computes them (float32 results)."""
+    return np.percentile(sample, lower), np.percentile(sample, upper)
+
+
+def apply_percentiles(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(x − lo)/(hi − lo)`` in place on float32 ``x`` (cellpose's arithmetic); 0 where the
+    channel is flat (hi − lo ≤ 1e-3)."""
     if hi - lo > 1e-3:
         x -= lo
         x /= hi - lo
     else:
         x[:] = 0
     return x
+
+
+def normalize_channel(x: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """``(x − p_lower)/(p_upper − p_lower)``; 0 where the channel is flat (p_upper − p_lower ≤ 1e-3)."""
+    x = x.astype(np.float32, copy=True)
+    sample = x[tuple(slice(None, None, step) for step in subsample_steps(x.shape))]
+    return apply_percentiles(x, *percentiles(sample, lower, upper))
 
 
 def normalize_image(img: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
@@ -52,10 +68,7 @@ def normalize_tensor(img: torch.Tensor, lower: float = 1.0, upper: float = 99.0)
     out = torch.zeros_like(x)
     for c in range(x.shape[0]):
         xc = x[c]
-        sample = xc
-        if xc.numel() > DOWNSAMPLE_ABOVE:
-            sample = xc[tuple(slice(None, None, max(1, n // 224)) for n in xc.shape)]
-        sample = sample.flatten()
+        sample = xc[tuple(slice(None, None, step) for step in subsample_steps(tuple(xc.shape)))].flatten()
         lo, hi = _percentile_torch(sample, lower), _percentile_torch(sample, upper)
         scale = hi - lo  # a device tensor: true division, as numpy's (a CPU scalar would not be)
         normalised = (xc - lo) / scale

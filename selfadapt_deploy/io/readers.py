@@ -125,10 +125,13 @@ def is_image_file(path: Path) -> bool:
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Inputs as files: a directory stands for the image files directly inside it (sorted)."""
+    """Inputs as files: a directory stands for the image files directly inside it (sorted); a
+    ``.zarr`` directory is one OME-Zarr image."""
     files: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if path.is_dir() and path.name.lower().endswith(".zarr"):
+            files.append(path)  # an OME-Zarr image (streamed), not a folder of images
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if is_image_file(p))
             if not found:
                 raise ImageReadError(f"{path}: directory holds no TIFF/PNG/JPEG images")
