@@ -79,3 +79,31 @@ class Domain:
 # The demo's domain shift: a model trained on clean images meets 6× the noise (low-light imaging).
 SOURCE = Domain("source (clean)", noise=0.05)
 TARGET = Domain("target (6× noise)", noise=0.30)
+
+
+def write_slide(path, height: int, width: int, seed: int = 0, patch: int = 1024,
+               radius: tuple[float, float] = (6, 9), fill: float = 0.3) -> None:
+    """A generated fluorescence slide as a tiled (256²), zlib BigTIFF of uint16, written one row
+    of tiles at a time from one rendered ``patch``² field mirrored across the slide (so cells
+    continue across the mirror lines) — any size, with memory for one patch and one tile row."""
+    import tifffile
+
+    n_cells = int(fill * patch * patch / (np.pi * np.mean(radius) ** 2))
+    field = (render(random_labels((patch, patch), n_cells, radius, seed=seed), seed=seed)
+             * 1000).astype(np.uint16)
+    # one period of the mirrored pattern, 2·patch wide: field | field flipped left-right
+    period = np.concatenate([field, field[:, ::-1]], axis=1)
+    period = np.concatenate([period, period[::-1]], axis=0)  # and its upside-down copy below
+    reps = -(-width // period.shape[1])
+
+    def tiles():
+        for y in range(0, height, 256):
+            rows = np.tile(period[np.arange(y, min(y + 256, height)) % period.shape[0]], (1, reps))
+            for x in range(0, width, 256):
+                tile = np.zeros((256, 256), np.uint16)
+                part = rows[:, x : min(x + 256, width)]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield tile
+
+    tifffile.imwrite(path, tiles(), shape=(height, width), dtype=np.uint16, tile=(256, 256),
+                     bigtiff=True, compression="zlib", metadata={"axes": "YX"})

@@ -58,3 +58,22 @@ def synthetic_flows(shape=(256, 256), n_cells=120, seed=0, noise=0.5, radius=(6,
     flows = (5 * masks_to_flows(labels) + rng.normal(0, noise, (2, *shape))).astype(np.float32)
     cellprob = (np.where(labels > 0, 3.0, -3.0) + rng.normal(0, 1.5, shape)).astype(np.float32)
     return labels, flows, cellprob
+
+
+class NoNetworkRunner:
+    """Factory of a runner without a network (zero flows, cellprob = 8·channel 0 − 4): the
+    streaming machinery's own time and memory, measured apart from any network."""
+
+    @staticmethod
+    def make():
+        from selfadapt_deploy.runtime.base import ModelSpec, Runner
+
+        class _Runner(Runner):
+            name = "no network"
+
+            def run_impl(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                flows = x.new_zeros((x.shape[0], 2, *x.shape[2:]))
+                return {"flows_cellprob": torch.cat([flows, 8 * x[:, :1] - 4], dim=1)}
+
+        spec = ModelSpec(nchan=2, tile_size=224, fixed_tile=False, diam_mean=17.0, default_diameter=17.0)
+        return _Runner(spec)
