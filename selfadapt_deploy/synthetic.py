@@ -106,4 +106,5 @@ def write_slide(path, height: int, width: int, seed: int = 0, patch: int = 1024,
                 yield tile
 
     tifffile.imwrite(path, tiles(), shape=(height, width), dtype=np.uint16, tile=(256, 256),
-                     bigtiff=True, compression="zlib", metadata={"axes": "YX"})
+                     bigtiff=True, compression="zlib", metadata={"axes": "YX"},
+                     ome=str(path).lower().endswith((".ome.tif", ".ome.tiff")))
