@@ -234,7 +234,7 @@ def test_dask_workers_give_the_single_process_labels(tmp_path, slide, runner):
     pytest.importorskip("distributed")
     reference, _ = streamed(slide[0], tmp_path / "one", runner)
     model = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
-    args = dict(model=str(model), runtime="torch", device="cpu", precision="fp32")
+    args = dict(model=str(model), runtime="torch", device="cpu", precision="auto")
     labels, summary = streamed(slide[0], tmp_path / "dask", runner,
                                replace(SETTINGS, dask="local:2"), runner_args=args)
     assert summary["blocks"]["workers"] == "local:2"
@@ -256,3 +256,17 @@ def test_segment_cli_streams_a_slide(tmp_path, slide):
     assert "skipped" in again.output
     bad = CliRunner().invoke(app, [*args[:-2], "--out-format", "png"])
     assert bad.exit_code == 1 and "--out-format must be one of" in bad.output
+
+
+def test_worker_plugin_opens_the_runner_once_on_the_workers_device():
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.wsi.distributed import RunnerPlugin
+
+    model = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
+    plugin = RunnerPlugin(dict(model=str(model), runtime="auto", device="auto", precision="auto"))
+    plugin.setup()
+    try:
+        assert plugin.runner.is_active and plugin.runner.device == resolve_device("auto")
+    finally:
+        plugin.teardown()
+    assert not plugin.runner.is_active

@@ -44,8 +44,11 @@ class RunnerPlugin(_WorkerPlugin):
 
     def setup(self, worker=None) -> None:
         from selfadapt_deploy.runtime.select import open_runner
+        from selfadapt_deploy.runtime.torch_runner import resolve_device
 
-        self.runner = open_runner(**self.runner_args)[0]
+        args = dict(self.runner_args)  # the device is resolved here: "auto" means this worker's GPU
+        args["device"] = resolve_device(str(args.get("device", "auto")))
+        self.runner = open_runner(**args)[0]
         self.runner.activate()
 
     def teardown(self, worker=None) -> None:

@@ -235,6 +235,8 @@ def prepare_plan(slide: Slide, spec: ModelSpec, params: SegmentParams, settings:
                channels=list(channels) if channels is not None else None, params=asdict(params),
                spec=spec.to_dict(), block_size=settings.block_size, halo=halo)
     block_grid(slide.height, slide.width, settings.block_size, halo)  # bad sizes fail here
+    if work.exists() and not (work / "plan.json").exists():
+        shutil.rmtree(work)  # stopped before its plan was written: no finished block in it
     if work.exists():
         if settings.overwrite:
             shutil.rmtree(work)
@@ -249,9 +251,7 @@ def prepare_plan(slide: Slide, spec: ModelSpec, params: SegmentParams, settings:
                 raise SaDeployError(f"{work}: the interrupted run used other {', '.join(changed)}; run "
                                     "with the same settings, or with --overwrite to start again")
             return saved
-    elif settings.resume:
-        raise SaDeployError(f"--resume: no interrupted run of {slide.source} in {out_dir}")
-    import zarr
+    import zarr  # (--resume without an interrupted run simply starts one)
 
     lo, hi, flat = slide_normalisation(slide, channels, spec)
     plan = Plan(**key, lo=lo, hi=hi, flat=flat)
