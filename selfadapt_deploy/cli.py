@@ -416,13 +416,25 @@ def adapt(
                                      "CPU runs fp32.")] = "bf16",
     compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
                                                   "steps compile).")] = False,
+    method: Annotated[str, typer.Option(help="selfadapt (label-free) or actis (labelled target tiles "
+                                        "in every batch; implied by --labeled).")] = "selfadapt",
+    labeled: Annotated[list[str] | None, typer.Option(help="Labelled target images for ACTIS: a folder "
+                                                      "of <stem>.tif + <stem>_masks.tif, or "
+                                                      "IMAGE=MASKS (repeatable).")] = None,
+    labeled_fraction: Annotated[float, typer.Option(help="ACTIS: share of each batch from labelled "
+                                                    "tiles (at least one).")] = 0.25,
+    val_labeled: Annotated[list[str] | None, typer.Option(help="Held-out labelled images (same forms): "
+                                                          "AP@0.5 of every snapshot.")] = None,
+    select: Annotated[str, typer.Option(help="Deployed snapshot: auto (labelled when --val-labeled is "
+                                        "given, else label-free), label-free or labelled.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
     channel_axis: ChannelAxisOpt = None,
     series: SeriesOpt = None,
 ):
-    """Adapt a pretrained model to unlabeled images (SelfAdapt); resumable with --resume RUN."""
+    """Adapt a pretrained model to unlabeled images (SelfAdapt), or with a few labelled target
+    images (ACTIS); resumable with --resume RUN."""
     from rich.progress import TaskProgressColumn
 
     from selfadapt_deploy.runtime import resolve_device
@@ -431,6 +443,8 @@ def adapt(
 
     if stop not in ("emb", "fn", "both", "none"):
         raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
+    if method not in ("selfadapt", "actis"):
+        raise _fail(f"--method must be selfadapt or actis, got '{method}'")
     if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
             or teacher_precision not in ("fp32", "fp16", "bf16") or amp not in ("fp32", "fp16", "bf16"):
         raise _fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, and "
@@ -443,7 +457,8 @@ def adapt(
                           diameter=s["diameter"], channels=s["channels"],
                           channel_axis=s["channel_axis"], series=s["series"],
                           val_images=s["val_images"], val_fraction=s["val_fraction"],
-                          keep_snapshots=s["keep_snapshots"], resume=True)
+                          keep_snapshots=s["keep_snapshots"], resume=True,
+                          labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []))
         else:
             if not images or model is None or out is None:
                 raise _fail("give IMAGES, --model and --out (or --resume RUN)")
@@ -455,12 +470,15 @@ def adapt(
                                  flow_mask=flow_mask, augment=augment, seed=seed,
                                  teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
                                  teacher_precision=teacher_precision, amp=amp,
-                                 compile_teacher=compile_teacher)
+                                 compile_teacher=compile_teacher,
+                                 method="actis" if labeled else method,
+                                 labeled_fraction=labeled_fraction, select=select)
             kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
                           diameter=diameter or None, channels=_parse_channels(channels),
                           channel_axis=channel_axis, series=series,
                           val_images=[str(p) for p in val or []], val_fraction=val_fraction,
-                          keep_snapshots=keep_snapshots)
+                          keep_snapshots=keep_snapshots, labeled=labeled or [],
+                          val_labeled=val_labeled or [])
         if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
             from selfadapt_deploy.runtime.trt_runner import import_tensorrt
 
@@ -479,9 +497,9 @@ def adapt(
     except SaDeployError as exc:
         raise _fail(str(exc)) from None
     run = kwargs["out"]
-    console.print(f"selected iteration {summary['selected_iteration']}"
-                  + (f" ({summary['stop_reason']})" if summary["stopped_early"] else "")
-                  + f" → {run}/model.pt; curves in {run}/curves.png", soft_wrap=True)
+    console.print(f"{summary['method']}: selected iteration {summary['selected_iteration']} "
+                  f"({summary['selection']['why']}) → {run}/model.pt; curves in {run}/curves.png",
+                  soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
@@ -490,13 +508,15 @@ def demo(
         "sa-deploy-demo"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (data, training, adaptation).")] = 0,
+    method: Annotated[str, typer.Option(help="selfadapt (no labels) or actis (2 labelled target "
+                                        "images join every batch).")] = "selfadapt",
 ):
     """Offline demo: train a small model on clean generated cells, adapt it without labels to a noisy
     domain, print target AP before/after (about 3 minutes on 2 CPU cores)."""
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
 
-    config = DemoConfig()
+    config = DemoConfig(method=method)
     try:
         dev = resolve_device(device)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -114,3 +114,114 @@ def test_a_teacher_runtime_that_disagrees_with_torch_stops_the_run(trained_cpnet
     with pytest.raises(SaDeployError, match="disagrees with the torch teacher at step 1"):
         engine(x, 1)
     engine.close()
+
+
+# ---- ACTIS: labelled target tiles in every batch; selection by held-out labelled AP ----------
+def labelled_tiles(seed: int = 7, n: int = 2):
+    from selfadapt_deploy.trainer.source import LabelledTiles
+
+    labels = [random_labels((96, 96), 14, seed=seed + k) for k in range(n)]
+    images = [prepare_image(np.stack([render(lab, seed=seed + k, gamma=1.5), np.zeros((96, 96), np.float32)]),
+                            1.0) for k, lab in enumerate(labels)]
+    return LabelledTiles(images, labels, tile=64)
+
+
+def test_actis_loss_is_the_supervised_plus_the_consistency_term(trained_cpnet_path, monkeypatch):
+    import selfadapt_deploy.trainer.step as step_module
+    from selfadapt_deploy.trainer.augment import StrongAugment
+    from selfadapt_deploy.trainer.confidence import ConfidenceMasks
+    from selfadapt_deploy.trainer.ema import EMA
+    from selfadapt_deploy.trainer.source import cellpose_loss
+    from selfadapt_deploy.trainer.step import Adaptation, train_step
+
+    net, train, _ = setup(trained_cpnet_path)
+    params = [p for p in net.parameters() if p.requires_grad]
+    state = Adaptation(student=net, teacher=EMA(net), optimizer=torch.optim.AdamW(params, lr=1e-4),
+                       anchors=[p.detach().clone() for p in params], masks=ConfidenceMasks(),
+                       augment=StrongAugment(), lambda_bal=0.5, lambda_l2sp=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x, (x_l, t_l) = train.sample(3, g), labelled_tiles().sample(1, g)
+    outputs, consistency_inputs = [], []
+    net.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))  # the student only
+    original = step_module.cellprob_loss
+    monkeypatch.setattr(step_module, "cellprob_loss",
+                        lambda y, *a: consistency_inputs.append(y.detach()) or original(y, *a))
+    terms = train_step(state, x, 0, g, (x_l, t_l))
+    (y,) = outputs
+    assert y.shape[0] == 4  # one forward: 3 unlabelled tiles and the labelled one
+    torch.testing.assert_close(consistency_inputs[0], y[:3, 2])  # consistency on the unlabelled
+    assert terms["loss_sup"] == pytest.approx(cellpose_loss(y[3:], t_l).item(), rel=1e-5)
+    total = terms["loss_prob"] + 0.5 * terms["loss_flow"] + 1e-2 * terms["loss_l2sp"] + terms["loss_sup"]
+    assert terms["loss"] == pytest.approx(total, rel=1e-5)
+
+
+def test_actis_without_labelled_tiles_is_selfadapt_and_needs_them_when_asked(tmp_path, trained_cpnet_path):
+    from selfadapt_deploy.errors import SaDeployError
+
+    net, train, val = setup(trained_cpnet_path)
+    adapt(net, train, val, tmp_path / "plain", CONFIG)
+    net, train, val = setup(trained_cpnet_path)
+    summary = adapt(net, train, val, tmp_path / "fraction", AdaptConfig(**{**CONFIG.__dict__,
+                                                                         "labeled_fraction": 0.5}))
+    assert summary["method"] == "selfadapt" and summary["labelled_per_batch"] == 0
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "fraction" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SaDeployError, match="give --labeled"):
+        adapt(net, train, val, tmp_path / "x", AdaptConfig(**{**CONFIG.__dict__, "method": "actis"}))
+
+
+def test_actis_resume_after_a_kill_is_bit_identical(tmp_path, trained_cpnet_path):
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "batch_size": 3})
+    net, train, val = setup(trained_cpnet_path)
+    adapt(net, train, val, tmp_path / "full", cfg, labelled=labelled_tiles())
+
+    def kill_at_step_4(step, terms):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    net, train, val = setup(trained_cpnet_path)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4, labelled=labelled_tiles())
+    net, train, val = setup(trained_cpnet_path)
+    summary = adapt(net, train, val, tmp_path / "killed", cfg, resume=True, labelled=labelled_tiles())
+    assert summary["method"] == "actis" and summary["labelled_per_batch"] == 1
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
+    assert all(float(r["loss_sup"]) > 0 for r in rows if r["loss"])
+
+
+def test_labelled_selection_takes_the_best_snapshot_and_ignores_label_free_stops(tmp_path,
+                                                                              trained_cpnet_path):
+    net, train, val = setup(trained_cpnet_path)
+    gt = random_labels((96, 96), 14, seed=2)
+    val.labelled = [(val.images[0], gt)]
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "stop": "emb", "tau_emb": 1e-9, "lr": 1e-2})
+    summary = adapt(net, train, val, tmp_path / "run", cfg)
+    assert summary["selection"]["rule"] == "labelled"
+    assert summary["iterations_run"] == 6  # the label-free stop fired but did not end the run
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["ap50_labelled"]]
+    best = max(rows, key=lambda r: float(r["ap50_labelled"]))
+    assert summary["selected_iteration"] == int(best["iteration"])
+    assert "held-out labelled" in json.loads((tmp_path / "run" / "run.json").read_text())["selection"]["why"]
+
+
+def test_labelled_pairs_by_cellpose_naming_or_explicit(tmp_path):
+    import tifffile
+
+    from selfadapt_deploy.errors import SaDeployError
+    from selfadapt_deploy.trainer.labelled import find_pairs, read_pairs
+
+    for name in ("a.tif", "a_masks.tif", "b.tif"):
+        tifffile.imwrite(tmp_path / name, np.zeros((32, 40), np.uint16))
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((32, 40), np.uint16))
+    tifffile.imwrite(tmp_path / "c_small.tif", np.zeros((30, 40), np.uint16))
+    assert find_pairs([str(tmp_path)]) == [(tmp_path / "a.tif", tmp_path / "a_masks.tif")]
+    explicit = find_pairs([f"{tmp_path / 'c.tif'}={tmp_path / 'c_small.tif'}"])
+    with pytest.raises(SaDeployError, match="labels are 30×40 but"):
+        read_pairs(explicit, 2, True, [0], None, None, print)
+    with pytest.raises(SaDeployError, match=r"folder of <stem>\.tif"):
+        find_pairs([str(tmp_path / "nothing")])

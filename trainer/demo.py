@@ -33,7 +33,7 @@ from selfadapt_deploy.synthetic import SOURCE, TARGET
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.loop import MODEL, AdaptConfig, Validation, adapt
 from selfadapt_deploy.trainer.report import plot_curves, plot_overlays
-from selfadapt_deploy.trainer.source import SourceConfig, train_source
+from selfadapt_deploy.trainer.source import LabelledTiles, SourceConfig, train_source
 
 DIAMETER = 16.0  # mean cell diameter of the generated images (ellipse radii 6–10 px)
 SETTINGS, RESULTS, SOURCE_MODEL, RUN = "demo.json", "results.json", "source_model.pt", "adapt"
@@ -52,13 +52,15 @@ class DemoConfig:
     tile: int = 112
     source: SourceConfig = field(default_factory=lambda: SourceConfig(iterations=200))
     adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(iterations=80, eval_every=20))
+    method: str = "selfadapt"  # or actis: n_labelled labelled target images join every batch
+    n_labelled: int = 2
 
     @classmethod
-    def quick(cls) -> DemoConfig:
+    def quick(cls, method: str = "selfadapt") -> DemoConfig:
         """A smaller demo for the integration test (well under a minute)."""
         return cls(n_source=8, n_target=4, n_val=1, n_test=3, size=160, tile=96,
                    source=SourceConfig(iterations=120, tile=96),
-                   adapt=AdaptConfig(iterations=30, eval_every=10))
+                   adapt=AdaptConfig(iterations=30, eval_every=10), method=method)
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,21 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     net = load_model(out / SOURCE_MODEL, device)
     before = {name: pooled_ap(net, pairs) for name, pairs in tests.items()}
 
-    report(f"adapting to {config.n_target} unlabeled target images ({TARGET.name}), "
-           f"{config.n_val} held out for stopping")
+    labelled = None
+    if config.method == "actis":  # a few labelled target images, never among the test images
+        pairs = TARGET.sample(config.n_labelled, shape, seed=seed + 30_000)
+        labelled = LabelledTiles([prepare_image(im, 1.0) for im, _ in pairs], [lab for _, lab in pairs],
+                                 config.tile)
+    elif config.method != "selfadapt":
+        raise SaDeployError(f"--method must be selfadapt or actis, got '{config.method}'")
+    report(f"adapting to {config.n_target} unlabeled target images ({TARGET.name})"
+           + (f" and {config.n_labelled} labelled ones (ACTIS)" if labelled else "")
+           + f", {config.n_val} held out for stopping")
     train = TileSampler([prepare_image(im, 1.0) for im, _ in target[: config.n_target]], config.tile)
     val = Validation.from_images([im for im, _ in target[config.n_target:]], 1.0, config.tile, None)
-    adapt_config = AdaptConfig(**{**asdict(config.adapt), "seed": seed})
-    summary = adapt(net, train, val, out / RUN, adapt_config, resume=True, progress=adapt_progress)
+    adapt_config = AdaptConfig(**{**asdict(config.adapt), "seed": seed, "method": config.method})
+    summary = adapt(net, train, val, out / RUN, adapt_config, resume=True, progress=adapt_progress,
+                    labelled=labelled)
     plot_curves(out / RUN / "metrics.csv", out / RUN / "curves.png", adapt_config.tau_fn,
                 adapt_config.tau_emb, summary["selected_iteration"])
 

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from selfadapt_deploy import __version__
-from selfadapt_deploy.batch import segment_arrays
+from selfadapt_deploy.batch import pooled, segment_arrays
+from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
+from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.augment import StrongAugment
@@ -30,6 +32,7 @@ from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
 from selfadapt_deploy.trainer.schedule import lr_at
+from selfadapt_deploy.trainer.source import LabelledTiles
 from selfadapt_deploy.trainer.step import Adaptation, train_step
 from selfadapt_deploy.trainer.stopping import (
     TAU_EMB,
@@ -84,6 +87,12 @@ class AdaptConfig:
     # Cellpose-SAM's ViT and needs loss scaling), fp16, or fp32; the CPU always runs fp32
     amp: str = "bf16"
     compile_teacher: bool = False  # torch.compile the EMA teacher's forward (tracks EMA updates)
+    # selfadapt (label-free) | actis (every batch also holds labelled target tiles; implied by them)
+    method: str = "selfadapt"
+    labeled_fraction: float = 0.25  # ACTIS: share of each batch taken from labelled tiles (≥ 1 tile)
+    # which snapshot is deployed: label-free (the stopping rule) | labelled (best AP@0.5 on held-out
+    # labelled images, which must be given) | auto (labelled when such images are given)
+    select: str = "auto"
     seed: int = 0
 
     def resolved(self, family: str) -> AdaptConfig:
@@ -94,13 +103,15 @@ class AdaptConfig:
 
 @dataclass
 class Validation:
-    """Held-out unlabeled images: raw C×Y×X for masks, fixed tiles for embeddings."""
+    """Held-out images: unlabeled raw C×Y×X for masks, fixed tiles for embeddings; optionally
+    labelled (image, labels) pairs, scored by AP at every evaluation."""
 
     images: list[np.ndarray]
     tiles: torch.Tensor
     params: SegmentParams
     reference_masks: list[np.ndarray] = field(default_factory=list)
     reference_embedding: torch.Tensor | None = None
+    labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
     def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
@@ -118,14 +129,44 @@ def _embed(net: SegmentationNet, tiles: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_drift(net: SegmentationNet, val: Validation) -> dict[str, float]:
-    """FN rate of θ0's instances and embedding distance to θ0, on the validation images."""
-    return {"fn_rate": fn_rate(val.reference_masks, segment_arrays(net, val.images, val.params)),
-            "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding)}
+    """FN rate of θ0's instances and embedding distance to θ0, on the validation images; with
+    held-out labelled images, also their pooled AP@0.5 / AP@0.75."""
+    row = {"fn_rate": fn_rate(val.reference_masks, segment_arrays(net, val.images, val.params)),
+           "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding)}
+    if val.labelled:
+        masks = segment_arrays(net, [im for im, _ in val.labelled], val.params)
+        ap = pooled([average_precision(gt, m) for (_, gt), m in zip(val.labelled, masks, strict=True)]).ap
+        row.update(ap50_labelled=float(ap[0]), ap75_labelled=float(ap[1]))
+    return row
+
+
+SELECTIONS = ("auto", "label-free", "labelled")
+
+
+def selection_rule(select: str, has_labelled: bool) -> str:
+    """``label-free`` or ``labelled``; labelled selection without labelled images is an error."""
+    if select not in SELECTIONS:
+        raise SaDeployError(f"--select must be one of {', '.join(SELECTIONS)}, got '{select}'")
+    if select == "labelled" and not has_labelled:
+        raise SaDeployError("--select labelled needs held-out labelled images (--val-labeled)")
+    return "labelled" if select == "labelled" or (select == "auto" and has_labelled) else "label-free"
+
+
+def labelled_per_batch(cfg: AdaptConfig, labelled: LabelledTiles | None) -> int:
+    """ACTIS: labelled tiles per batch — round(fraction × batch), at least one of each kind."""
+    if labelled is None:
+        if cfg.method == "actis":
+            raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
+        return 0
+    if not 0 < cfg.labeled_fraction < 1 or cfg.batch_size < 2:
+        raise SaDeployError("ACTIS needs 0 < --labeled-fraction < 1 and --batch-size ≥ 2 (every batch "
+                            "holds labelled and unlabelled tiles)")
+    return min(cfg.batch_size - 1, max(1, round(cfg.labeled_fraction * cfg.batch_size)))
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "lr", "kept_prob",
-            "kept_flow", "teacher_err", "fn_rate", "d_emb"]
+    keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "loss_sup", "lr", "kept_prob",
+            "kept_flow", "teacher_err", "fn_rate", "d_emb", "ap50_labelled", "ap75_labelled"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -134,9 +175,14 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Path,
           config: AdaptConfig, resume: bool = False,
-          progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Run (or resume) SelfAdapt; returns the run summary also written to ``run.json``."""
+          progress: Callable[[int, dict], None] | None = None,
+          labelled: LabelledTiles | None = None) -> dict:
+    """Run (or resume) SelfAdapt — or ACTIS, with ``labelled`` target tiles in every batch;
+    returns the run summary also written to ``run.json``."""
     cfg = config.resolved(student.family)
+    n_labelled = labelled_per_batch(cfg, labelled)
+    method = "actis" if n_labelled else "selfadapt"
+    rule = selection_rule(cfg.select, bool(val.labelled))
     out.mkdir(parents=True, exist_ok=True)
     (out / SNAPSHOTS).mkdir(exist_ok=True)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -195,7 +241,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         rows.append({"iteration": step, **drift})
         for m in monitors:
             should_stop, why = m.update(drift, step)
-            if should_stop and not stopped:
+            # the label-free criteria are always logged; they end the run only when they select
+            if should_stop and not stopped and rule == "label-free":
                 stopped, reason = True, why
 
     tic = time.perf_counter()
@@ -214,7 +261,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
             lr = lr_at(step, cfg.lr, max(1, int(cfg.warmup_fraction * cfg.iterations)), cfg.iterations)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms = train_step(state, train.sample(cfg.batch_size, g), step, g)
+            x = train.sample(cfg.batch_size - n_labelled, g)
+            terms = train_step(state, x, step, g, labelled.sample(n_labelled, g) if n_labelled else None)
             step += 1
             rows.append({"iteration": step, "lr": lr, **terms})
             if progress is not None:
@@ -225,11 +273,22 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     finally:
         if engine is not None:
             engine.close()
-    evaluated = [r["iteration"] for r in rows if "d_emb" in r]
-    selected = evaluated[-2] if stopped and len(evaluated) > 1 else evaluated[-1]
+    evaluated = [r for r in rows if "d_emb" in r]
+    if rule == "labelled":
+        best = max(evaluated, key=lambda r: r["ap50_labelled"])  # the first of equals
+        selected = best["iteration"]
+        why = (f"best AP@0.5 on {len(val.labelled)} held-out labelled images: "
+               f"{best['ap50_labelled']:.3f} (iteration 0: {evaluated[0]['ap50_labelled']:.3f})")
+    else:
+        pick = evaluated[-2] if stopped and len(evaluated) > 1 else evaluated[-1]
+        selected = pick["iteration"]
+        why = (f"label-free: the last snapshot before {reason}" if stopped
+               else "label-free: no criterion fired; the last snapshot")
     with atomic_path(out / MODEL) as tmp:
         shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
     summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,
+               "method": method, "labelled_per_batch": n_labelled,
+               "selection": {"rule": rule, "why": why},
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
                "seconds": seconds_before + time.perf_counter() - tic, "sa_deploy": __version__,
                "torch": torch.__version__}

@@ -18,8 +18,10 @@ from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, adapt, split_indices
 from selfadapt_deploy.trainer.report import plot_curves
+from selfadapt_deploy.trainer.source import LabelledTiles
 
 SETTINGS = "settings.json"
 
@@ -30,11 +32,18 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
               series: int | None = None, val_images: Sequence[str] = (),
               val_fraction: float = 0.2, keep_snapshots: bool = True, resume: bool = False,
               report: Callable[[str], None] = print,
-              progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Adapt ``model`` to ``images`` without labels; results in the run directory ``out``."""
+              progress: Callable[[int, dict], None] | None = None,
+              labeled: Sequence[str] = (), val_labeled: Sequence[str] = ()) -> dict:
+    """Adapt ``model`` to ``images`` — without labels (SelfAdapt), or with a few labelled target
+    images in every batch (ACTIS, ``labeled``); ``val_labeled`` images score every snapshot by
+    AP. Results in the run directory ``out``."""
     out = Path(out)
     net = load_model(model, device)
     pad = net.family == "cpnet"
+    labelled_pairs = read_pairs(find_pairs(labeled), net.nchan, pad, channels, channel_axis, series,
+                                report)
+    val_pairs = read_pairs(find_pairs(val_labeled), net.nchan, pad, channels, channel_axis, series,
+                           report)
     data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
     held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
     if not data:
@@ -48,16 +57,25 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     tile = net.tile_size
     train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
     validation = Validation.from_images(val, rescale, tile, diameter)
+    validation.labelled = val_pairs
+    labelled = None
+    if labelled_pairs:
+        labelled = LabelledTiles([prepare_image(im, rescale) for im, _ in labelled_pairs],
+                                 [labels_at_scale(lab, rescale) for _, lab in labelled_pairs], tile)
     if not resume:
         with atomic_path(out / SETTINGS) as tmp:
             tmp.write_text(json.dumps({
                 "images": [str(p) for p in images], "model": str(model), "diameter": diameter,
                 "channels": channels, "channel_axis": channel_axis, "series": series,
                 "val_images": [str(p) for p in val_images], "val_fraction": val_fraction,
-                "keep_snapshots": keep_snapshots, "config": asdict(config)}, indent=2))
-    report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images, "
-           f"rescale {rescale:.3f}, tiles {tile}×{tile}")
-    summary = adapt(net, train, validation, out, config, resume=resume, progress=progress)
+                "keep_snapshots": keep_snapshots, "labeled": list(labeled),
+                "val_labeled": list(val_labeled), "config": asdict(config)}, indent=2))
+    report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
+           + (f", {len(labelled_pairs)} labelled (ACTIS)" if labelled_pairs else "")
+           + (f", {len(val_pairs)} held-out labelled" if val_pairs else "")
+           + f", rescale {rescale:.3f}, tiles {tile}×{tile}")
+    summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
+                    labelled=labelled)
     cfg = summary["config"]
     plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
                 summary["selected_iteration"])

@@ -34,6 +34,27 @@ def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(y[:, :2], target[:, :2]) / 2 + F.binary_cross_entropy_with_logits(y[:, 2], target[:, 2])
 
 
+class LabelledTiles:
+    """Random tiles of labelled images with their cellpose targets, under one random D4 transform
+    per batch (flow vectors turned with it): images C×Y×X normalised at the network's scale,
+    labels at the same size. Image and target are stacked so one crop samples both in place."""
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], tile: int):
+        self.sampler = TileSampler([np.concatenate([im, cellpose_targets(lab)])
+                                    for im, lab in zip(images, labels, strict=True)], tile)
+
+    def __len__(self) -> int:
+        return len(self.sampler.images)
+
+    def sample(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tiles B×C×t×t, targets B×3×t×t: 5 × unit flows, foreground)."""
+        batch = self.sampler.sample(batch_size, g)
+        k, flip = random_d4(g)
+        x = d4_transform(batch[:, :-3], k, flip)
+        flows = d4_transform(batch[:, -3:-1], k, flip, vector=True)
+        return x, torch.cat([flows, d4_transform(batch[:, -1:], k, flip)], dim=1)
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """Settings of supervised source training (cellpose's optimiser: AdamW, warm-up + decay)."""
@@ -52,10 +73,7 @@ def train_source(net: SegmentationNet, images: Sequence[np.ndarray], labels: Seq
     """Train ``net`` in place on C×Y×X images with label images; returns the loss per step."""
     g = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    # images and targets are stacked so that one crop samples both at the same place
-    stacked = [np.concatenate([prepare_image(im, 1.0), cellpose_targets(lab)])
-               for im, lab in zip(images, labels, strict=True)]
-    sampler = TileSampler(stacked, config.tile)
+    tiles = LabelledTiles([prepare_image(im, 1.0) for im in images], labels, config.tile)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.iterations // 10)
@@ -64,12 +82,8 @@ def train_source(net: SegmentationNet, images: Sequence[np.ndarray], labels: Seq
     for step in range(config.iterations):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.lr, warmup, config.iterations)
-        batch = sampler.sample(config.batch_size, g)
-        k, flip = random_d4(g)
-        x = d4_transform(batch[:, :-3], k, flip).to(net.device)
-        flows = d4_transform(batch[:, -3:-1], k, flip, vector=True)
-        target = torch.cat([flows, d4_transform(batch[:, -1:], k, flip)], dim=1).to(net.device)
-        loss = cellpose_loss(net(x), target)
+        x, target = tiles.sample(config.batch_size, g)
+        loss = cellpose_loss(net(x.to(net.device)), target.to(net.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -13,6 +13,7 @@ from selfadapt_deploy.trainer.augment import StrongAugment, move_flow_mask, move
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
+from selfadapt_deploy.trainer.source import cellpose_loss
 from selfadapt_deploy.trainer.teacher import PseudoLabeler, teacher_predict
 
 
@@ -41,8 +42,13 @@ class Adaptation:
         return torch.autocast("cuda", dtype=self.amp)
 
 
-def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator) -> dict[str, float]:
-    """Teacher pseudo-labels → masks → strongly augmented student → loss + L2-SP → AdamW → EMA."""
+def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator,
+               labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Teacher pseudo-labels → masks → strongly augmented student → loss + L2-SP → AdamW → EMA.
+
+    ``labelled`` (ACTIS): labelled tiles and their cellpose targets join the student's batch;
+    their supervised loss (cellpose's) is added to the consistency loss of the unlabelled tiles.
+    Without them the step is SelfAdapt's, operation for operation."""
     student, device = state.student, state.student.device
     x = x.to(device)
     # (1) teacher: 8 D4 views in one forward, mapped back and averaged; TTA std = uncertainty
@@ -63,15 +69,24 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     target_flows = d4_transform(teacher_out.flows.float(), k, flip, vector=True)
     cell, mask_p = move_map(labels.cell, k, flip), move_map(labels.mask_prob, k, flip)
     mask_f = move_flow_mask(labels.mask_flows, k, flip)
-    # (4) L = BCE·M_p + λ_bal·MSE·M_f + λ_L2SP·Σ(w − w0)²
+    # (4) L = BCE·M_p + λ_bal·MSE·M_f + λ_L2SP·Σ(w − w0)²  [+ cellpose's loss on labelled tiles]
     student.train()
+    n = len(x_student)
+    if labelled is not None:
+        x_student = torch.cat([x_student, labelled[0].to(device)])
     with state.autocast():
         y = student(x_student)
+    y, y_labelled = y[:n], y[n:]
     loss_prob = cellprob_loss(y[:, 2].float(), cell, mask_p)
     loss_flow = flow_loss(y[:, :2].float(), target_flows, mask_f)
     trainable = [p for p in student.parameters() if p.requires_grad]
     loss_l2sp = l2sp_penalty(trainable, state.anchors)
     loss = loss_prob + state.lambda_bal * loss_flow + state.lambda_l2sp * loss_l2sp
+    extra_terms = {}
+    if labelled is not None:
+        loss_sup = cellpose_loss(y_labelled.float(), labelled[1].to(device))
+        loss = loss + loss_sup
+        extra_terms["loss_sup"] = loss_sup
     # (5) AdamW step (decoupled weight decay), with loss scaling under CUDA AMP
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
@@ -85,5 +100,5 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
     if (step + 1) % state.ema_every == 0:
         state.teacher.update_(student, step)
     terms = {"loss": loss, "loss_prob": loss_prob, "loss_flow": loss_flow, "loss_l2sp": loss_l2sp,
-             "kept_prob": labels.mask_prob.mean(), "kept_flow": labels.mask_flows.mean()}
+             "kept_prob": labels.mask_prob.mean(), "kept_flow": labels.mask_flows.mean(), **extra_terms}
     return {**{name: value.item() for name, value in terms.items()}, **extra}  # a CPU-GPU sync point
