@@ -445,6 +445,10 @@ def adapt(
         raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
     if method not in ("selfadapt", "actis"):
         raise _fail(f"--method must be selfadapt or actis, got '{method}'")
+    if resume is None and method == "actis" and not labeled:
+        raise _fail("--method actis adapts with labelled target images: give --labeled")
+    if resume is None and select == "labelled" and not val_labeled:
+        raise _fail("--select labelled needs held-out labelled images (--val-labeled)")
     if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
             or teacher_precision not in ("fp32", "fp16", "bf16") or amp not in ("fp32", "fp16", "bf16"):
         raise _fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, and "

@@ -217,3 +217,32 @@ def test_adapt_end_to_end_and_resume(tmp_path, family, request):
     seg = runner.invoke(app, ["segment", str(folder / "img0.tif"), "--model", str(run), "--out",
                               str(tmp_path / "masks"), "--device", "cpu"])
     assert seg.exit_code == 0, seg.output
+
+
+def test_adapt_with_labelled_target_images_runs_actis_resumes_and_exports(tmp_path, weights):
+    folder, labelled, held_out = (tmp_path / n for n in ("images", "labelled", "held_out"))
+    for d in (folder, labelled, held_out):
+        d.mkdir()
+    for seed in range(3):
+        write_image(folder / f"img{seed}.tif", seed=seed, shape=(80, 96))
+    for d, seed in ((labelled, 5), (held_out, 6)):
+        labels = random_labels((80, 96), 12, seed=seed)
+        tifffile.imwrite(d / "a.tif", (render(labels, seed=seed) * 1000).astype(np.uint16))
+        tifffile.imwrite(d / "a_masks.tif", labels.astype(np.uint16))
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["adapt", str(folder), "--model", str(weights), "--out", str(run),
+                                 "--labeled", str(labelled), "--val-labeled", str(held_out),
+                                 "--iterations", "4", "--batch-size", "2", "--eval-every", "2",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "actis: selected iteration" in result.output and "held-out labelled" in result.output
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["method"] == "actis" and summary["selection"]["rule"] == "labelled"
+    resumed = runner.invoke(app, ["adapt", "--resume", str(run), "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    exported = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "exported")])
+    assert exported.exit_code == 0, exported.output
+    bad = runner.invoke(app, ["adapt", str(folder), "--model", str(weights), "--out", str(tmp_path / "r2"),
+                              "--select", "labelled", "--device", "cpu"])
+    assert bad.exit_code == 1 and "needs held-out labelled images" in bad.output
+    assert not (tmp_path / "r2").exists()  # refused before anything was written
