@@ -225,3 +225,61 @@ def test_labelled_pairs_by_cellpose_naming_or_explicit(tmp_path):
         read_pairs(explicit, 2, True, [0], None, None, print)
     with pytest.raises(SaDeployError, match=r"folder of <stem>\.tif"):
         find_pairs([str(tmp_path / "nothing")])
+
+
+# ---- CULPICO: two networks, each the other's pseudo-labeller --------------------------------
+def test_culpico_weight_and_losses_on_known_tensors():
+    from selfadapt_deploy.trainer.methods import cooperative_losses, cooperative_weight
+
+    p_a, p_b = torch.tensor([0.9, 0.2, 0.6]), torch.tensor([0.8, 0.7, 0.6])
+    torch.testing.assert_close(cooperative_weight(p_a, p_b), torch.tensor([0.9, 0.5, 1.0]))
+    y_a, y_b = torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2)
+    y_a[0, :, 0] = torch.tensor([[1.0, 2.0], [0.5, 0.0], [2.0, -1.0]])  # dY, dX, cellprob logit
+    y_b[0, :, 0] = torch.tensor([[0.0, 2.0], [0.5, 1.0], [1.0, 0.5]])
+    loss_a, loss_b = cooperative_losses(y_a, y_b)
+    # direct: w = 1 − |p_a − p_b|; A learns B's binarised probability and flows, and vice versa
+    pa, pb = torch.sigmoid(y_a[:, 2]), torch.sigmoid(y_b[:, 2])
+    w = 1 - (pa - pb).abs()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    want_a = (w * bce(y_a[:, 2], (pb > 0.5).float(), reduction="none")).mean() + (
+        w * ((y_a[:, :2] - y_b[:, :2]) ** 2).mean(1)).mean()
+    want_b = (w * bce(y_b[:, 2], (pa > 0.5).float(), reduction="none")).mean() + (
+        w * ((y_b[:, :2] - y_a[:, :2]) ** 2).mean(1)).mean()
+    torch.testing.assert_close(loss_a, want_a)
+    torch.testing.assert_close(loss_b, want_b)
+    swapped = cooperative_losses(y_b, y_a)  # symmetric in the two networks
+    torch.testing.assert_close(swapped[0], loss_b)
+    torch.testing.assert_close(swapped[1], loss_a)
+
+
+def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, trained_cpnet_path):
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "method": "culpico", "batch_size": 3})
+    net, train, val = setup(trained_cpnet_path)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    summary = adapt(net, train, val, tmp_path / "full", cfg, labelled=labelled_tiles())
+    assert summary["method"] == "culpico" and "network A" in summary["deployed"]
+    after = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    for key in ("output.2.weight",):
+        assert not torch.equal(after["net_a"][key], before[key])  # A stepped
+    from selfadapt_deploy.trainer.methods import perturbed_readout
+
+    b0 = perturbed_readout(load_model(trained_cpnet_path), seed=cfg.seed).state_dict()
+    changed = [k for k in b0 if not torch.equal(b0[k], before[k])]
+    assert changed == ["output.2.weight"]  # B started as θ0 with its read-out perturbed
+    assert not torch.equal(after["net_b"]["output.2.weight"], b0["output.2.weight"])  # B stepped
+    rows = [r for r in csv.DictReader(open(tmp_path / "full" / "metrics.csv")) if r["loss"]]
+    assert all(float(r["loss_sup_a"]) > 0 and float(r["loss_sup_b"]) > 0 for r in rows)  # source tiles
+
+    def kill_at_step_4(step, terms):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    net, train, val = setup(trained_cpnet_path)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4, labelled=labelled_tiles())
+    net, train, val = setup(trained_cpnet_path)
+    adapt(net, train, val, tmp_path / "killed", cfg, resume=True, labelled=labelled_tiles())
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)

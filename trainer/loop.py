@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from selfadapt_deploy import __version__
 from selfadapt_deploy.batch import pooled, segment_arrays
@@ -31,9 +32,17 @@ from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
+from selfadapt_deploy.trainer.methods import (
+    METHODS,
+    Cooperative,
+    CulpicoMethod,
+    Method,
+    SelfAdaptMethod,
+    perturbed_readout,
+)
 from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.source import LabelledTiles
-from selfadapt_deploy.trainer.step import Adaptation, train_step
+from selfadapt_deploy.trainer.step import Adaptation
 from selfadapt_deploy.trainer.stopping import (
     TAU_EMB,
     TAU_FN,
@@ -167,50 +176,68 @@ def labelled_per_batch(cfg: AdaptConfig, labelled: LabelledTiles | None) -> int:
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "loss_sup", "lr", "kept_prob",
             "kept_flow", "teacher_err", "fn_rate", "d_emb", "ap50_labelled", "ap75_labelled"]
+    keys += sorted({k for row in rows for k in row} - set(keys))  # a method's own terms (CULPICO)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows({k: row.get(k, "") for k in keys} for row in rows)
 
 
+def build_method(cfg: AdaptConfig, student: SegmentationNet, has_labelled: bool,
+                 partner: SegmentationNet | None = None) -> Method:
+    """The method ``cfg.method`` over ``student`` (CULPICO: and its partner network — ``partner``,
+    or ``student`` with a perturbed read-out)."""
+    if cfg.method not in METHODS:
+        raise SaDeployError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    cuda = student.device.type == "cuda"
+    augment = StrongAugment() if cfg.augment else None
+
+    def trainable(net: nn.Module) -> list[torch.Tensor]:
+        return [p for p in net.parameters() if p.requires_grad]
+
+    def optimizer(net: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    if cfg.method == "culpico":
+        net_b = (partner or perturbed_readout(student, seed=cfg.seed)).to(student.device)
+        return CulpicoMethod(Cooperative(
+            net_a=student, net_b=net_b, optimizer_a=optimizer(student), optimizer_b=optimizer(net_b),
+            anchors_a=[p.detach().clone() for p in trainable(student)],
+            anchors_b=[p.detach().clone() for p in trainable(net_b)], augment=augment,
+            lambda_l2sp=cfg.l2sp, amp=AMP_DTYPES[cfg.amp]))
+    state = Adaptation(student=student, teacher=EMA(student, cfg.ema_decay), optimizer=optimizer(student),
+                       anchors=[p.detach().clone() for p in trainable(student)],
+                       masks=ConfidenceMasks(use_prob_mask=cfg.prob_mask, use_flow_mask=cfg.flow_mask),
+                       augment=augment, lambda_bal=cfg.lambda_bal, lambda_l2sp=cfg.l2sp,
+                       ema_every=cfg.ema_every, amp=AMP_DTYPES[cfg.amp],
+                       scaler=torch.amp.GradScaler("cuda") if cuda and cfg.amp == "fp16" else None,
+                       batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
+    if cfg.compile_teacher:
+        state.compiled_teacher = torch.compile(state.teacher.module)
+    return SelfAdaptMethod(state, "actis" if has_labelled else "selfadapt")
+
+
 def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Path,
           config: AdaptConfig, resume: bool = False,
           progress: Callable[[int, dict], None] | None = None,
-          labelled: LabelledTiles | None = None) -> dict:
-    """Run (or resume) SelfAdapt — or ACTIS, with ``labelled`` target tiles in every batch;
-    returns the run summary also written to ``run.json``."""
+          labelled: LabelledTiles | None = None, partner: SegmentationNet | None = None) -> dict:
+    """Run (or resume) an adaptation — SelfAdapt; ACTIS with ``labelled`` target tiles in every
+    batch; CULPICO (``config.method``) with ``partner`` as its second network and ``labelled``
+    as its labelled source tiles — and return the run summary also written to ``run.json``."""
     cfg = config.resolved(student.family)
     n_labelled = labelled_per_batch(cfg, labelled)
-    method = "actis" if n_labelled else "selfadapt"
     rule = selection_rule(cfg.select, bool(val.labelled))
     out.mkdir(parents=True, exist_ok=True)
     (out / SNAPSHOTS).mkdir(exist_ok=True)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    theta0 = [p.detach().clone() for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cuda = student.device.type == "cuda"
-    state = Adaptation(student=student, teacher=EMA(student, cfg.ema_decay), optimizer=optimizer,
-                       anchors=theta0, masks=ConfidenceMasks(use_prob_mask=cfg.prob_mask,
-                                                             use_flow_mask=cfg.flow_mask),
-                       augment=StrongAugment() if cfg.augment else None,
-                       lambda_bal=cfg.lambda_bal, lambda_l2sp=cfg.l2sp, ema_every=cfg.ema_every,
-                       amp=AMP_DTYPES[cfg.amp],
-                       scaler=torch.amp.GradScaler("cuda") if cuda and cfg.amp == "fp16" else None,
-                       batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
-    if cfg.compile_teacher:
-        state.compiled_teacher = torch.compile(state.teacher.module)
+    method = build_method(cfg, student, n_labelled > 0, partner)
     monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
     rows: list[dict] = []
     start, stopped, reason, seconds_before = 0, False, "", 0.0
     if resume and (out / CHECKPOINT).is_file():
         ckpt = torch.load(out / CHECKPOINT, weights_only=False)
-        student.load_state_dict(ckpt["student"])
-        state.teacher.module.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.anchors[:] = ckpt["anchors"]
-        state.masks.load_state_dict(ckpt["masks"])
+        method.load_state_dict(ckpt)
         for m, s in zip(monitors, ckpt["monitors"], strict=True):
             m.load_state_dict(s)
         g.set_state(ckpt["generator"])
@@ -218,15 +245,12 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         seconds_before = ckpt["seconds"]
         val.reference_masks, val.reference_embedding = ckpt["ref_masks"], ckpt["ref_embedding"]
     else:
-        val.reference_masks = segment_arrays(state.teacher.module, val.images, val.params)
-        val.reference_embedding = _embed(state.teacher.module, val.tiles)
+        val.reference_masks = segment_arrays(method.deployed, val.images, val.params)
+        val.reference_embedding = _embed(method.deployed, val.tiles)
 
     def checkpoint(step: int) -> None:
         with atomic_path(out / CHECKPOINT) as tmp:
-            torch.save({"student": student.state_dict(),
-                        "teacher": state.teacher.module.state_dict(),
-                        "optimizer": optimizer.state_dict(), "anchors": state.anchors,
-                        "masks": state.masks.state_dict(),
+            torch.save({**method.state_dict(),
                         "monitors": [m.state_dict() for m in monitors],
                         "generator": g.get_state(), "rows": rows, "step": step, "stopped": stopped,
                         "reason": reason, "ref_masks": val.reference_masks,
@@ -236,8 +260,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
 
     def evaluate(step: int) -> None:
         nonlocal stopped, reason
-        state.teacher.module.save(out / SNAPSHOTS / f"iter_{step:06d}.pt")
-        drift = evaluate_drift(state.teacher.module, val)
+        method.deployed.save(out / SNAPSHOTS / f"iter_{step:06d}.pt")
+        drift = evaluate_drift(method.deployed, val)
         rows.append({"iteration": step, **drift})
         for m in monitors:
             should_stop, why = m.update(drift, step)
@@ -252,17 +276,21 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     step = start
     engine = None
     if cfg.teacher_runtime != "torch":
-        engine = open_engine_teacher(state.teacher.module, cfg.teacher_runtime, cfg.teacher_precision,
+        if not isinstance(method, SelfAdaptMethod):
+            raise SaDeployError(f"--teacher-runtime {cfg.teacher_runtime} serves SelfAdapt's EMA teacher; "
+                                f"{method.name} has none")
+        engine = open_engine_teacher(method.deployed, cfg.teacher_runtime, cfg.teacher_precision,
                                      out / ENGINE_DIR, student.device, cfg.teacher_sync,
                                      cfg.batch_size)
-        state.pseudo_labeler = engine
+        method.state.pseudo_labeler = engine
     try:
         while step < cfg.iterations and not stopped:
             lr = lr_at(step, cfg.lr, max(1, int(cfg.warmup_fraction * cfg.iterations)), cfg.iterations)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in method.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             x = train.sample(cfg.batch_size - n_labelled, g)
-            terms = train_step(state, x, step, g, labelled.sample(n_labelled, g) if n_labelled else None)
+            terms = method.step(x, step, g, labelled.sample(n_labelled, g) if n_labelled else None)
             step += 1
             rows.append({"iteration": step, "lr": lr, **terms})
             if progress is not None:
@@ -287,7 +315,9 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     with atomic_path(out / MODEL) as tmp:
         shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
     summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,
-               "method": method, "labelled_per_batch": n_labelled,
+               "method": method.name, "labelled_per_batch": n_labelled,
+               "deployed": "network A (started from the pretrained model)" if method.name == "culpico"
+               else "the EMA teacher",
                "selection": {"rule": rule, "why": why},
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
                "seconds": seconds_before + time.perf_counter() - tic, "sa_deploy": __version__,
