@@ -416,8 +416,14 @@ def adapt(
                                      "CPU runs fp32.")] = "bf16",
     compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
                                                   "steps compile).")] = False,
-    method: Annotated[str, typer.Option(help="selfadapt (label-free) or actis (labelled target tiles "
-                                        "in every batch; implied by --labeled).")] = "selfadapt",
+    method: Annotated[str, typer.Option(help="selfadapt (label-free), actis (labelled target tiles in "
+                                        "every batch; implied by --labeled) or culpico (two "
+                                        "cooperating networks).")] = "selfadapt",
+    model2: Annotated[str | None, typer.Option(help="CULPICO: its second network (same family); "
+                                               "default: the model with a perturbed read-out.")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="CULPICO: labelled source images (a folder of "
+                                                     "<stem>.tif + <stem>_masks.tif, or IMAGE=MASKS); "
+                                                     "without them it runs source-free.")] = None,
     labeled: Annotated[list[str] | None, typer.Option(help="Labelled target images for ACTIS: a folder "
                                                       "of <stem>.tif + <stem>_masks.tif, or "
                                                       "IMAGE=MASKS (repeatable).")] = None,
@@ -443,8 +449,8 @@ def adapt(
 
     if stop not in ("emb", "fn", "both", "none"):
         raise _fail(f"--stop must be emb, fn, both or none, got '{stop}'")
-    if method not in ("selfadapt", "actis"):
-        raise _fail(f"--method must be selfadapt or actis, got '{method}'")
+    if method not in ("selfadapt", "actis", "culpico"):
+        raise _fail(f"--method must be selfadapt, actis or culpico, got '{method}'")
     if resume is None and method == "actis" and not labeled:
         raise _fail("--method actis adapts with labelled target images: give --labeled")
     if resume is None and select == "labelled" and not val_labeled:
@@ -462,7 +468,8 @@ def adapt(
                           channel_axis=s["channel_axis"], series=s["series"],
                           val_images=s["val_images"], val_fraction=s["val_fraction"],
                           keep_snapshots=s["keep_snapshots"], resume=True,
-                          labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []))
+                          labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []),
+                          source=s.get("source", []), model2=s.get("model2"))
         else:
             if not images or model is None or out is None:
                 raise _fail("give IMAGES, --model and --out (or --resume RUN)")
@@ -475,14 +482,14 @@ def adapt(
                                  teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
                                  teacher_precision=teacher_precision, amp=amp,
                                  compile_teacher=compile_teacher,
-                                 method="actis" if labeled else method,
+                                 method="actis" if labeled and method == "selfadapt" else method,
                                  labeled_fraction=labeled_fraction, select=select)
             kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
                           diameter=diameter or None, channels=_parse_channels(channels),
                           channel_axis=channel_axis, series=series,
                           val_images=[str(p) for p in val or []], val_fraction=val_fraction,
                           keep_snapshots=keep_snapshots, labeled=labeled or [],
-                          val_labeled=val_labeled or [])
+                          val_labeled=val_labeled or [], source=source or [], model2=model2)
         if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
             from selfadapt_deploy.runtime.trt_runner import import_tensorrt
 

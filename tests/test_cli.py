@@ -246,3 +246,24 @@ def test_adapt_with_labelled_target_images_runs_actis_resumes_and_exports(tmp_pa
                               "--select", "labelled", "--device", "cpu"])
     assert bad.exit_code == 1 and "needs held-out labelled images" in bad.output
     assert not (tmp_path / "r2").exists()  # refused before anything was written
+
+
+def test_adapt_culpico_from_the_cli_with_labelled_source_images(tmp_path, weights):
+    folder, source = tmp_path / "images", tmp_path / "source"
+    folder.mkdir()
+    source.mkdir()
+    for seed in range(2):
+        write_image(folder / f"img{seed}.tif", seed=seed, shape=(80, 96))
+    labels = random_labels((80, 96), 12, seed=9)
+    tifffile.imwrite(source / "s.tif", (render(labels, seed=9) * 1000).astype(np.uint16))
+    tifffile.imwrite(source / "s_masks.tif", labels.astype(np.uint16))
+    run = tmp_path / "run"
+    base = ["adapt", str(folder), "--model", str(weights), "--iterations", "2", "--batch-size", "2",
+            "--eval-every", "2", "--device", "cpu"]
+    result = runner.invoke(app, [*base, "--out", str(run), "--method", "culpico", "--source", str(source)])
+    assert result.exit_code == 0, result.output
+    assert "culpico: selected iteration" in result.output
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["method"] == "culpico" and summary["labelled_per_batch"] == 1
+    wrong = runner.invoke(app, [*base, "--out", str(tmp_path / "r2"), "--source", str(source)])
+    assert wrong.exit_code == 1 and "belong to --method culpico" in wrong.output

@@ -33,8 +33,11 @@ def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
     steps = [r for r in rows if r["loss"]]
     evals = [r for r in rows if r["d_emb"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    for key in ("loss", "loss_prob", "loss_flow"):
-        axes[0].plot([int(r["iteration"]) for r in steps], [float(r[key]) for r in steps], label=key)
+    # every loss term the method logged (SelfAdapt's, ACTIS's supervised term, CULPICO's per network)
+    terms = [k for k in rows[0] if k.startswith("loss") and any(r[k] for r in steps)] if rows else []
+    for key in terms:
+        axes[0].plot([int(r["iteration"]) for r in steps if r[key]],
+                     [float(r[key]) for r in steps if r[key]], label=key)
     axes[0].set_yscale("log")
     axes[0].set_title("training loss")
     for ax, key, tau, title in ((axes[1], "fn_rate", tau_fn, "FN rate vs θ0"),

@@ -33,15 +33,27 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
               val_fraction: float = 0.2, keep_snapshots: bool = True, resume: bool = False,
               report: Callable[[str], None] = print,
               progress: Callable[[int, dict], None] | None = None,
-              labeled: Sequence[str] = (), val_labeled: Sequence[str] = ()) -> dict:
-    """Adapt ``model`` to ``images`` — without labels (SelfAdapt), or with a few labelled target
-    images in every batch (ACTIS, ``labeled``); ``val_labeled`` images score every snapshot by
-    AP. Results in the run directory ``out``."""
+              labeled: Sequence[str] = (), val_labeled: Sequence[str] = (),
+              source: Sequence[str] = (), model2: str | None = None) -> dict:
+    """Adapt ``model`` to ``images`` — without labels (SelfAdapt), with a few labelled target
+    images in every batch (ACTIS, ``labeled``), or with two cooperating networks (CULPICO,
+    ``config.method``; ``model2`` its second network, ``source`` its labelled source images);
+    ``val_labeled`` images score every snapshot by AP. Results in the run directory ``out``."""
     out = Path(out)
+    culpico = config.method == "culpico"
+    if culpico and labeled:
+        raise SaDeployError("CULPICO learns from labelled *source* images (--source); --labeled gives "
+                            "ACTIS its labelled target images")
+    if (source or model2) and not culpico:
+        raise SaDeployError("--source and --model2 belong to --method culpico")
     net = load_model(model, device)
+    partner = load_model(model2, device) if model2 else None
+    if partner is not None and (partner.family, partner.nchan) != (net.family, net.nchan):
+        raise SaDeployError(f"--model2 {model2} is a {partner.family} with {partner.nchan} channels; "
+                            f"CULPICO's two networks must match {model} ({net.family}, {net.nchan})")
     pad = net.family == "cpnet"
-    labelled_pairs = read_pairs(find_pairs(labeled), net.nchan, pad, channels, channel_axis, series,
-                                report)
+    labelled_pairs = read_pairs(find_pairs(source if culpico else labeled), net.nchan, pad, channels,
+                                channel_axis, series, report)
     val_pairs = read_pairs(find_pairs(val_labeled), net.nchan, pad, channels, channel_axis, series,
                            report)
     data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
@@ -69,13 +81,15 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
                 "channels": channels, "channel_axis": channel_axis, "series": series,
                 "val_images": [str(p) for p in val_images], "val_fraction": val_fraction,
                 "keep_snapshots": keep_snapshots, "labeled": list(labeled),
-                "val_labeled": list(val_labeled), "config": asdict(config)}, indent=2))
+                "val_labeled": list(val_labeled), "source": list(source), "model2": model2,
+                "config": asdict(config)}, indent=2))
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
-           + (f", {len(labelled_pairs)} labelled (ACTIS)" if labelled_pairs else "")
+           + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"
+              if labelled_pairs else "")
            + (f", {len(val_pairs)} held-out labelled" if val_pairs else "")
            + f", rescale {rescale:.3f}, tiles {tile}×{tile}")
     summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
-                    labelled=labelled)
+                    labelled=labelled, partner=partner)
     cfg = summary["config"]
     plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
                 summary["selected_iteration"])
