@@ -519,8 +519,9 @@ def demo(
         "sa-deploy-demo"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (data, training, adaptation).")] = 0,
-    method: Annotated[str, typer.Option(help="selfadapt (no labels) or actis (2 labelled target "
-                                        "images join every batch).")] = "selfadapt",
+    method: Annotated[str, typer.Option(help="selfadapt (no labels), actis (2 labelled target images "
+                                        "join every batch) or culpico (two cooperating networks, "
+                                        "with the labelled source images).")] = "selfadapt",
 ):
     """Offline demo: train a small model on clean generated cells, adapt it without labels to a noisy
     domain, print target AP before/after (about 3 minutes on 2 CPU cores)."""
@@ -535,7 +536,7 @@ def demo(
                       console=err_console) as bar:
             train = bar.add_task("source training", total=config.source.iterations, loss="",
                                  visible=False)
-            tune = bar.add_task("adapting (no labels)", total=config.adapt.iterations, loss="",
+            tune = bar.add_task(f"adapting ({method})", total=config.adapt.iterations, loss="",
                                 visible=False)
             summary = run_demo(
                 out, config, dev, seed, report=_plain(bar.console),

@@ -52,8 +52,11 @@ class DemoConfig:
     tile: int = 112
     source: SourceConfig = field(default_factory=lambda: SourceConfig(iterations=200))
     adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(iterations=80, eval_every=20))
-    method: str = "selfadapt"  # or actis: n_labelled labelled target images join every batch
+    # selfadapt | actis (n_labelled labelled target images join every batch) | culpico (two
+    # cooperating networks; with culpico_source, the labelled source images add the supervised loss)
+    method: str = "selfadapt"
     n_labelled: int = 2
+    culpico_source: bool = True
 
     @classmethod
     def quick(cls, method: str = "selfadapt") -> DemoConfig:
@@ -127,15 +130,19 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     net = load_model(out / SOURCE_MODEL, device)
     before = {name: pooled_ap(net, pairs) for name, pairs in tests.items()}
 
-    labelled = None
+    labelled, pairs = None, []
     if config.method == "actis":  # a few labelled target images, never among the test images
         pairs = TARGET.sample(config.n_labelled, shape, seed=seed + 30_000)
+    elif config.method == "culpico" and config.culpico_source:
+        pairs = source  # the labelled source images the source model was trained on
+    elif config.method not in ("selfadapt", "culpico"):
+        raise SaDeployError(f"--method must be selfadapt, actis or culpico, got '{config.method}'")
+    if pairs:
         labelled = LabelledTiles([prepare_image(im, 1.0) for im, _ in pairs], [lab for _, lab in pairs],
                                  config.tile)
-    elif config.method != "selfadapt":
-        raise SaDeployError(f"--method must be selfadapt or actis, got '{config.method}'")
-    report(f"adapting to {config.n_target} unlabeled target images ({TARGET.name})"
-           + (f" and {config.n_labelled} labelled ones (ACTIS)" if labelled else "")
+    report(f"adapting ({config.method}) to {config.n_target} unlabeled target images ({TARGET.name})"
+           + (f" with {len(pairs)} labelled {'source' if config.method == 'culpico' else 'target'} images"
+              if pairs else "")
            + f", {config.n_val} held out for stopping")
     train = TileSampler([prepare_image(im, 1.0) for im, _ in target[: config.n_target]], config.tile)
     val = Validation.from_images([im for im, _ in target[config.n_target:]], 1.0, config.tile, None)
