@@ -1,0 +1,60 @@
+"""Options, consoles and error reporting shared by the ``sa-deploy`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# options shared by the commands that read images and run a model
+ImagesArg = Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders of them.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an error.")]
+RuntimeOpt = Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
+                                         "export directory; auto: its TensorRT engine when it "
+                                         "matches this GPU, else onnxruntime; torch otherwise.")]
+PrecisionOpt = Annotated[str, typer.Option(help="torch: auto (on CUDA bf16 for Cellpose-SAM as "
+                                           "cellpose 4, fp16 for Cellpose 3 nets; fp32 on CPU), "
+                                           "fp32, fp16 or bf16. onnx/tensorrt: the export's own.")]
+CompileOpt = Annotated[bool, typer.Option(help="torch.compile the network (torch runtime; the first "
+                                          "batch compiles, kernels are cached for later runs).")]
+CompileCacheOpt = Annotated[Path | None, typer.Option(help="Compiled-kernel cache for --compile "
+                                                      "(default ~/.cache/sa-deploy/torch-compile).")]
+AttentionOpt = Annotated[str, typer.Option(help="Cellpose-SAM attention in torch: auto (sdpa on CUDA, "
+                                           "cellpose's own on CPU), sdpa or native.")]
+OnnxProviderOpt = Annotated[str, typer.Option(help="onnxruntime provider: auto (cpu on CPU, cuda on "
+                                              "GPU), cpu, cuda or tensorrt.")]
+ChannelsOpt = Annotated[str | None, typer.Option(help="Comma-separated 0-based channels fed to the "
+                                                 "network, in order (e.g. 1,0).")]
+ChannelAxisOpt = Annotated[int | None, typer.Option(help="Axis of the channels in the file's array, "
+                                                    "if not recorded.")]
+SeriesOpt = Annotated[int | None, typer.Option(help="Only this series of multi-series files "
+                                               "(default: every series).")]
+
+
+def fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def plain(target: Console):
+    """A ``report`` callback printing library messages verbatim (paths may hold [brackets])."""
+    return lambda message: target.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def parse_channels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise fail(f"--channels '{text}' is not a comma-separated list of channel indices "
+                    "(e.g. 0 or 1,0)") from None
+
+

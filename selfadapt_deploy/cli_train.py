@@ -1,0 +1,203 @@
+"""``sa-deploy adapt`` and ``sa-deploy demo``: the adaptation commands (registered in ``cli``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from selfadapt_deploy.cli_options import (
+    ChannelAxisOpt,
+    ChannelsOpt,
+    DeviceOpt,
+    SeriesOpt,
+    console,
+    err_console,
+    fail,
+    parse_channels,
+    plain,
+)
+from selfadapt_deploy.errors import SaDeployError
+
+
+def adapt(
+    images: Annotated[list[Path] | None, typer.Argument(help="Unlabeled TIFF / OME-TIFF / PNG "
+                                                        "images, or folders of them.")] = None,
+    model: Annotated[str | None, typer.Option(help="Pretrained model: weights file, run or export directory "
+                                              "or Cellpose name.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory to create.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory "
+                                                "(its settings are reused).")] = None,
+    diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
+                                            "default, as in segment.")] = 0.0,
+    iterations: Annotated[int, typer.Option(help="Optimisation steps.")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate; 0 = family default (CPnet 1e-4, "
+                                      "Cellpose-SAM 1e-5).")] = 0.0,
+    l2sp: Annotated[float, typer.Option(help="λ of the L2-SP pull towards the pretrained weights; "
+                                        "-1 = family default (1e-2).")] = -1.0,
+    ema_every: Annotated[int, typer.Option(help="Update the EMA teacher every N steps.")] = 1,
+    eval_every: Annotated[int, typer.Option(help="Evaluate stopping metrics and snapshot every K "
+                                            "steps.")] = 25,
+    stop: Annotated[str, typer.Option(help="Label-free stopping rule: emb, fn, both or none.")] = "both",
+    val_fraction: Annotated[float, typer.Option(help="Share of the images held out for "
+                                                "stopping.")] = 0.2,
+    val: Annotated[list[Path] | None, typer.Option(help="Held-out images for stopping (instead of "
+                                                   "a split).")] = None,
+    keep_snapshots: Annotated[bool, typer.Option(help="Keep every snapshot for manual "
+                                                 "choice.")] = True,
+    prob_mask: Annotated[bool, typer.Option(help="Confidence mask on cell probability.")] = True,
+    flow_mask: Annotated[bool, typer.Option(help="Confidence mask on flows.")] = True,
+    augment: Annotated[bool, typer.Option(help="Strong student augmentation.")] = True,
+    teacher_runtime: Annotated[str, typer.Option(help="Teacher pseudo-labels from torch, or from its "
+                                                 "exported TTA graph in onnx (onnxruntime) or "
+                                                 "tensorrt.")] = "torch",
+    teacher_sync: Annotated[int, typer.Option(help="Push the EMA teacher's weights into the onnx / "
+                                              "tensorrt teacher every N steps.")] = 10,
+    teacher_precision: Annotated[str, typer.Option(help="Precision of the exported teacher graph: "
+                                                   "fp32, fp16 or bf16.")] = "fp32",
+    amp: Annotated[str, typer.Option(help="Mixed precision of teacher and student on CUDA: bf16 "
+                                     "(autocast), fp16 (autocast + loss scaling) or fp32. The "
+                                     "CPU runs fp32.")] = "bf16",
+    compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
+                                                  "steps compile).")] = False,
+    method: Annotated[str, typer.Option(help="selfadapt (label-free), actis (labelled target tiles in "
+                                        "every batch; implied by --labeled) or culpico (two "
+                                        "cooperating networks).")] = "selfadapt",
+    model2: Annotated[str | None, typer.Option(help="CULPICO: its second network (same family); "
+                                               "default: the model with a perturbed read-out.")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="CULPICO: labelled source images (a folder of "
+                                                     "<stem>.tif + <stem>_masks.tif, or IMAGE=MASKS); "
+                                                     "without them it runs source-free.")] = None,
+    labeled: Annotated[list[str] | None, typer.Option(help="Labelled target images for ACTIS: a folder "
+                                                      "of <stem>.tif + <stem>_masks.tif, or "
+                                                      "IMAGE=MASKS (repeatable).")] = None,
+    labeled_fraction: Annotated[float, typer.Option(help="ACTIS: share of each batch from labelled "
+                                                    "tiles (at least one).")] = 0.25,
+    val_labeled: Annotated[list[str] | None, typer.Option(help="Held-out labelled images (same forms): "
+                                                          "AP@0.5 of every snapshot.")] = None,
+    select: Annotated[str, typer.Option(help="Deployed snapshot: auto (labelled when --val-labeled is "
+                                        "given, else label-free), label-free or labelled.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "auto",
+    channels: ChannelsOpt = None,
+    channel_axis: ChannelAxisOpt = None,
+    series: SeriesOpt = None,
+):
+    """Adapt a pretrained model to unlabeled images (SelfAdapt), with a few labelled target
+    images (ACTIS) or with two cooperating networks (CULPICO); resumable with --resume RUN."""
+    from rich.progress import TaskProgressColumn
+
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+    from selfadapt_deploy.trainer.run import resume_settings, run_adapt
+
+    if stop not in ("emb", "fn", "both", "none"):
+        raise fail(f"--stop must be emb, fn, both or none, got '{stop}'")
+    if method not in ("selfadapt", "actis", "culpico"):
+        raise fail(f"--method must be selfadapt, actis or culpico, got '{method}'")
+    if resume is None and method == "actis" and not labeled:
+        raise fail("--method actis adapts with labelled target images: give --labeled")
+    if resume is None and select == "labelled" and not val_labeled:
+        raise fail("--select labelled needs held-out labelled images (--val-labeled)")
+    if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
+            or teacher_precision not in ("fp32", "fp16", "bf16") or amp not in ("fp32", "fp16", "bf16"):
+        raise fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, and "
+                    "--teacher-precision and --amp fp32, fp16 or bf16")
+    try:
+        dev = resolve_device(device)
+        if resume is not None:
+            s = resume_settings(resume)
+            kwargs = dict(images=s["images"], model=s["model"], out=resume, config=s["config"],
+                          diameter=s["diameter"], channels=s["channels"],
+                          channel_axis=s["channel_axis"], series=s["series"],
+                          val_images=s["val_images"], val_fraction=s["val_fraction"],
+                          keep_snapshots=s["keep_snapshots"], resume=True,
+                          labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []),
+                          source=s.get("source", []), model2=s.get("model2"))
+        else:
+            if not images or model is None or out is None:
+                raise fail("give IMAGES, --model and --out (or --resume RUN)")
+            if out.exists() and any(out.iterdir()):
+                raise fail(f"{out} exists and is not empty; choose a new --out or --resume {out}")
+            config = AdaptConfig(iterations=iterations, batch_size=batch_size, lr=lr or None,
+                                 l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
+                                 eval_every=eval_every, stop=stop, prob_mask=prob_mask,
+                                 flow_mask=flow_mask, augment=augment, seed=seed,
+                                 teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
+                                 teacher_precision=teacher_precision, amp=amp,
+                                 compile_teacher=compile_teacher,
+                                 method="actis" if labeled and method == "selfadapt" else method,
+                                 labeled_fraction=labeled_fraction, select=select)
+            kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
+                          diameter=diameter or None, channels=parse_channels(channels),
+                          channel_axis=channel_axis, series=series,
+                          val_images=[str(p) for p in val or []], val_fraction=val_fraction,
+                          keep_snapshots=keep_snapshots, labeled=labeled or [],
+                          val_labeled=val_labeled or [], source=source or [], model2=model2)
+        if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
+            from selfadapt_deploy.runtime.trt_runner import import_tensorrt
+
+            import_tensorrt()
+        total = kwargs["config"].iterations
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TaskProgressColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                      console=err_console) as bar:
+            task = bar.add_task("adapting", total=total, loss="")
+
+            def progress(step: int, terms: dict) -> None:
+                bar.update(task, completed=step, loss=f"loss {terms['loss']:.4f}")
+
+            summary = run_adapt(device=dev, report=plain(bar.console),
+                                progress=progress, **kwargs)
+    except SaDeployError as exc:
+        raise fail(str(exc)) from None
+    run = kwargs["out"]
+    console.print(f"{summary['method']}: selected iteration {summary['selected_iteration']} "
+                  f"({summary['selection']['why']}) → {run}/model.pt; curves in {run}/curves.png",
+                  soft_wrap=True, markup=False, highlight=False)
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's outputs (re-running resumes).")] = Path(
+        "sa-deploy-demo"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (data, training, adaptation).")] = 0,
+    method: Annotated[str, typer.Option(help="selfadapt (no labels), actis (2 labelled target images "
+                                        "join every batch) or culpico (two cooperating networks, "
+                                        "with the labelled source images).")] = "selfadapt",
+):
+    """Offline demo: train a small model on clean generated cells, adapt it without labels to a noisy
+    domain, print target AP before/after (about 3 minutes on 2 CPU cores)."""
+    from selfadapt_deploy.runtime import resolve_device
+    from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
+
+    config = DemoConfig(method=method)
+    try:
+        dev = resolve_device(device)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                      console=err_console) as bar:
+            train = bar.add_task("source training", total=config.source.iterations, loss="",
+                                 visible=False)
+            tune = bar.add_task(f"adapting ({method})", total=config.adapt.iterations, loss="",
+                                visible=False)
+            summary = run_demo(
+                out, config, dev, seed, report=plain(bar.console),
+                source_progress=lambda i, loss: bar.update(train, completed=i, visible=True,
+                                                           loss=f"loss {loss:.4f}"),
+                adapt_progress=lambda i, t: bar.update(tune, completed=i, visible=True,
+                                                       loss=f"loss {t['loss']:.4f}"))
+    except SaDeployError as exc:
+        raise fail(str(exc)) from None
+    table = Table("test images (labelled, never trained on)", "source model", "adapted model",
+                  title="SelfAdapt demo: pooled AP")
+    for row in summary.table():
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"adapted model: {out}/adapt/model.pt (selected iteration "
+                  f"{summary.selected_iteration}); curves {out}/adapt/curves.png; overlays "
+                  f"{out}/overlays.png; test images and labels in {out}/target_test/", soft_wrap=True)
