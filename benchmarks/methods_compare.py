@@ -12,8 +12,9 @@ What is measured
     * ACTIS with 1 and with 3 labelled target images (a quarter of each batch)
     * CULPICO with the labelled source images (its L_s), and source-free (L2-SP anchor only)
 
-    For each: pooled AP@0.5 / AP@0.75 on the target test images, the selected iteration, and
-    whether each label-free criterion (FN rate > τ_FN, D_emb > τ_emb) fired during the run.
+    For each: pooled AP@0.5 / AP@0.75 on the target test images of the deployed (selected)
+    snapshot and of the last one (the whole budget), the selected iteration, and whether each
+    label-free criterion (FN rate > τ_FN, D_emb > τ_emb) fired during the run.
 
 Output: one table per seed (means over seeds when several); the last line is
 ``ratio=<best method's AP@0.5 ÷ the source model's AP@0.5>`` (first seed).
@@ -47,6 +48,18 @@ def fired(metrics_csv: Path, tau_fn: float, tau_emb: float) -> str:
     fn = any(float(r["fn_rate"]) > tau_fn for r in rows)
     emb = any(float(r["d_emb"]) > tau_emb for r in rows)
     return {(True, True): "both", (True, False): "fn", (False, True): "emb"}.get((fn, emb), "none")
+
+
+def last_snapshot_ap(out: Path, config, seed: int) -> tuple[float, float]:
+    """Pooled target-test AP@0.5 / AP@0.75 of the run's last snapshot (the demo's test images)."""
+    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.synthetic import TARGET
+    from selfadapt_deploy.trainer.demo import pooled_ap
+
+    last = sorted((out / "adapt" / "snapshots").glob("iter_*.pt"))[-1]
+    tests = TARGET.sample(config.n_test, (config.size, config.size), seed=seed + 20_000)
+    ap = pooled_ap(load_model(last, "cpu"), tests)[0].ap
+    return float(ap[0]), float(ap[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_demo(out, config, "cpu", seed=seed, report=lambda _: None)
                 if not rows:
                     before = result.before[TARGET_NAME].ap
-                    rows.append(("source model (no adaptation)", before[0], before[1], "-", "-"))
+                    rows.append(("source model (no adaptation)", before[0], before[1], before[0],
+                                 before[1], "-", "-"))
                 after = result.after[TARGET_NAME].ap
-                rows.append((name, after[0], after[1], str(result.selected_iteration),
+                rows.append((name, after[0], after[1], *last_snapshot_ap(out, config, seed),
+                             str(result.selected_iteration),
                              fired(out / "adapt" / "metrics.csv", tau_fn, tau_emb)))
-        print(f"\nseed {seed}")
-        print(f"{'method':<30} {'AP@0.5':>7} {'AP@0.75':>8} {'selected':>9} {'label-free fired':>17}")
-        for name, ap50, ap75, selected, crossed in rows:
-            print(f"{name:<30} {ap50:>7.3f} {ap75:>8.3f} {selected:>9} {crossed:>17}", flush=True)
+        print(f"\nseed {seed}   (deployed = the snapshot the label-free rule selected; last = end of budget)")
+        print(f"{'method':<30} {'AP@0.5':>7} {'AP@0.75':>8} {'last@0.5':>9} {'last@0.75':>10} "
+              f"{'selected':>9} {'label-free fired':>17}")
+        for name, ap50, ap75, last50, last75, selected, crossed in rows:
+            print(f"{name:<30} {ap50:>7.3f} {ap75:>8.3f} {last50:>9.3f} {last75:>10.3f} {selected:>9} "
+                  f"{crossed:>17}", flush=True)
         best = max(rows[1:], key=lambda r: r[1])
         print(f"best: {best[0]} ({best[1]:.3f} vs source {rows[0][1]:.3f})")
         first_ratio = first_ratio or best[1] / rows[0][1]
