@@ -18,6 +18,12 @@ from selfadapt_deploy.trainer.loop import AdaptConfig, Validation, adapt, split_
 CONFIG = AdaptConfig(iterations=6, batch_size=2, eval_every=3, stop="none", seed=3)
 
 
+def kill_at_step_4(step, terms):
+    """A progress callback that interrupts the run after step 4 (as a kill would)."""
+    if step == 4:
+        raise KeyboardInterrupt
+
+
 def setup(trained_cpnet_path):
     net = load_model(trained_cpnet_path)
     raw = [np.stack([render(random_labels((96, 96), 14, seed=s), seed=s, gamma=1.5),
@@ -56,10 +62,6 @@ def test_stopping_selects_the_snapshot_before_the_crossing(tmp_path, trained_cpn
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpnet_path):
     net, train, val = setup(trained_cpnet_path)
     adapt(net, train, val, tmp_path / "full", CONFIG)
-
-    def kill_at_step_4(step, terms):
-        if step == 4:
-            raise KeyboardInterrupt
 
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
@@ -176,10 +178,6 @@ def test_actis_resume_after_a_kill_is_bit_identical(tmp_path, trained_cpnet_path
     net, train, val = setup(trained_cpnet_path)
     adapt(net, train, val, tmp_path / "full", cfg, labelled=labelled_tiles())
 
-    def kill_at_step_4(step, terms):
-        if step == 4:
-            raise KeyboardInterrupt
-
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
         adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4, labelled=labelled_tiles())
@@ -269,10 +267,6 @@ def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, train
     assert not torch.equal(after["net_b"]["output.2.weight"], b0["output.2.weight"])  # B stepped
     rows = [r for r in csv.DictReader(open(tmp_path / "full" / "metrics.csv")) if r["loss"]]
     assert all(float(r["loss_sup_a"]) > 0 and float(r["loss_sup_b"]) > 0 for r in rows)  # source tiles
-
-    def kill_at_step_4(step, terms):
-        if step == 4:
-            raise KeyboardInterrupt
 
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):

@@ -13,7 +13,6 @@ step; the loop owns data, schedule, evaluation, snapshots, checkpoints, stopping
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,7 +26,7 @@ from selfadapt_deploy.tiling import d4_transform
 from selfadapt_deploy.trainer.augment import StrongAugment, random_d4
 from selfadapt_deploy.trainer.losses import l2sp_penalty
 from selfadapt_deploy.trainer.source import cellpose_loss
-from selfadapt_deploy.trainer.step import Adaptation, train_step
+from selfadapt_deploy.trainer.step import Adaptation, mixed_precision, train_step
 
 METHODS = ("selfadapt", "actis", "culpico")
 
@@ -127,9 +126,7 @@ class Cooperative:
     amp: torch.dtype | None = None
 
     def autocast(self):
-        if self.amp is None or self.net_a.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp)
+        return mixed_precision(self.net_a.device, self.amp)
 
 
 def cooperative_step(c: Cooperative, x: torch.Tensor, step: int, g: torch.Generator,

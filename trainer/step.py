@@ -37,9 +37,14 @@ class Adaptation:
     compiled_teacher: torch.nn.Module | None = None  # torch.compile of the EMA module, if asked
 
     def autocast(self):
-        if self.amp is None or self.student.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp)
+        return mixed_precision(self.student.device, self.amp)
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on CUDA; nothing on the CPU or without a dtype (fp32)."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator,
