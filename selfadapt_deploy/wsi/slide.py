@@ -16,12 +16,6 @@ from selfadapt_deploy.io.readers import CHANNEL_LETTERS, TIFF_SUFFIXES, image_st
 ZARR_SUFFIXES = (".zarr",)
 
 
-def is_slide_path(path: Path) -> bool:
-    """A file or folder the streaming path reads: TIFF or OME-Zarr."""
-    name = path.name.lower()
-    return name.endswith(TIFF_SUFFIXES) or (path.is_dir() and name.endswith(ZARR_SUFFIXES))
-
-
 @dataclass
 class Slide:
     """One 2-D (multi-channel) image of a file, read region by region.

@@ -83,10 +83,6 @@ class Plan:
         return {k: v for k, v in asdict(self).items() if k not in ("work", "lo", "hi", "flat")}
 
 
-def should_stream(slide: Slide, settings: StreamSettings, forced: bool) -> bool:
-    return forced or slide.height * slide.width > STREAM_ABOVE
-
-
 def network_channels(raw: np.ndarray, channels: Sequence[int] | None, spec: ModelSpec,
                      where: str) -> np.ndarray:
     """The channels the network sees, as for a whole image (``select_channels``)."""
