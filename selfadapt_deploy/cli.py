@@ -128,10 +128,13 @@ def segment(
         raise fail(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}")
     if diameter < 0 or niter < 0 or batch_size < 1:
         raise fail("--diameter and --niter must be ≥ 0 and --batch-size ≥ 1")
-    params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
-                           cellprob_threshold=cellprob_threshold, min_size=min_size,
-                           niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
-                           tta=tta, integrator=integrator, pipeline=pipeline)
+    try:
+        params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
+                               cellprob_threshold=cellprob_threshold, min_size=min_size,
+                               niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
+                               tta=tta, integrator=integrator, pipeline=pipeline)
+    except SaDeployError as exc:
+        raise fail(str(exc)) from None
     picked = parse_channels(channels)
     torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
     settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)

@@ -53,6 +53,13 @@ class SegmentParams:
     integrator: str = "auto"  # flow integration kernel: auto | torch | numba | triton
     pipeline: str = "auto"  # auto (device on CUDA, host elsewhere) | host | device
 
+    def __post_init__(self) -> None:
+        if not self.flow_threshold >= 0:  # also refuses NaN
+            raise SaDeployError(f"--flow-threshold must be ≥ 0 (0 turns flow QC off), got "
+                                f"{self.flow_threshold}")
+        if not 0 < self.max_size_fraction <= 1:
+            raise SaDeployError(f"max_size_fraction must be in (0, 1], got {self.max_size_fraction}")
+
 
 @dataclass
 class Segmentation:
@@ -188,7 +195,8 @@ def predict_flows(runner: Runner, img: Image, params: SegmentParams) -> tuple[Im
     return ys[0], rescale
 
 
-def _mask_params(params: SegmentParams, rescale: float) -> MaskParams:
+def mask_params(params: SegmentParams, rescale: float) -> MaskParams:
+    """Post-processing settings for an image predicted at ``rescale`` (niter scales with it)."""
     return MaskParams(niter=params.niter or int(DEFAULT_NITER / rescale),
                       cellprob_threshold=params.cellprob_threshold,
                       flow_threshold=params.flow_threshold, min_size=params.min_size,
@@ -227,7 +235,7 @@ def segment_on_device(runner: Runner, imgs: list[np.ndarray], params: SegmentPar
     out = []
     for y in ys:
         t = time.perf_counter()
-        masks = flows_to_masks_on_device(y[None, :2], y[None, 2], _mask_params(params, rescale))[0]
+        masks = flows_to_masks_on_device(y[None, :2], y[None, 2], mask_params(params, rescale))[0]
         out.append(Segmentation(masks=masks, output=y, timings={
             "normalize": (t1 - t0) / len(imgs), "network": (t2 - t1) / len(imgs),
             "masks": time.perf_counter() - t}))
@@ -255,16 +263,16 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
         ys, rescale = predict_flows_many(runner, xs, params)  # the chunk's tiles share batches
         t2 = time.perf_counter()
         shared = {"normalize": (t1 - t0) / len(chunk), "network": (t2 - t1) / len(chunk)}
-        predicted += [(y, _mask_params(params, rescale), dict(shared)) for y in ys]
+        predicted += [(y, mask_params(params, rescale), dict(shared)) for y in ys]
     groups: dict[tuple, list[int]] = {}
-    for k, (y, mask_params, _) in enumerate(predicted):
-        groups.setdefault((y.shape, mask_params), []).append(k)
+    for k, (y, settings, _) in enumerate(predicted):
+        groups.setdefault((y.shape, settings), []).append(k)
     masks: dict[int, np.ndarray] = {}
-    for (_, mask_params), members in groups.items():
+    for (_, settings), members in groups.items():
         t0 = time.perf_counter()
         outputs = [predicted[k][0] for k in members]
         batch = outputs[0][None] if len(outputs) == 1 else np.stack(outputs)  # no copy for one
-        masks.update(zip(members, flows_to_masks_batch(batch[:, :2], batch[:, 2], mask_params, device),
+        masks.update(zip(members, flows_to_masks_batch(batch[:, :2], batch[:, 2], settings, device),
                          strict=True))
         share = (time.perf_counter() - t0) / len(members)
         for k in members:

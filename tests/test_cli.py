@@ -85,15 +85,21 @@ def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
     (["--pipeline", "gpu"], "--pipeline must be one of"),
     (["--precision", "int8"], "--precision must be one of"),
     (["--attention", "flash"], "--attention must be one of"),
+    (["--flow-threshold", "-0.1"], "--flow-threshold must be ≥ 0"),
+    (["--model", "RANDOM"], "not a readable PyTorch weights file"),
 ])
 def test_bad_arguments_fail_with_one_clear_line(tmp_path, weights, args, message):
     image = write_image(tmp_path / "a.tif")
     base = ["segment", str(image), "--out", str(tmp_path / "out"), "--device", "cpu"]
     if "--model" not in args:
         base += ["--model", str(weights)]
+    if "RANDOM" in args:  # a weights file of random bytes
+        (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+        args = [str(tmp_path / "random.pt") if a == "RANDOM" else a for a in args]
     result = runner.invoke(app, base + args)
     assert result.exit_code == 1
     assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not list((tmp_path / "out").glob("*_masks.tif"))
 
 

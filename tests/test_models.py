@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,14 @@ def test_unknown_and_corrupt_files_are_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(ModelLoadError, match="not a readable PyTorch weights file"):
         load_model(tmp_path / "junk.pth")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelLoadError) as info:  # one line naming the file, not torch's unpickler text
+        load_model(tmp_path / "random.pth")
+    assert str(info.value).startswith(str(tmp_path / "random.pth")) and "\n" not in str(info.value)
+    assert "weights_only" not in str(info.value)
+    torch.save({"w": np.zeros(2)}, tmp_path / "pickled.pth")  # a numpy object: never unpickled
+    with pytest.raises(ModelLoadError, match="refusing to unpickle"):
+        load_model(tmp_path / "pickled.pth")
 
 
 def test_mistyped_name_suggests_close_names():

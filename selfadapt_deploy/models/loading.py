@@ -54,14 +54,27 @@ def detect_family(state: dict) -> str:
     raise ModelLoadError("neither a Cellpose-SAM nor a Cellpose 3 U-Net state dict")
 
 
+def load_plain(path: Path, what: str = "weights file") -> object:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain data; nothing that runs code).
+    Any failure is one :class:`ModelLoadError` line naming the file — never torch's multi-line
+    unpickler text, which suggests ``weights_only=False``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / non-torch files
+        found = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        if found:
+            raise ModelLoadError(f"{path}: the {what} holds pickled Python objects besides tensors and "
+                                 f"plain data ({found[0]}); refusing to unpickle them (that could run "
+                                 "code)") from None
+        raise ModelLoadError(f"{path}: not a readable PyTorch {what} (corrupt, truncated or another "
+                             "format); check the file or download it again") from None
+
+
 def load_weights_file(path: Path) -> SegmentationNet:
     """Load a ``torch.save``d state dict of either family, auto-detected from its keys."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt / non-torch files
-        raise ModelLoadError(f"{path}: not a readable PyTorch weights file ({exc})") from exc
+    state = load_plain(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: expected a state dict of tensors (torch.save(net.state_dict()))")
     try:
