@@ -233,12 +233,18 @@ def read_label_image(path: Path) -> np.ndarray:
     return arr
 
 
+def segment_results(net: SegmentationNet, images: Sequence[np.ndarray],
+                    params: SegmentParams) -> list[Segmentation]:
+    """Segmentations (masks and network output) of in-memory C×Y×X images, with ``net`` on its own
+    device (post-processing batched over images of one size)."""
+    with TorchRunner(net, net.device) as runner:
+        return segment_images(runner, list(images), params, net.device)
+
+
 def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray],
                    params: SegmentParams) -> list[np.ndarray]:
-    """Label images of in-memory C×Y×X images, with ``net`` on its own device (post-processing
-    batched over images of one size)."""
-    with TorchRunner(net, net.device) as runner:
-        return [seg.masks for seg in segment_images(runner, list(images), params, net.device)]
+    """Label images of in-memory C×Y×X images (:func:`segment_results`' masks)."""
+    return [seg.masks for seg in segment_results(net, images, params)]
 
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],

@@ -79,6 +79,10 @@ class Domain:
 # The demo's domain shift: a model trained on clean images meets 6× the noise (low-light imaging).
 SOURCE = Domain("source (clean)", noise=0.05)
 TARGET = Domain("target (6× noise)", noise=0.30)
+# Further shifts from the same source, for judging label-free model selection
+# (benchmarks/selection_rules.py): out-of-focus imaging and a nonlinear detector response.
+SHIFTS = {"noise": TARGET, "blur": Domain("target (3 px blur)", blur=3.0, noise=0.10),
+          "gamma": Domain("target (gamma 3)", noise=0.10, gamma=3.0)}
 
 
 def write_slide(path, height: int, width: int, seed: int = 0, patch: int = 1024,

@@ -43,6 +43,9 @@ def test_adapt_writes_the_run_directory(tmp_path, trained_cpnet_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["iteration"] for r in rows if r["d_emb"]] == ["0", "3", "6"]
     assert float(rows[0]["d_emb"]) == 0 and float(rows[0]["fn_rate"]) == 0
+    evals = [r for r in rows if r["d_emb"]]  # every label-free signal is logged at every evaluation
+    assert all(float(r["flow_err"]) >= 0 and float(r["tta_spread"]) >= 0 for r in evals)
+    assert evals[0]["agree_prev"] == "" and all(0 <= float(r["agree_prev"]) <= 1 for r in evals[1:])
     assert all(float(r["loss"]) > 0 for r in rows if r["loss"])
     assert json.loads((run / "run.json").read_text())["config"]["lr"] == 1e-4  # CPnet default
     adapted = load_model(run)  # model.pt loads wherever a model is accepted
@@ -73,6 +76,35 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpne
     resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    assert ((tmp_path / "killed" / "metrics.csv").read_text()
+            == (tmp_path / "full" / "metrics.csv").read_text())
+
+
+def test_resume_refuses_a_checkpoint_that_holds_more_than_tensors(tmp_path, trained_cpnet_path):
+    from selfadapt_deploy.errors import SaDeployError
+
+    net, train, val = setup(trained_cpnet_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "payload": np.arange(3)}, run / "checkpoint.pt")  # a pickled object
+    with pytest.raises(SaDeployError, match=r"checkpoint\.pt: the checkpoint holds pickled Python objects"):
+        adapt(net, train, val, run, CONFIG, resume=True)
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(SaDeployError, match=r"checkpoint\.pt: not a readable PyTorch checkpoint"):
+        adapt(net, train, val, run, CONFIG, resume=True)
+
+
+def test_flow_rule_deploys_the_snapshot_with_the_lowest_flow_error(tmp_path, trained_cpnet_path):
+    net, train, val = setup(trained_cpnet_path)
+    summary = adapt(net, train, val, tmp_path / "run", AdaptConfig(**{**CONFIG.__dict__, "stop": "flow",
+                                                                      "lr": 1e-2}))
+    evals = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["d_emb"]]
+    expected, lowest = 0, float(evals[0]["flow_err"])
+    for r in evals[1:]:  # a new lowest must beat the lowest so far by 2 %
+        if float(r["flow_err"]) < 0.98 * lowest:
+            expected, lowest = int(r["iteration"]), float(r["flow_err"])
+    assert summary["selected_iteration"] == expected
+    assert "flow_err" in summary["selection"]["why"]
 
 
 def test_split_indices():
@@ -188,6 +220,8 @@ def test_actis_resume_after_a_kill_is_bit_identical(tmp_path, trained_cpnet_path
     resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    assert ((tmp_path / "killed" / "metrics.csv").read_text()
+            == (tmp_path / "full" / "metrics.csv").read_text())
     rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
     assert all(float(r["loss_sup"]) > 0 for r in rows if r["loss"])
 
@@ -256,7 +290,7 @@ def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, train
     before = {k: v.clone() for k, v in net.state_dict().items()}
     summary = adapt(net, train, val, tmp_path / "full", cfg, labelled=labelled_tiles())
     assert summary["method"] == "culpico" and "network A" in summary["deployed"]
-    after = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    after = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     for key in ("output.2.weight",):
         assert not torch.equal(after["net_a"][key], before[key])  # A stepped
     from selfadapt_deploy.trainer.methods import perturbed_readout
@@ -277,3 +311,5 @@ def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, train
     resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    assert ((tmp_path / "killed" / "metrics.csv").read_text()
+            == (tmp_path / "full" / "metrics.csv").read_text())

@@ -41,3 +41,19 @@ def test_actis_with_two_labelled_target_images_beats_the_source_model(tmp_path):
     assert result.after[target].ap[0] > result.before[target].ap[0] + 0.08
     run = json.loads((tmp_path / "adapt" / "run.json").read_text())
     assert run["method"] == "actis" and run["labelled_per_batch"] == 1
+
+
+def test_demo_has_a_small_cellpose_sam_variant(tmp_path):
+    import pytest
+
+    from selfadapt_deploy.errors import SaDeployError
+
+    config = DemoConfig.for_family("cpsam")
+    net = config.network()
+    assert net.family == "cpsam" and net.tile_size == config.tile
+    assert config.adapt.lr == 1e-4 and DemoConfig.for_family("cpnet") == DemoConfig()
+    with pytest.raises(SaDeployError, match="cpnet or cpsam"):
+        DemoConfig.for_family("vit")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--family", "vit"])
+    assert result.exit_code != 0 and "cpnet or cpsam" in result.output
+    assert not (tmp_path / "d").exists()

@@ -13,7 +13,14 @@ from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
 from selfadapt_deploy.trainer.schedule import lr_at
-from selfadapt_deploy.trainer.stopping import ThresholdMonitor, fn_rate, monitors_for
+from selfadapt_deploy.trainer.stopping import (
+    BestMonitor,
+    ThresholdMonitor,
+    fn_rate,
+    mask_agreement,
+    monitors_for,
+    selected_iteration,
+)
 from selfadapt_deploy.trainer.teacher import teacher_predict
 
 
@@ -123,6 +130,93 @@ def test_stopping_picks_last_snapshot_before_crossing():
     assert ThresholdMonitor("d_emb", 0.5).update({"d_emb": float("nan")}, 3)[0]
     assert [m.name for m in monitors_for("both")] == ["fn_rate", "d_emb"]
     assert monitors_for("none") == []
+
+
+def test_best_monitor_selects_the_lowest_and_stops_after_patience():
+    monitor = BestMonitor("flow_err", patience=2, min_delta=0.1)
+    curve = [(0, 0.30), (10, float("nan")), (20, 0.20), (30, 0.19), (40, 0.15), (50, 0.16), (60, 0.2)]
+    decisions = [monitor.update({"flow_err": v}, s) for s, v in curve]
+    # NaN is never an improvement; 0.19 is not 10 % below 0.20; 0.15 is; then two evaluations without
+    assert [d[0] for d in decisions] == [False, False, False, False, False, False, True]
+    assert monitor.best_step == 40 and "selected iteration 40" in decisions[-1][1]
+    assert monitor.selected(60) == 40
+    restored = BestMonitor("flow_err", patience=2, min_delta=0.1)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.state_dict() == monitor.state_dict()
+    first = BestMonitor("flow_err")
+    first.update({"flow_err": float("nan")}, 0)  # θ0 without masks: kept until something is finite
+    first.update({"flow_err": 0.3}, 10)
+    assert first.best_step == 10
+
+
+def test_label_free_selection_is_the_earliest_of_the_monitors_selections():
+    fn, emb = monitors_for("both")
+    for step, (f, e) in enumerate([(0.0, 0.0), (0.01, 0.3), (0.02, 0.6)]):
+        stop = [m.update({"fn_rate": f, "d_emb": e}, step * 10)[0] for m in (fn, emb)]
+    assert stop == [False, True] and selected_iteration([fn, emb], 20) == 10
+    assert selected_iteration([], 20) == 20  # --stop none: the last snapshot
+    flow = BestMonitor("flow_err")
+    for step, v in enumerate([0.3, 0.2, 0.25]):
+        flow.update({"flow_err": v}, step * 10)
+    assert selected_iteration([flow], 20) == 10
+
+
+def test_mask_agreement_is_f1_at_iou_half():
+    a = np.zeros((20, 20), int)
+    a[1:5, 1:5], a[10:15, 10:15], a[1:5, 10:15], a[15:19, 1:6] = 1, 2, 3, 4
+    b = a.copy()
+    b[b == 4] = 0  # one instance gone
+    b[10:15, 10:12] = 0  # IoU 3/5 ≥ 0.5: still a match
+    assert mask_agreement([a], [a * 3]) == 1.0
+    assert mask_agreement([a], [b]) == pytest.approx(2 * 3 / (4 + 3))
+    assert mask_agreement([np.zeros_like(a)], [np.zeros_like(a)]) == 1.0
+
+
+def test_flow_error_is_the_pixel_weighted_mask_error_without_flow_qc(tiny_cpnet):
+    from selfadapt_deploy.postprocess import flows_to_masks
+    from selfadapt_deploy.postprocess.flow_qc import flow_errors, masks_to_flows
+    from selfadapt_deploy.runtime.torch_runner import spec_for
+    from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
+    from selfadapt_deploy.synthetic import random_labels
+    from selfadapt_deploy.trainer.stopping import flow_error
+
+    labels = random_labels((96, 96), 14, seed=1)
+    logit = np.where(labels > 0, 6.0, -6.0)
+
+    def seg(flows):
+        return Segmentation(masks=labels, output=np.concatenate([flows, logit[None]]).astype(np.float32))
+
+    spec, params = spec_for(tiny_cpnet), SegmentParams()
+    exact = 5 * masks_to_flows(labels)  # the flows the true masks imply, in network units
+    noisy = exact + np.random.default_rng(0).normal(0, 2.0, exact.shape)
+    assert flow_error([seg(exact)], spec, params) < 1e-3  # consistent flows: (almost) no error
+    got = flow_error([seg(noisy)], spec, params)
+    raw = flows_to_masks(noisy.astype(np.float32), logit.astype(np.float32),
+                         mask_params(SegmentParams(flow_threshold=0), rescale_factor(spec, None)))
+    sizes = np.bincount(raw.ravel())[1:]
+    assert got == pytest.approx(float(flow_errors(raw, noisy.astype(np.float32)) @ sizes / sizes.sum()))
+    assert got > 0.05
+    empty = Segmentation(masks=np.zeros_like(labels), output=np.full((3, 96, 96), -6, np.float32))
+    assert np.isnan(flow_error([empty], spec, params))
+
+
+def test_tta_spread_is_zero_for_an_equivariant_network():
+    from selfadapt_deploy.trainer.stopping import tta_spread
+
+    class Pointwise(torch.nn.Module):  # zero flows, probability from intensity: D4-equivariant
+        def __init__(self, kernel: int):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 3, kernel, padding=kernel // 2, bias=False)
+            torch.nn.init.normal_(self.conv.weight, generator=torch.Generator().manual_seed(0))
+            self.conv.weight.data[2] = self.conv.weight.data[2].abs() + 1  # a positive logit
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.cat([y[:, :2] * (self.conv.kernel_size[0] > 1), y[:, 2:]], dim=1)
+
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert tta_spread(Pointwise(1), x) == pytest.approx(0.0, abs=1e-6)
+    assert tta_spread(Pointwise(3), x) > 0.01  # an arbitrary 3×3 kernel is not D4-equivariant
 
 
 def test_student_augmentation_changes_intensities_and_keeps_shapes():

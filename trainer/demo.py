@@ -28,8 +28,10 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path, write_masks
 from selfadapt_deploy.metrics import APResult, average_precision
 from selfadapt_deploy.models import CPnet, load_model
+from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.models.cpsam import build_cpsam
 from selfadapt_deploy.segment import SegmentParams
-from selfadapt_deploy.synthetic import SOURCE, TARGET
+from selfadapt_deploy.synthetic import SOURCE, TARGET, Domain
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.loop import MODEL, AdaptConfig, Validation, adapt
 from selfadapt_deploy.trainer.report import plot_curves, plot_overlays
@@ -57,6 +59,28 @@ class DemoConfig:
     method: str = "selfadapt"
     n_labelled: int = 2
     culpico_source: bool = True
+    # cpnet: a small Cellpose 3 U-Net; cpsam: a small Cellpose-SAM (a 4-block ViT, 8-px patches,
+    # the tile as its fixed input size), trained longer and adapted at 10× cellpose 4's fine-tuning
+    # lr (1e-5 is for the 300 M-parameter network, under which this one barely moves)
+    family: str = "cpnet"
+    target: Domain = TARGET  # the target domain (benchmarks/selection_rules.py uses other shifts)
+
+    @classmethod
+    def for_family(cls, family: str, **changes) -> DemoConfig:
+        """The demo's settings for ``family`` (cpnet | cpsam), with ``changes`` applied."""
+        if family == "cpsam":
+            changes = {"source": SourceConfig(iterations=800, lr=2e-3, tile=changes.get("tile", cls.tile)),
+                       "adapt": AdaptConfig(iterations=80, eval_every=20, lr=1e-4), **changes}
+        elif family != "cpnet":
+            raise SaDeployError(f"--family must be cpnet or cpsam, got '{family}'")
+        return cls(family=family, **changes)
+
+    def network(self) -> SegmentationNet:
+        """The untrained source network (seeded by the caller's torch seed)."""
+        if self.family == "cpsam":
+            return build_cpsam(embed_dim=64, depth=4, num_heads=4, out_chans=32, ps=8, bsize=self.tile,
+                               seed=int(torch.initial_seed() % 2**31))
+        return CPnet(self.nbase, diam_mean=DIAMETER)
 
     @classmethod
     def quick(cls, method: str = "selfadapt") -> DemoConfig:
@@ -111,9 +135,9 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     _check_settings(out, config, seed)
     shape = (config.size, config.size)
     source = SOURCE.sample(config.n_source, shape, seed=seed)
-    target = TARGET.sample(config.n_target + config.n_val, shape, seed=seed + 10_000)
-    tests = {d.name: d.sample(config.n_test, shape, seed=seed + 20_000) for d in (SOURCE, TARGET)}
-    for i, (img, labels) in enumerate(tests[TARGET.name]):  # for `sa-deploy segment`/`evaluate`
+    target = config.target.sample(config.n_target + config.n_val, shape, seed=seed + 10_000)
+    tests = {d.name: d.sample(config.n_test, shape, seed=seed + 20_000) for d in (SOURCE, config.target)}
+    for i, (img, labels) in enumerate(tests[config.target.name]):  # for `sa-deploy segment`/`evaluate`
         with atomic_path(out / "target_test" / "images" / f"img{i}.tif") as tmp:
             tifffile.imwrite(tmp, img[0])
         write_masks(out / "target_test" / "labels" / f"img{i}.tif", labels)
@@ -123,7 +147,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     else:
         report(f"training a source model on {len(source)} clean labelled images ({SOURCE.name})")
         torch.manual_seed(seed)
-        net = CPnet(config.nbase, diam_mean=DIAMETER).to(device)
+        net = config.network().to(device)
         train_source(net, [im for im, _ in source], [lab for _, lab in source],
                      SourceConfig(**{**asdict(config.source), "seed": seed}), source_progress)
         net.save(out / SOURCE_MODEL)
@@ -132,7 +156,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
 
     labelled, pairs = None, []
     if config.method == "actis":  # a few labelled target images, never among the test images
-        pairs = TARGET.sample(config.n_labelled, shape, seed=seed + 30_000)
+        pairs = config.target.sample(config.n_labelled, shape, seed=seed + 30_000)
     elif config.method == "culpico" and config.culpico_source:
         pairs = source  # the labelled source images the source model was trained on
     elif config.method not in ("selfadapt", "culpico"):
@@ -140,7 +164,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     if pairs:
         labelled = LabelledTiles([prepare_image(im, 1.0) for im, _ in pairs], [lab for _, lab in pairs],
                                  config.tile)
-    report(f"adapting ({config.method}) to {config.n_target} unlabeled target images ({TARGET.name})"
+    report(f"adapting ({config.method}) to {config.n_target} unlabeled target images ({config.target.name})"
            + (f" with {len(pairs)} labelled {'source' if config.method == 'culpico' else 'target'} images"
               if pairs else "")
            + f", {config.n_val} held out for stopping")
@@ -156,9 +180,10 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     after = {name: pooled_ap(adapted, pairs) for name, pairs in tests.items()}
     result = DemoResult({k: ap for k, (ap, _) in before.items()},
                         {k: ap for k, (ap, _) in after.items()}, summary["selected_iteration"])
-    pick = tests[TARGET.name][:2]
+    pick = tests[config.target.name][:2]
     plot_overlays(out / "overlays.png", [im[0] for im, _ in pick], [gt for _, gt in pick],
-                  {"source model": before[TARGET.name][1][:2], "adapted": after[TARGET.name][1][:2]})
+                  {"source model": before[config.target.name][1][:2],
+                   "adapted": after[config.target.name][1][:2]})
     with atomic_path(out / RESULTS) as tmp:
         tmp.write_text(json.dumps({"before": {k: asdict(v) for k, v in result.before.items()},
                                    "after": {k: asdict(v) for k, v in result.after.items()},

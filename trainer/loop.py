@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from selfadapt_deploy import __version__
-from selfadapt_deploy.batch import pooled, segment_arrays
+from selfadapt_deploy.batch import pooled, segment_arrays, segment_results
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.models.loading import load_plain
+from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.augment import StrongAugment
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
@@ -44,11 +46,16 @@ from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.source import LabelledTiles
 from selfadapt_deploy.trainer.step import Adaptation
 from selfadapt_deploy.trainer.stopping import (
+    DEFAULT_STOP,
     TAU_EMB,
     TAU_FN,
     embedding_distance,
+    flow_error,
     fn_rate,
+    mask_agreement,
     monitors_for,
+    selected_iteration,
+    tta_spread,
 )
 
 # Per-family defaults (README "Defaults" has the sweep, benchmarks/adapt_sweep.py). CPnet: lr 1e-4
@@ -77,7 +84,7 @@ class AdaptConfig:
     ema_decay: float = 0.99
     ema_every: int = 1
     eval_every: int = 25  # K: stopping metrics and snapshots
-    stop: str = "both"  # emb | fn | both | none
+    stop: str = DEFAULT_STOP  # flow | fn | emb | both | none (trainer/stopping.py)
     tau_fn: float = TAU_FN
     tau_emb: float = TAU_EMB
     prob_mask: bool = True
@@ -120,6 +127,7 @@ class Validation:
     params: SegmentParams
     reference_masks: list[np.ndarray] = field(default_factory=list)
     reference_embedding: torch.Tensor | None = None
+    previous_masks: list[np.ndarray] = field(default_factory=list)  # at the last evaluation
     labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
@@ -138,10 +146,18 @@ def _embed(net: SegmentationNet, tiles: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_drift(net: SegmentationNet, val: Validation) -> dict[str, float]:
-    """FN rate of θ0's instances and embedding distance to θ0, on the validation images; with
-    held-out labelled images, also their pooled AP@0.5 / AP@0.75."""
-    row = {"fn_rate": fn_rate(val.reference_masks, segment_arrays(net, val.images, val.params)),
-           "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding)}
+    """The label-free signals on the validation images — FN rate of θ0's instances, embedding
+    distance to θ0, flow self-consistency, TTA spread, agreement with the previous evaluation's
+    masks — and, with held-out labelled images, their pooled AP@0.5 / AP@0.75."""
+    segs = segment_results(net, val.images, val.params)
+    masks = [seg.masks for seg in segs]
+    row = {"fn_rate": fn_rate(val.reference_masks, masks),
+           "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding),
+           "flow_err": flow_error(segs, spec_for(net), val.params),
+           "tta_spread": tta_spread(net, val.tiles)}
+    if val.previous_masks:
+        row["agree_prev"] = mask_agreement(val.previous_masks, masks)
+    val.previous_masks = masks
     if val.labelled:
         masks = segment_arrays(net, [im for im, _ in val.labelled], val.params)
         ap = pooled([average_precision(gt, m) for (_, gt), m in zip(val.labelled, masks, strict=True)]).ap
@@ -173,9 +189,15 @@ def labelled_per_batch(cfg: AdaptConfig, labelled: LabelledTiles | None) -> int:
     return min(cfg.batch_size - 1, max(1, round(cfg.labeled_fraction * cfg.batch_size)))
 
 
+def _tensors(masks: list[np.ndarray]) -> list[torch.Tensor]:
+    """Label images as int64 tensors, so that checkpoints load with ``weights_only=True``."""
+    return [torch.from_numpy(m.astype(np.int64)) for m in masks]
+
+
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "loss_sup", "lr", "kept_prob",
-            "kept_flow", "teacher_err", "fn_rate", "d_emb", "ap50_labelled", "ap75_labelled"]
+            "kept_flow", "teacher_err", "fn_rate", "d_emb", "flow_err", "tta_spread", "agree_prev",
+            "ap50_labelled", "ap75_labelled"]
     keys += sorted({k for row in rows for k in row} - set(keys))  # a method's own terms (CULPICO)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -236,14 +258,16 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     rows: list[dict] = []
     start, stopped, reason, seconds_before = 0, False, "", 0.0
     if resume and (out / CHECKPOINT).is_file():
-        ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+        ckpt = load_plain(out / CHECKPOINT, "checkpoint")
         method.load_state_dict(ckpt)
         for m, s in zip(monitors, ckpt["monitors"], strict=True):
             m.load_state_dict(s)
         g.set_state(ckpt["generator"])
         rows, start, stopped, reason = ckpt["rows"], ckpt["step"], ckpt["stopped"], ckpt["reason"]
         seconds_before = ckpt["seconds"]
-        val.reference_masks, val.reference_embedding = ckpt["ref_masks"], ckpt["ref_embedding"]
+        val.reference_embedding = ckpt["ref_embedding"]
+        val.reference_masks = [m.numpy() for m in ckpt["ref_masks"]]
+        val.previous_masks = [m.numpy() for m in ckpt["previous_masks"]]
     else:
         val.reference_masks = segment_arrays(method.deployed, val.images, val.params)
         val.reference_embedding = _embed(method.deployed, val.tiles)
@@ -253,7 +277,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
             torch.save({**method.state_dict(),
                         "monitors": [m.state_dict() for m in monitors],
                         "generator": g.get_state(), "rows": rows, "step": step, "stopped": stopped,
-                        "reason": reason, "ref_masks": val.reference_masks,
+                        "reason": reason, "ref_masks": _tensors(val.reference_masks),
+                        "previous_masks": _tensors(val.previous_masks),
                         "seconds": seconds_before + time.perf_counter() - tic,
                         "ref_embedding": val.reference_embedding}, tmp)
         _write_metrics(out / METRICS, rows)
@@ -308,10 +333,14 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         why = (f"best AP@0.5 on {len(val.labelled)} held-out labelled images: "
                f"{best['ap50_labelled']:.3f} (iteration 0: {evaluated[0]['ap50_labelled']:.3f})")
     else:
-        pick = evaluated[-2] if stopped and len(evaluated) > 1 else evaluated[-1]
-        selected = pick["iteration"]
-        why = (f"label-free: the last snapshot before {reason}" if stopped
-               else "label-free: no criterion fired; the last snapshot")
+        selected = selected_iteration(monitors, evaluated[-1]["iteration"])
+        if stopped:
+            why = f"label-free (--stop {cfg.stop}): {reason}"
+        elif monitors:
+            why = (f"label-free (--stop {cfg.stop}): the run ended without stopping; "
+                   + "; ".join(m.summary() for m in monitors))
+        else:
+            why = "label-free (--stop none): the last snapshot"
     with atomic_path(out / MODEL) as tmp:
         shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
     summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,

@@ -1,5 +1,6 @@
-"""Figures: ``curves.png`` (loss terms, FN rate and D_emb over iterations, thresholds and selection
-marked) and mask overlays (outlines of predictions and ground truth on the image)."""
+"""Figures: ``curves.png`` (loss terms, FN rate, D_emb, flow error and mask agreement over
+iterations, thresholds and selection marked) and mask overlays (outlines of predictions and ground
+truth on the image)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
     rows = list(csv.DictReader(open(metrics_csv)))
     steps = [r for r in rows if r["loss"]]
     evals = [r for r in rows if r["d_emb"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
     # every loss term the method logged (SelfAdapt's, ACTIS's supervised term, CULPICO's per network)
     terms = [k for k in rows[0] if k.startswith("loss") and any(r[k] for r in steps)] if rows else []
     for key in terms:
@@ -45,6 +46,12 @@ def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
         ax.plot([int(r["iteration"]) for r in evals], [float(r[key]) for r in evals], "o-")
         ax.axhline(tau, color="tab:red", ls="--", label=f"threshold {tau:g}")
         ax.set_title(title)
+    for key, label in (("flow_err", "flow error (lower: flows agree with masks)"),
+                       ("agree_prev", "mask agreement with the previous snapshot")):
+        points = [(int(r["iteration"]), float(r[key])) for r in evals if r.get(key)]
+        if points:
+            axes[3].plot(*zip(*points, strict=True), "o-", label=label)
+    axes[3].set_title("self-consistency")
     for ax in axes:
         ax.axvline(selected, color="tab:green", ls=":", label=f"selected {selected}")
         ax.set_xlabel("iteration")

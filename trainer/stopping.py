@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from selfadapt_deploy.metrics import iou_matrix, relabel_sequential, true_positives
+from selfadapt_deploy.postprocess import flows_to_masks
+from selfadapt_deploy.postprocess.flow_qc import flow_errors
+from selfadapt_deploy.runtime.base import ModelSpec
+from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
+from selfadapt_deploy.trainer.teacher import teacher_predict
 
 TAU_FN = 0.05
 TAU_EMB = 0.5
@@ -36,14 +41,58 @@ def fn_rate(reference: Sequence[np.ndarray], current: Sequence[np.ndarray]) -> f
     return fn / (tp + fn) if tp + fn else 0.0
 
 
+def mask_agreement(previous: Sequence[np.ndarray], current: Sequence[np.ndarray]) -> float:
+    """F1 at IoU ≥ 0.5 between two sets of label images (1.0 when both are empty): how much the
+    masks changed between two snapshots."""
+    tp = n = 0
+    for a, b in zip(previous, current, strict=True):
+        a, b = relabel_sequential(a), relabel_sequential(b)
+        tp += true_positives(iou_matrix(a, b), 0.5)
+        n += int(a.max(initial=0)) + int(b.max(initial=0))
+    return 2 * tp / n if n else 1.0
+
+
+def flow_error(segs: Sequence[Segmentation], spec: ModelSpec, params: SegmentParams) -> float:
+    """Flow self-consistency: cellpose's per-mask flow error (squared difference between the flows a
+    mask implies and the network's flows / 5) averaged over mask pixels, on the masks the flows give
+    *without* flow QC — QC would drop exactly the merged and fragmented masks this should see. No
+    method trains on it (pseudo-labels are flows, not masks). NaN when there are no masks."""
+    raw = mask_params(replace(params, flow_threshold=0.0), rescale_factor(spec, params.diameter))
+    total = pixels = 0.0
+    for seg in segs:
+        masks = flows_to_masks(seg.flows, seg.cellprob, raw)
+        if masks.max() == 0:
+            continue
+        sizes = np.bincount(masks.ravel())[1:]
+        total += float(flow_errors(masks, seg.flows) @ sizes)
+        pixels += float(sizes.sum())
+    return total / pixels if pixels else math.nan
+
+
+@torch.no_grad()
+def tta_spread(net: torch.nn.Module, tiles: torch.Tensor) -> float:
+    """Mean standard deviation of the flows across the 8 D4 views, over pixels the ensemble calls
+    cells (probability > 0.5): how much the network disagrees with itself under flips/rotations."""
+    net.eval()
+    out = teacher_predict(net, tiles.to(next(net.parameters()).device))
+    cells = out.prob > 0.5
+    return float(out.flows_std.mean(dim=1)[cells].mean()) if bool(cells.any()) else math.nan
+
+
 def embedding_distance(current: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean L2 distance between per-image embeddings (N×D each)."""
     return float((current - reference).norm(dim=1).mean())
 
 
+def _read(metrics: dict[str, float], name: str) -> float:
+    if name not in metrics:
+        raise KeyError(f"monitor '{name}' found no such metric; available: {', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
 @dataclass
 class ThresholdMonitor:
-    """Stops when ``name`` reaches ``threshold``; remembers the last step below it."""
+    """Stops when ``name`` reaches ``threshold``; selects the last step below it."""
 
     name: str
     threshold: float
@@ -52,10 +101,7 @@ class ThresholdMonitor:
 
     def update(self, metrics: dict[str, float], step: int) -> tuple[bool, str]:
         """(should_stop, reason). Raises if the metric is missing; stops on NaN/inf."""
-        if self.name not in metrics:
-            raise KeyError(f"monitor '{self.name}' found no such metric; available: "
-                           f"{', '.join(sorted(metrics))}")
-        value = float(metrics[self.name])
+        value = _read(metrics, self.name)
         self.history.append((step, value))
         if not math.isfinite(value):
             return True, f"{self.name} is {value} at iteration {step}"
@@ -65,6 +111,13 @@ class ThresholdMonitor:
         self.best_step = step
         return False, ""
 
+    def selected(self, last: int) -> int:
+        """The snapshot this monitor deploys when evaluations ended at ``last``."""
+        return (self.best_step or 0) if self.history else last
+
+    def summary(self) -> str:
+        return f"{self.name} stayed below {self.threshold}"
+
     def state_dict(self) -> dict:
         return {"history": list(self.history), "best_step": self.best_step}
 
@@ -73,11 +126,67 @@ class ThresholdMonitor:
         self.best_step = state["best_step"]
 
 
-def monitors_for(stop: str, tau_fn: float = TAU_FN, tau_emb: float = TAU_EMB) -> list[ThresholdMonitor]:
-    """Monitors for ``--stop emb|fn|both|none``."""
-    choices = {"fn": ["fn"], "emb": ["emb"], "both": ["fn", "emb"], "none": []}
+@dataclass
+class BestMonitor:
+    """Selects the step where ``name`` is lowest — a new lowest must beat the best so far by the
+    fraction ``min_delta`` — and stops after ``patience`` evaluations without one (Lightning's
+    EarlyStopping, mode min). Non-finite values never count as an improvement."""
+
+    name: str
+    patience: int = 4
+    min_delta: float = 0.02
+    history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_value: float = math.inf
+    wait: int = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> tuple[bool, str]:
+        value = _read(metrics, self.name)
+        self.history.append((step, value))
+        improved = math.isfinite(value) and value < self.best_value * (1 - self.min_delta)
+        if self.best_step is None or improved:
+            self.best_step, self.wait = step, 0
+            self.best_value = value if math.isfinite(value) else math.inf
+            return False, ""
+        self.wait += 1
+        if self.wait >= self.patience:
+            return True, (f"{self.name} did not improve on {self.best_value:.4f} by "
+                          f"{self.min_delta:.0%} in {self.patience} evaluations (iteration {step}); "
+                          f"selected iteration {self.best_step}")
+        return False, ""
+
+    def selected(self, last: int) -> int:
+        return last if self.best_step is None else self.best_step
+
+    def summary(self) -> str:
+        return f"lowest {self.name} ({self.best_value:.4f}) at iteration {self.best_step}"
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "best_step": self.best_step,
+                "best_value": self.best_value, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(h) for h in state["history"]]
+        self.best_step, self.best_value, self.wait = state["best_step"], state["best_value"], state["wait"]
+
+
+Monitor = ThresholdMonitor | BestMonitor
+STOP_RULES = ("fn", "emb", "both", "flow")  # --stop choices besides none
+DEFAULT_STOP = "both"
+
+
+def monitors_for(stop: str, tau_fn: float = TAU_FN, tau_emb: float = TAU_EMB) -> list[Monitor]:
+    """Monitors for ``--stop fn|emb|both|flow|none``."""
+    choices = {"fn": ["fn"], "emb": ["emb"], "both": ["fn", "emb"], "flow": ["flow"], "none": []}
     if stop not in choices:
         raise ValueError(f"--stop must be one of {', '.join(choices)}, got '{stop}'")
     make = {"fn": lambda: ThresholdMonitor("fn_rate", tau_fn),
-            "emb": lambda: ThresholdMonitor("d_emb", tau_emb)}
+            "emb": lambda: ThresholdMonitor("d_emb", tau_emb),
+            "flow": lambda: BestMonitor("flow_err")}
     return [make[m]() for m in choices[stop]]
+
+
+def selected_iteration(monitors: Sequence[Monitor], last: int) -> int:
+    """The snapshot the label-free rule deploys once evaluations end at iteration ``last``: the
+    earliest of the monitors' selections; ``last`` without monitors (``--stop none``)."""
+    return min((m.selected(last) for m in monitors), default=last)
