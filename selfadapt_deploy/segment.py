@@ -57,8 +57,8 @@ class SegmentParams:
         if not self.flow_threshold >= 0:  # also refuses NaN
             raise SaDeployError(f"--flow-threshold must be ≥ 0 (0 turns flow QC off), got "
                                 f"{self.flow_threshold}")
-        if not 0 < self.max_size_fraction <= 1:
-            raise SaDeployError(f"max_size_fraction must be in (0, 1], got {self.max_size_fraction}")
+        if not self.max_size_fraction > 0:  # above 1 keeps every mask (the slide streamer uses that)
+            raise SaDeployError(f"max_size_fraction must be > 0, got {self.max_size_fraction}")
 
 
 @dataclass
