@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import numpy as np
@@ -14,6 +15,8 @@ from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
 from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.stopping import (
+    DEFAULT_STOP,
+    STOP_RULES,
     BestMonitor,
     ThresholdMonitor,
     fn_rate,
@@ -288,3 +291,10 @@ def test_source_targets_and_loss_match_cellpose_training():
     y = torch.randn(1, 3, 96, 80, generator=torch.Generator().manual_seed(0))
     expected = _loss_fn_seg(torch.from_numpy(theirs[None, 1:]), y, "cpu")
     torch.testing.assert_close(cellpose_loss(y, torch.from_numpy(ours[None])), expected)
+
+
+def test_the_cli_default_stop_rule_is_the_trainer_default():
+    from selfadapt_deploy.cli_train import adapt
+
+    assert inspect.signature(adapt).parameters["stop"].default == DEFAULT_STOP
+    assert DEFAULT_STOP in STOP_RULES

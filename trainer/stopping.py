@@ -1,14 +1,20 @@
-"""Label-free early stopping (DESIGN.md §2 step 5), monitors in the style of Lightning's.
+"""Label-free stopping and snapshot selection, monitors in the style of Lightning's.
 
-Both signals grow with training time and are measured every K iterations on held-out unlabeled
-images against the pretrained model θ0:
+Signals measured every K iterations on held-out unlabeled images (all logged in ``metrics.csv``):
 
-* FN rate = FN / (TP + FN): instances of θ0's masks matched (IoU ≥ 0.5) by θt's masks are TP;
-  stop when it reaches τ_FN = 0.05.
-* D_emb = mean over images of ‖E(x; θt) − E(x; θ0)‖₂ (L2-normalised pooled bottleneck); stop
-  when it reaches τ_emb = 0.5.
-
-The selected model is the last snapshot evaluated *before* a threshold was crossed.
+* FN rate = FN / (TP + FN) of θ0's instances not matched (IoU ≥ 0.5) by θt's masks, and
+  D_emb = mean ‖E(x; θt) − E(x; θ0)‖₂ of L2-normalised pooled bottlenecks (DESIGN.md §2 step 5).
+  The paper's rules (``--stop fn|emb|both``) stop when one reaches τ_FN = 0.05 / τ_emb = 0.5 and
+  select the last snapshot before it. Both measure distance from θ0, not quality: an improving
+  model stops reproducing θ0's fragmented masks (FN rate up) and moves its embedding (D_emb up).
+* flow error: cellpose's own mask quality check — how well the flows a mask implies agree with the
+  network's flows — over the masks the flows give without QC (:func:`flow_error`). No method
+  trains on it; ``--stop flow`` selects the snapshot with the lowest (:class:`BestMonitor`). On
+  the selection benchmark (``benchmarks/selection_rules.py``) it also rose while AP rose, so it is
+  not the default.
+* TTA spread (disagreement across the 8 D4 views) and agreement with the previous snapshot's
+  masks: logged for inspection (SelfAdapt trains towards the TTA ensemble, so its spread falls in
+  almost every run, whatever happens to quality).
 """
 
 from __future__ import annotations
