@@ -120,14 +120,9 @@ def segment(
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.runtime.select import open_runner
     from selfadapt_deploy.segment import SegmentParams, use_device_pipeline
-    from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
     from selfadapt_deploy.wsi.slide import split_inputs
     from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
 
-    if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP:
-        raise fail(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}")
-    if diameter < 0 or niter < 0 or batch_size < 1:
-        raise fail("--diameter and --niter must be ≥ 0 and --batch-size ≥ 1")
     try:
         params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
                                cellprob_threshold=cellprob_threshold, min_size=min_size,
@@ -254,22 +249,14 @@ def export(
 ):
     """Export a model to ONNX (the network and the SelfAdapt teacher's TTA ensemble), optionally
     TensorRT engines, each validated against torch; writes manifest.json."""
-    from selfadapt_deploy.export.exporter import export_model
-    from selfadapt_deploy.io.readers import read_network_images
-    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy import api
 
     picked = parse_channels(channels)
     try:
-        images = []
-        if validate_on:
-            net = load_model(model, "cpu")
-            images = read_network_images(validate_on, net.nchan, net.family == "cpnet", picked, None,
-                                         None, report=plain(err_console))
-            if not images:
-                raise fail("--validate-on: no readable images")
         with err_console.status("exporting ..."):
-            manifest = export_model(model, out, precision, opset, max_batch, trt, device, images,
-                                    report=plain(console), engines_from=engines_from)
+            manifest = api.export(model, out, precision=precision, trt=trt, max_batch=max_batch,
+                                  opset=opset, engines_from=engines_from, validate_on=validate_on or [],
+                                  channels=picked, device=device, report=plain(console))
     except SaDeployError as exc:
         raise fail(str(exc)) from None
     files = ", ".join(a.file for a in manifest.artifacts)

@@ -93,72 +93,45 @@ def adapt(
     images (ACTIS) or with two cooperating networks (CULPICO); resumable with --resume RUN."""
     from rich.progress import TaskProgressColumn
 
-    from selfadapt_deploy.runtime import resolve_device
-    from selfadapt_deploy.trainer.loop import AdaptConfig
-    from selfadapt_deploy.trainer.run import resume_settings, run_adapt
-    from selfadapt_deploy.trainer.stopping import STOP_RULES
+    from selfadapt_deploy import api
+    from selfadapt_deploy.trainer.run import resume_settings
 
-    if stop not in (*STOP_RULES, "none"):
-        raise fail(f"--stop must be one of {', '.join(STOP_RULES)} or none, got '{stop}'")
-    if method not in ("selfadapt", "actis", "culpico"):
-        raise fail(f"--method must be selfadapt, actis or culpico, got '{method}'")
-    if resume is None and method == "actis" and not labeled:
-        raise fail("--method actis adapts with labelled target images: give --labeled")
-    if resume is None and select == "labelled" and not val_labeled:
-        raise fail("--select labelled needs held-out labelled images (--val-labeled)")
-    if teacher_runtime not in ("torch", "onnx", "tensorrt") or teacher_sync < 1 \
-            or teacher_precision not in ("fp32", "fp16", "bf16") or amp not in ("fp32", "fp16", "bf16"):
-        raise fail("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, and "
-                    "--teacher-precision and --amp fp32, fp16 or bf16")
+    if resume is None and (not images or model is None or out is None):
+        raise fail("give IMAGES, --model and --out (or --resume RUN)")
+    # the bar starts with the first step, so a bad setting is one error line and nothing else
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                   console=err_console)
+    task = bar.add_task("adapting", total=None, loss="")
+
+    def progress(step: int, terms: dict) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=step, loss=f"loss {terms['loss']:.4f}")
+
+    common = dict(device=device, report=plain(err_console), progress=progress)
     try:
-        dev = resolve_device(device)
         if resume is not None:
-            s = resume_settings(resume)
-            kwargs = dict(images=s["images"], model=s["model"], out=resume, config=s["config"],
-                          diameter=s["diameter"], channels=s["channels"],
-                          channel_axis=s["channel_axis"], series=s["series"],
-                          val_images=s["val_images"], val_fraction=s["val_fraction"],
-                          keep_snapshots=s["keep_snapshots"], resume=True,
-                          labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []),
-                          source=s.get("source", []), model2=s.get("model2"))
+            bar.update(task, total=resume_settings(resume)["config"].iterations)
+            summary = api.resume(resume, **common)
         else:
-            if not images or model is None or out is None:
-                raise fail("give IMAGES, --model and --out (or --resume RUN)")
-            if out.exists() and any(out.iterdir()):
-                raise fail(f"{out} exists and is not empty; choose a new --out or --resume {out}")
-            config = AdaptConfig(iterations=iterations, batch_size=batch_size, lr=lr or None,
-                                 l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
-                                 eval_every=eval_every, stop=stop, prob_mask=prob_mask,
-                                 flow_mask=flow_mask, augment=augment, seed=seed,
-                                 teacher_runtime=teacher_runtime, teacher_sync=teacher_sync,
-                                 teacher_precision=teacher_precision, amp=amp,
-                                 compile_teacher=compile_teacher,
-                                 method="actis" if labeled and method == "selfadapt" else method,
-                                 labeled_fraction=labeled_fraction, select=select)
-            kwargs = dict(images=[str(p) for p in images], model=model, out=out, config=config,
-                          diameter=diameter or None, channels=parse_channels(channels),
-                          channel_axis=channel_axis, series=series,
-                          val_images=[str(p) for p in val or []], val_fraction=val_fraction,
-                          keep_snapshots=keep_snapshots, labeled=labeled or [],
-                          val_labeled=val_labeled or [], source=source or [], model2=model2)
-        if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
-            from selfadapt_deploy.runtime.trt_runner import import_tensorrt
-
-            import_tensorrt()
-        total = kwargs["config"].iterations
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TaskProgressColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-                      console=err_console) as bar:
-            task = bar.add_task("adapting", total=total, loss="")
-
-            def progress(step: int, terms: dict) -> None:
-                bar.update(task, completed=step, loss=f"loss {terms['loss']:.4f}")
-
-            summary = run_adapt(device=dev, report=plain(bar.console),
-                                progress=progress, **kwargs)
+            bar.update(task, total=iterations)
+            summary = api.adapt(
+                images, model, out, diameter=diameter or None, channels=parse_channels(channels),
+                channel_axis=channel_axis, series=series, val=val or [], val_fraction=val_fraction,
+                keep_snapshots=keep_snapshots, labeled=labeled or [], val_labeled=val_labeled or [],
+                source=source or [], model2=model2, iterations=iterations, batch_size=batch_size,
+                lr=lr or None, l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
+                eval_every=eval_every, stop=stop, prob_mask=prob_mask, flow_mask=flow_mask,
+                augment=augment, seed=seed, teacher_runtime=teacher_runtime,
+                teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
+                compile_teacher=compile_teacher, method=method, labeled_fraction=labeled_fraction,
+                select=select, **common)
     except SaDeployError as exc:
         raise fail(str(exc)) from None
-    run = kwargs["out"]
+    finally:
+        bar.stop()
+    run = resume or out
     console.print(f"{summary['method']}: selected iteration {summary['selected_iteration']} "
                   f"({summary['selection']['why']}) → {run}/model.pt; curves in {run}/curves.png",
                   soft_wrap=True, markup=False, highlight=False)

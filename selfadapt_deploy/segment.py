@@ -25,6 +25,8 @@ from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows
 from selfadapt_deploy.runtime.base import ModelSpec, Runner
 from selfadapt_deploy.tiling import (
     D4,
+    MAX_OVERLAP,
+    MIN_OVERLAP,
     Predict,
     count_tiles,
     d4_inverse,
@@ -54,6 +56,11 @@ class SegmentParams:
     pipeline: str = "auto"  # auto (device on CUDA, host elsewhere) | host | device
 
     def __post_init__(self) -> None:
+        if not MIN_OVERLAP <= self.tile_overlap <= MAX_OVERLAP:
+            raise SaDeployError(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}, "
+                                f"got {self.tile_overlap}")
+        if (self.diameter or 0) < 0 or (self.niter or 0) < 0 or self.batch_size < 1:
+            raise SaDeployError("--diameter and --niter must be ≥ 0 and --batch-size ≥ 1")
         if not self.flow_threshold >= 0:  # also refuses NaN
             raise SaDeployError(f"--flow-threshold must be ≥ 0 (0 turns flow QC off), got "
                                 f"{self.flow_threshold}")

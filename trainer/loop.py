@@ -47,6 +47,7 @@ from selfadapt_deploy.trainer.source import LabelledTiles
 from selfadapt_deploy.trainer.step import Adaptation
 from selfadapt_deploy.trainer.stopping import (
     DEFAULT_STOP,
+    STOP_RULES,
     TAU_EMB,
     TAU_FN,
     embedding_distance,
@@ -110,6 +111,18 @@ class AdaptConfig:
     # labelled images, which must be given) | auto (labelled when such images are given)
     select: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stop not in (*STOP_RULES, "none"):
+            raise SaDeployError(f"--stop must be one of {', '.join(STOP_RULES)} or none, got '{self.stop}'")
+        if self.method not in ("selfadapt", "actis", "culpico"):
+            raise SaDeployError(f"--method must be selfadapt, actis or culpico, got '{self.method}'")
+        if self.teacher_runtime not in ("torch", "onnx", "tensorrt") or self.teacher_sync < 1 \
+                or self.teacher_precision not in AMP_DTYPES or self.amp not in AMP_DTYPES:
+            raise SaDeployError("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, "
+                                "and --teacher-precision and --amp fp32, fp16 or bf16")
+        if self.iterations < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise SaDeployError("--iterations, --batch-size and --eval-every must be ≥ 1")
 
     def resolved(self, family: str) -> AdaptConfig:
         d = FAMILY_DEFAULTS[family]

@@ -120,6 +120,16 @@ def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
     return [Image(name=image_stem(path), source=path, data=data)]
 
 
+def image_from_array(arr: np.ndarray, channel_axis: int | None = None, where: str = "image") -> np.ndarray:
+    """An in-memory Y×X, Y×X×C or C×Y×X array as C×Y×X, checked as a file's pixels are (the
+    channel axis guessed as for files unless ``channel_axis`` says)."""
+    arr = np.asarray(arr)
+    if arr.ndim not in (2, 3):
+        raise ImageReadError(f"{where}: expected Y×X or Y×X×C / C×Y×X, got shape {arr.shape}")
+    axes = "YX" if arr.ndim == 2 else "QYX"  # Q: unknown, so the channel axis is guessed
+    return _check_values(_to_cyx(arr, axes, channel_axis, where), where)
+
+
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (*TIFF_SUFFIXES, *PLAIN_SUFFIXES)
 

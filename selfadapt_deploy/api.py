@@ -1,0 +1,171 @@
+"""The Python API: segment arrays, adapt and export from your own code, with the CLI's options.
+
+``sa-deploy segment`` / ``adapt`` / ``export`` are thin layers over these functions (files,
+progress bars and exit codes are theirs); errors are :class:`~selfadapt_deploy.errors.SaDeployError`
+with the same one-line messages.
+
+>>> from selfadapt_deploy.api import Segmenter
+>>> with Segmenter("cyto3", device="cpu") as seg:
+...     labels = seg.segment(image, diameter=30)  # Y×X uint16/uint32, as segment writes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.io.readers import image_from_array, select_channels
+from selfadapt_deploy.io.writers import label_dtype
+from selfadapt_deploy.runtime.select import open_runner
+from selfadapt_deploy.runtime.torch_runner import resolve_device
+from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
+
+
+class Segmenter:
+    """One model opened once in one runtime; ``segment`` as many images as you like.
+
+    ``model``: weights file, Cellpose name, adaptation run or export directory; ``runtime``,
+    ``device``, ``precision``, ``onnx_provider`` and the torch options (``compile``,
+    ``attention``, ``compile_cache``) as for ``sa-deploy segment``. ``defaults`` are
+    :class:`SegmentParams` fields used by every call unless the call overrides them.
+    """
+
+    def __init__(self, model: str | Path, *, runtime: str = "auto", device: str = "auto",
+                 precision: str = "auto", onnx_provider: str = "auto", compile: bool = False,
+                 attention: str = "auto", compile_cache: Path | None = None, **defaults: Any):
+        self.device = resolve_device(device)
+        self.defaults = self._params(SegmentParams(), defaults)
+        self.runner, self.description = open_runner(
+            model, runtime, self.device, precision, onnx_provider=onnx_provider, compile=compile,
+            attention=attention, compile_cache=compile_cache)
+        self.runner.activate()
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the runtime (GPU memory, sessions, engines)."""
+        self.runner.deactivate()
+
+    @staticmethod
+    def _params(base: SegmentParams, changes: dict[str, Any]) -> SegmentParams:
+        unknown = set(changes) - set(SegmentParams.__dataclass_fields__)
+        if unknown:
+            raise SaDeployError(f"unknown segmentation settings {sorted(unknown)}; use "
+                                f"{', '.join(SegmentParams.__dataclass_fields__)}")
+        return replace(base, **changes)
+
+    def network_input(self, image: np.ndarray, channels: Sequence[int] | None = None,
+                      channel_axis: int | None = None) -> np.ndarray:
+        """``image`` (Y×X, Y×X×C or C×Y×X) as the C×Y×X the network takes, as segment reads files."""
+        spec = self.runner.spec
+        data = image_from_array(image, channel_axis)
+        return select_channels(data, channels, spec.nchan, "image", pad=not spec.fewer_channels_ok)
+
+    def segment_many(self, images: Sequence[np.ndarray], channels: Sequence[int] | None = None,
+                     channel_axis: int | None = None, **settings: Any) -> list[Segmentation]:
+        """Masks and network outputs of several images (small ones share network batches)."""
+        if not self.runner.is_active:
+            raise SaDeployError("this Segmenter was closed; open a new one")
+        params = self._params(self.defaults, settings)
+        data = [self.network_input(img, channels, channel_axis) for img in images]
+        results = segment_images(self.runner, data, params, self.device)
+        for seg in results:
+            seg.masks = seg.masks.astype(label_dtype(seg.masks), copy=False)
+        return results
+
+    def segment(self, image: np.ndarray, channels: Sequence[int] | None = None,
+                channel_axis: int | None = None, **settings: Any) -> np.ndarray:
+        """Labels of one image (0 = background), exactly what ``sa-deploy segment`` writes for it.
+        ``settings``: :class:`SegmentParams` fields (diameter, flow_threshold, ...)."""
+        return self.segment_many([image], channels, channel_axis, **settings)[0].masks
+
+
+def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
+          diameter: float | None = None, channels: Sequence[int] | None = None,
+          channel_axis: int | None = None, series: int | None = None,
+          val: Sequence[str | Path] = (), val_fraction: float = 0.2, keep_snapshots: bool = True,
+          labeled: Sequence[str] = (), val_labeled: Sequence[str] = (), source: Sequence[str] = (),
+          model2: str | None = None, device: str = "auto", report: Callable[[str], None] = print,
+          progress: Callable[[int, dict], None] | None = None, **options: Any) -> dict:
+    """Adapt ``model`` to ``images`` into the new run directory ``out``; returns the run summary
+    (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
+    (iterations, lr, stop, method, ...); ``labeled`` implies ``method="actis"``."""
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise SaDeployError(f"{out} exists and is not empty; choose a new --out or --resume {out}")
+    if labeled and options.get("method", "selfadapt") == "selfadapt":
+        options["method"] = "actis"
+    try:
+        config = AdaptConfig(**options)
+    except TypeError as exc:  # an unknown option
+        raise SaDeployError(f"adapt: {exc}") from None
+    if config.method == "actis" and not labeled:
+        raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
+    if config.select == "labelled" and not val_labeled:
+        raise SaDeployError("--select labelled needs held-out labelled images (--val-labeled)")
+    return _run(device, report, progress, images=[str(p) for p in images], model=str(model),
+                out=out, config=config, diameter=diameter or None,
+                channels=list(channels) if channels is not None else None,
+                channel_axis=channel_axis, series=series, val_images=[str(p) for p in val],
+                val_fraction=val_fraction, keep_snapshots=keep_snapshots, labeled=list(labeled),
+                val_labeled=list(val_labeled), source=list(source), model2=model2)
+
+
+def resume(run: str | Path, *, device: str = "auto", report: Callable[[str], None] = print,
+           progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Continue the interrupted adaptation run ``run`` with the settings it was started with."""
+    from selfadapt_deploy.trainer.run import resume_settings
+
+    s = resume_settings(Path(run))
+    return _run(device, report, progress, images=s["images"], model=s["model"], out=Path(run),
+                config=s["config"], diameter=s["diameter"], channels=s["channels"],
+                channel_axis=s["channel_axis"], series=s["series"], val_images=s["val_images"],
+                val_fraction=s["val_fraction"], keep_snapshots=s["keep_snapshots"], resume=True,
+                labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []),
+                source=s.get("source", []), model2=s.get("model2"))
+
+
+def _run(device: str, report: Callable[[str], None], progress: Callable[[int, dict], None] | None,
+         **kwargs: Any) -> dict:
+    from selfadapt_deploy.trainer.run import run_adapt
+
+    if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
+        from selfadapt_deploy.runtime.trt_runner import import_tensorrt
+
+        import_tensorrt()
+    return run_adapt(device=resolve_device(device), report=report, progress=progress, **kwargs)
+
+
+def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,
+           max_batch: int = 8, opset: int | None = None, engines_from: Path | None = None,
+           validate_on: Sequence[str | Path | np.ndarray] = (), channels: Sequence[int] | None = None,
+           device: str = "cuda", report: Callable[[str], None] = print):
+    """Export ``model`` to ONNX (network and teacher-TTA graphs; TensorRT engines with ``trt``)
+    into the new directory ``out``, validated against torch; returns its manifest.
+    ``validate_on``: image files, or C×Y×X arrays with the network's channels (default: generated
+    cells); ``channels`` picks the files' channels as in segment."""
+    from selfadapt_deploy.export.exporter import export_model
+    from selfadapt_deploy.io.readers import read_network_images
+    from selfadapt_deploy.models import load_model
+
+    arrays = [v for v in validate_on if isinstance(v, np.ndarray)]
+    files = [v for v in validate_on if not isinstance(v, np.ndarray)]
+    if files:
+        net = load_model(model, "cpu")
+        arrays += read_network_images(files, net.nchan, net.family == "cpnet", channels, None, None,
+                                      report=report)
+        if not arrays:
+            raise SaDeployError("--validate-on: no readable images")
+    return export_model(str(model), Path(out), precision, opset, max_batch, trt, device, arrays,
+                        report=report, engines_from=engines_from)

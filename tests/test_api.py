@@ -1,0 +1,97 @@
+"""The Python API: the same labels as ``sa-deploy segment``, the CLI's errors, no half-open state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from selfadapt_deploy import api
+from selfadapt_deploy.cli import app
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.synthetic import random_labels, render
+
+
+def cells(seed: int = 0, shape=(120, 104)) -> np.ndarray:
+    return (render(random_labels(shape, 14, seed=seed), seed=seed) * 1000).astype(np.uint16)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_segmenter_labels_equal_what_segment_writes(tmp_path, exported_cyto, runtime):
+    images = [cells(0), cells(1, (90, 130))]
+    for k, img in enumerate(images):
+        tifffile.imwrite(tmp_path / f"img{k}.tif", img)
+    result = CliRunner().invoke(app, ["segment", str(tmp_path / "img0.tif"), str(tmp_path / "img1.tif"),
+                                      "--model", str(exported_cyto), "--runtime", runtime,
+                                      "--out", str(tmp_path / "out"), "--device", "cpu",
+                                      "--flow-threshold", "0.6"])
+    assert result.exit_code == 0, result.output
+    with api.Segmenter(exported_cyto, runtime=runtime, device="cpu", flow_threshold=0.6) as seg:
+        assert runtime in seg.description
+        labels = [seg.segment(img) for img in images]
+        together = [s.masks for s in seg.segment_many(images)]
+    for k, got in enumerate(labels):
+        written = tifffile.imread(tmp_path / "out" / f"img{k}_masks.tif")
+        assert got.max() > 3, "a trained model finds cells here"
+        np.testing.assert_array_equal(got, written)
+        assert got.dtype == written.dtype
+        np.testing.assert_array_equal(together[k], written)
+
+
+def test_segmenter_channel_layouts_and_per_call_settings(trained_cpnet_path):
+    img = cells(2)
+    two = np.stack([img, img // 2])  # C×Y×X
+    with api.Segmenter(trained_cpnet_path, device="cpu") as seg:
+        np.testing.assert_array_equal(seg.segment(two, channels=[0]), seg.segment(img))
+        np.testing.assert_array_equal(seg.segment(np.moveaxis(two, 0, -1), channels=[0]),
+                                      seg.segment(img))
+        fewer = seg.segment(img, cellprob_threshold=6.0)  # a call's setting, not the default's
+        assert fewer.max() < seg.segment(img).max()
+        flows = seg.segment_many([img])[0].flows
+        assert flows.shape == (2, *img.shape)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: s.segment(np.full((64, 64), np.nan, np.float32)), "NaN"),
+    (lambda s: s.segment(np.zeros((2, 3, 64, 64))), "expected Y×X"),
+    (lambda s: s.segment(np.zeros((64, 64)), flow_threshold=-1), "--flow-threshold must be ≥ 0"),
+    (lambda s: s.segment(np.zeros((64, 64)), treshold=1), "unknown segmentation settings"),
+    (lambda s: s.segment(np.zeros((4, 64, 64))), "choose them with --channels"),
+])
+def test_segmenter_bad_input_is_one_error(trained_cpnet_path, call, message):
+    with api.Segmenter(trained_cpnet_path, device="cpu") as seg:
+        with pytest.raises(SaDeployError, match=message):
+            call(seg)
+        assert seg.segment(cells(3)).max() > 0  # still usable afterwards
+    with pytest.raises(SaDeployError, match="closed"):
+        seg.segment(cells(3))
+
+
+def test_adapt_and_export_refuse_bad_options_before_any_work(tmp_path, trained_cpnet_path):
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, cells(4))
+    for options, message in [({"stop": "sometimes"}, "--stop must be one of"),
+                             ({"method": "magic"}, "--method must be"),
+                             ({"iterations": 0}, "--iterations"),
+                             ({"learning_rate": 1e-3}, "learning_rate")]:
+        with pytest.raises(SaDeployError, match=message):
+            api.adapt([img], trained_cpnet_path, tmp_path / "run", device="cpu", **options)
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(SaDeployError, match="precision"):
+        api.export(trained_cpnet_path, tmp_path / "exp", precision="int3")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_adapt_then_export_from_python(tmp_path, trained_cpnet_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"a{k}.tif", cells(10 + k))
+    summary = api.adapt([folder], trained_cpnet_path, tmp_path / "run", device="cpu", iterations=4,
+                        eval_every=2, batch_size=2, report=lambda _: None)
+    assert summary["method"] == "selfadapt" and (tmp_path / "run" / "model.pt").is_file()
+    manifest = api.export(tmp_path / "run", tmp_path / "exp", report=lambda _: None)
+    assert manifest.family == "cpnet"
+    with api.Segmenter(tmp_path / "exp", runtime="onnx", device="cpu") as seg:
+        assert seg.segment(cells(20)).shape == (120, 104)
