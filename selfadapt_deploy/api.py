@@ -150,14 +150,20 @@ def _run(device: str, report: Callable[[str], None], progress: Callable[[int, di
 def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,
            max_batch: int = 8, opset: int | None = None, engines_from: Path | None = None,
            validate_on: Sequence[str | Path | np.ndarray] = (), channels: Sequence[int] | None = None,
-           device: str = "cuda", report: Callable[[str], None] = print):
+           triton_repo: str | Path | None = None, device: str = "cuda",
+           report: Callable[[str], None] = print):
     """Export ``model`` to ONNX (network and teacher-TTA graphs; TensorRT engines with ``trt``)
     into the new directory ``out``, validated against torch; returns its manifest.
     ``validate_on``: image files, or C×Y×X arrays with the network's channels (default: generated
-    cells); ``channels`` picks the files' channels as in segment."""
+    cells); ``channels`` picks the files' channels as in segment. ``triton_repo``: also write the
+    network as a Triton model repository there (``export/triton_repo.py``)."""
     from selfadapt_deploy.export.exporter import export_model
+    from selfadapt_deploy.export.triton_repo import check_new_repo, write_triton_repo
     from selfadapt_deploy.io.readers import read_network_images
     from selfadapt_deploy.models import load_model
+
+    if triton_repo is not None:
+        check_new_repo(Path(triton_repo))  # before any work
 
     arrays = [v for v in validate_on if isinstance(v, np.ndarray)]
     files = [v for v in validate_on if not isinstance(v, np.ndarray)]
@@ -167,5 +173,9 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
                                       report=report)
         if not arrays:
             raise SaDeployError("--validate-on: no readable images")
-    return export_model(str(model), Path(out), precision, opset, max_batch, trt, device, arrays,
-                        report=report, engines_from=engines_from)
+    manifest = export_model(str(model), Path(out), precision, opset, max_batch, trt, device, arrays,
+                            report=report, engines_from=engines_from)
+    if triton_repo is not None:
+        names = write_triton_repo(Path(out), Path(triton_repo))
+        report(f"Triton model repository → {triton_repo}: {', '.join(names)}")
+    return manifest

@@ -245,6 +245,10 @@ def export(
                                                            "(default: generated cells).")] = None,
     channels: Annotated[str | None, typer.Option(help="Channels of --validate-on images, as in "
                                                  "segment.")] = None,
+    triton_repo: Annotated[Path | None, typer.Option(help="Also write the network as a Triton "
+                                                     "Inference Server model repository here "
+                                                     "(onnxruntime_onnx; with --trt also "
+                                                     "tensorrt_plan).")] = None,
     device: Annotated[str, typer.Option(help="GPU for --trt builds: cuda[:N].")] = "cuda",
 ):
     """Export a model to ONNX (the network and the SelfAdapt teacher's TTA ensemble), optionally
@@ -256,7 +260,8 @@ def export(
         with err_console.status("exporting ..."):
             manifest = api.export(model, out, precision=precision, trt=trt, max_batch=max_batch,
                                   opset=opset, engines_from=engines_from, validate_on=validate_on or [],
-                                  channels=picked, device=device, report=plain(console))
+                                  channels=picked, triton_repo=triton_repo, device=device,
+                                  report=plain(console))
     except SaDeployError as exc:
         raise fail(str(exc)) from None
     files = ", ".join(a.file for a in manifest.artifacts)
