@@ -10,20 +10,16 @@ export leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfadapt_deploy.errors import DeviceError, OutputWriteError, SaDeployError
+from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
-from selfadapt_deploy.io.writers import umask
+from selfadapt_deploy.io.writers import atomic_dir, check_new_dir
 from selfadapt_deploy.manifest import MANIFEST, Artifact, Manifest, sha256_file
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.models.base import SegmentationNet
@@ -85,9 +81,7 @@ def export_model(model: str, out: Path, precision: str = "fp32", opset: int | No
     opset = opset_for(precision, opset)
     if max_batch < 1:
         raise SaDeployError("--max-batch must be ≥ 1")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputWriteError(f"{out} exists and is not an empty directory; choose a new --out")
+    out = check_new_dir(Path(out), "--out")
     gpu = None
     if trt:  # fail before any work when the engines cannot be built here
         from selfadapt_deploy.runtime.trt_runner import import_tensorrt
@@ -99,23 +93,10 @@ def export_model(model: str, out: Path, precision: str = "fp32", opset: int | No
                               f"(device {device}); export without --trt here and build engines on "
                               "the GPU machine")
     net = load_model(model, "cpu")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    except OSError as exc:
-        raise OutputWriteError(f"{out.parent}: cannot write here ({exc.strerror})") from exc
-    try:
+    with atomic_dir(out, "--out") as staging:
         manifest = _export_into(staging, net, str(model), precision, opset, max_batch, gpu,
                                 validation_images(net, images), report, engines_from)
-        os.chmod(staging, 0o777 & ~umask())  # mkdtemp made it private
         (staging / MANIFEST).write_text(manifest.to_json())
-        with contextlib.suppress(FileNotFoundError):
-            out.rmdir()  # an empty directory the user made is replaced
-        os.replace(staging, out)
-    except OSError as exc:
-        raise OutputWriteError(f"{out}: writing the export failed ({exc}); nothing was kept") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

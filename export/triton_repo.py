@@ -11,14 +11,12 @@ B×C×H×W tiles normalised as the manifest says and get B×3×H×W (dY, dX, cel
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from selfadapt_deploy.errors import ArtifactError, OutputWriteError
-from selfadapt_deploy.io.writers import umask
+from selfadapt_deploy.errors import ArtifactError
+from selfadapt_deploy.io.writers import atomic_dir
 from selfadapt_deploy.manifest import Manifest, read_manifest, verified_file
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec
 
@@ -73,48 +71,22 @@ def parse_model_config(text: str, where: str):
         raise ArtifactError(f"{where}: not a valid Triton model configuration ({exc})") from None
 
 
-def check_new_repo(repo: Path) -> Path:
-    """``repo`` if it can become a new model repository (absent, or an empty directory)."""
-    repo = Path(repo)
-    if repo.exists() and (not repo.is_dir() or any(repo.iterdir())):
-        raise OutputWriteError(f"{repo} exists and is not an empty directory; choose a new "
-                               "--triton-repo")
-    return repo
-
-
 def write_triton_repo(export_dir: Path, repo: Path, max_batch: int | None = None) -> list[str]:
     """Write ``repo`` (new, or an empty directory) from the export in ``export_dir``, atomically;
     returns the model names. Every artefact is checked against the manifest first."""
     manifest: Manifest = read_manifest(export_dir)
-    repo = check_new_repo(repo)
-    max_batch = max_batch or manifest.max_batch
     spec = ModelSpec(**manifest.spec)
     chosen = [a for a in manifest.artifacts if a.graph == MODEL_GRAPH.name and a.format in TRITON_MODELS]
-    try:
-        repo.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", suffix=".part", dir=repo.parent))
-    except OSError as exc:
-        raise OutputWriteError(f"{repo.parent}: cannot write here ({exc.strerror})") from exc
     names = []
-    try:
+    with atomic_dir(Path(repo), "--triton-repo") as staging:
         for artifact in chosen:
             name, platform, file = TRITON_MODELS[artifact.format]
             source = verified_file(export_dir, artifact.file, artifact.sha256)
             (staging / name / "1").mkdir(parents=True)
             shutil.copy2(source, staging / name / "1" / file)
-            text = model_config(name, platform, MODEL_GRAPH, spec, manifest.graph_channels, max_batch)
-            parse_model_config(text, f"{repo / name / 'config.pbtxt'}")
+            text = model_config(name, platform, MODEL_GRAPH, spec, manifest.graph_channels,
+                                max_batch or manifest.max_batch)
+            parse_model_config(text, f"{Path(repo) / name / 'config.pbtxt'}")
             (staging / name / "config.pbtxt").write_text(text)
             names.append(name)
-        for folder in (staging, *staging.rglob("*")):
-            if folder.is_dir():
-                os.chmod(folder, 0o777 & ~umask())  # mkdtemp made the top private
-        if repo.exists():
-            repo.rmdir()  # an empty directory the user made is replaced
-        os.replace(staging, repo)
-    except OSError as exc:
-        raise OutputWriteError(f"{repo}: writing the model repository failed ({exc}); nothing was "
-                               "kept") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return names

@@ -158,12 +158,13 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
     cells); ``channels`` picks the files' channels as in segment. ``triton_repo``: also write the
     network as a Triton model repository there (``export/triton_repo.py``)."""
     from selfadapt_deploy.export.exporter import export_model
-    from selfadapt_deploy.export.triton_repo import check_new_repo, write_triton_repo
+    from selfadapt_deploy.export.triton_repo import write_triton_repo
     from selfadapt_deploy.io.readers import read_network_images
+    from selfadapt_deploy.io.writers import check_new_dir
     from selfadapt_deploy.models import load_model
 
     if triton_repo is not None:
-        check_new_repo(Path(triton_repo))  # before any work
+        check_new_dir(Path(triton_repo), "--triton-repo")  # before any work
 
     arrays = [v for v in validate_on if isinstance(v, np.ndarray)]
     files = [v for v in validate_on if not isinstance(v, np.ndarray)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,37 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_new_dir(target: Path, option: str) -> Path:
+    """``target`` if it can become a new output directory (absent, or an empty directory)."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputWriteError(f"{target} exists and is not an empty directory; choose a new {option}")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, option: str) -> Iterator[Path]:
+    """Yield a staging directory next to ``target`` (new, or an empty directory); it becomes
+    ``target`` only when the block succeeds, and nothing is left behind when it fails."""
+    target = check_new_dir(target, option)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    except OSError as exc:
+        raise OutputWriteError(f"{target.parent}: cannot write here ({exc.strerror})") from exc
+    try:
+        yield staging
+        for folder in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            os.chmod(folder, 0o777 & ~umask())  # mkdtemp made the top private
+        with contextlib.suppress(FileNotFoundError):
+            target.rmdir()  # an empty directory the user made is replaced
+        os.replace(staging, target)
+    except OSError as exc:
+        raise OutputWriteError(f"{target}: writing failed ({exc}); nothing was kept") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def umask() -> int:
