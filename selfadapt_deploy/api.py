@@ -150,21 +150,29 @@ def _run(device: str, report: Callable[[str], None], progress: Callable[[int, di
 def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,
            max_batch: int = 8, opset: int | None = None, engines_from: Path | None = None,
            validate_on: Sequence[str | Path | np.ndarray] = (), channels: Sequence[int] | None = None,
-           triton_repo: str | Path | None = None, device: str = "cuda",
-           report: Callable[[str], None] = print):
+           triton_repo: str | Path | None = None, bioimageio: str | Path | None = None,
+           authors: Sequence[str] = ("sa-deploy user",), license: str = "BSD-3-Clause",
+           device: str = "cuda", report: Callable[[str], None] = print):
     """Export ``model`` to ONNX (network and teacher-TTA graphs; TensorRT engines with ``trt``)
     into the new directory ``out``, validated against torch; returns its manifest.
     ``validate_on``: image files, or C×Y×X arrays with the network's channels (default: generated
     cells); ``channels`` picks the files' channels as in segment. ``triton_repo``: also write the
-    network as a Triton model repository there (``export/triton_repo.py``)."""
+    network as a Triton model repository there (``export/triton_repo.py``); ``bioimageio``: also
+    write a bioimage.io model package there, with ``authors`` and ``license`` in its rdf.yaml
+    (``export/bioimageio.py``)."""
     from selfadapt_deploy.export.exporter import export_model
     from selfadapt_deploy.export.triton_repo import write_triton_repo
     from selfadapt_deploy.io.readers import read_network_images
     from selfadapt_deploy.io.writers import check_new_dir
     from selfadapt_deploy.models import load_model
 
-    if triton_repo is not None:
-        check_new_dir(Path(triton_repo), "--triton-repo")  # before any work
+    if triton_repo is not None:  # refuse before any work
+        check_new_dir(Path(triton_repo), "--triton-repo")
+    if bioimageio is not None:
+        from selfadapt_deploy.export.bioimageio import require_spec
+
+        check_new_dir(Path(bioimageio), "--bioimageio")
+        require_spec()
 
     arrays = [v for v in validate_on if isinstance(v, np.ndarray)]
     files = [v for v in validate_on if not isinstance(v, np.ndarray)]
@@ -179,4 +187,9 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
     if triton_repo is not None:
         names = write_triton_repo(Path(out), Path(triton_repo))
         report(f"Triton model repository → {triton_repo}: {', '.join(names)}")
+    if bioimageio is not None:
+        from selfadapt_deploy.export.bioimageio import write_bioimageio_package
+
+        rdf = write_bioimageio_package(Path(out), Path(bioimageio), authors, license)
+        report(f"bioimage.io package → {rdf} (validated by bioimageio.spec)")
     return manifest

@@ -249,6 +249,14 @@ def export(
                                                      "Inference Server model repository here "
                                                      "(onnxruntime_onnx; with --trt also "
                                                      "tensorrt_plan).")] = None,
+    bioimageio: Annotated[Path | None, typer.Option(help="Also write a bioimage.io model package "
+                                                    "here (rdf.yaml, ONNX and TorchScript "
+                                                    "weights, test tensors; needs the bioimageio "
+                                                    "extra).")] = None,
+    author: Annotated[list[str] | None, typer.Option(help="--bioimageio: an author's name "
+                                                     "(repeat for several).")] = None,
+    license: Annotated[str, typer.Option(help="--bioimageio: SPDX licence of the "
+                                         "weights.")] = "BSD-3-Clause",
     device: Annotated[str, typer.Option(help="GPU for --trt builds: cuda[:N].")] = "cuda",
 ):
     """Export a model to ONNX (the network and the SelfAdapt teacher's TTA ensemble), optionally
@@ -260,8 +268,9 @@ def export(
         with err_console.status("exporting ..."):
             manifest = api.export(model, out, precision=precision, trt=trt, max_batch=max_batch,
                                   opset=opset, engines_from=engines_from, validate_on=validate_on or [],
-                                  channels=picked, triton_repo=triton_repo, device=device,
-                                  report=plain(console))
+                                  channels=picked, triton_repo=triton_repo,
+                                  bioimageio=bioimageio, authors=author or ["sa-deploy user"],
+                                  license=license, device=device, report=plain(console))
     except SaDeployError as exc:
         raise fail(str(exc)) from None
     files = ", ".join(a.file for a in manifest.artifacts)
