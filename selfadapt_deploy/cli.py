@@ -245,14 +245,11 @@ def export(
                                                            "(default: generated cells).")] = None,
     channels: Annotated[str | None, typer.Option(help="Channels of --validate-on images, as in "
                                                  "segment.")] = None,
-    triton_repo: Annotated[Path | None, typer.Option(help="Also write the network as a Triton "
-                                                     "Inference Server model repository here "
-                                                     "(onnxruntime_onnx; with --trt also "
-                                                     "tensorrt_plan).")] = None,
-    bioimageio: Annotated[Path | None, typer.Option(help="Also write a bioimage.io model package "
-                                                    "here (rdf.yaml, ONNX and TorchScript "
-                                                    "weights, test tensors; needs the bioimageio "
-                                                    "extra).")] = None,
+    triton_repo: Annotated[Path | None, typer.Option(
+        help="Also write the network as a Triton model repository here (onnxruntime_onnx, and "
+             "tensorrt_plan with --trt).")] = None,
+    bioimageio: Annotated[Path | None, typer.Option(
+        help="Also write a bioimage.io model package here (needs the bioimageio extra).")] = None,
     author: Annotated[list[str] | None, typer.Option(help="--bioimageio: an author's name "
                                                      "(repeat for several).")] = None,
     license: Annotated[str, typer.Option(help="--bioimageio: SPDX licence of the "
