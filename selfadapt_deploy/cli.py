@@ -377,8 +377,11 @@ def evaluate(
             raise fail(str(exc)) from None
 
 
-# adaptation commands live in cli_train (registered here, so `sa-deploy --help` lists them all)
+# adaptation and serving commands live in cli_train and cli_serve (registered here, so
+# `sa-deploy --help` lists them all)
+from selfadapt_deploy.cli_serve import serve  # noqa: E402
 from selfadapt_deploy.cli_train import adapt, demo  # noqa: E402
 
 app.command()(adapt)
 app.command()(demo)
+app.command()(serve)

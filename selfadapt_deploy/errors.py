@@ -23,3 +23,7 @@ class DeviceError(SaDeployError):
 
 class ArtifactError(SaDeployError):
     """An export directory's file is missing, changed since export, or built for another machine."""
+
+
+class ServeError(SaDeployError):
+    """The inference server cannot start, or answered a request with an error."""

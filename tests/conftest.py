@@ -34,7 +34,7 @@ def data_dir() -> Path:
     return DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def trained_cpnet_path() -> Path:
     path = FIXTURES / "tiny_cyto.pth"
     if not path.is_file():

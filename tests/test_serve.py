@@ -1,0 +1,173 @@
+"""``sa-deploy serve`` on loopback: a real tritonserver answering like ``sa-deploy segment``, under
+concurrency, refusing bad requests while it keeps serving, and stopping cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from typer.testing import CliRunner
+
+from selfadapt_deploy.cli import app
+from selfadapt_deploy.errors import SaDeployError, ServeError
+from selfadapt_deploy.runtime.select import open_runner
+from selfadapt_deploy.serving.client import TritonHTTPClient
+from selfadapt_deploy.serving.server import Ports, ServeSettings, TritonServer, find_tritonserver
+from selfadapt_deploy.synthetic import random_labels, render
+
+MAX_PIXELS = 160 * 160
+
+
+def tritonserver_or_skip() -> None:
+    try:
+        find_tritonserver()
+    except ServeError as exc:
+        pytest.skip(str(exc))
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cells(seed: int, shape=(80, 72)) -> np.ndarray:
+    return (render(random_labels(shape, 8, seed=seed), seed=seed) * 1000).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def server(trained_cpnet_path):
+    tritonserver_or_skip()
+    settings = ServeSettings(str(trained_cpnet_path), device="cpu", max_batch=4,
+                             max_image_pixels=MAX_PIXELS)
+    runner, _ = open_runner(trained_cpnet_path, "auto", "cpu")
+    with TritonServer(settings, runner.spec, Ports("127.0.0.1", *free_ports(3))) as running:
+        yield running
+
+
+def segment_cli(tmp_path, weights, images: list[np.ndarray], *args: str) -> list[np.ndarray]:
+    paths = []
+    for k, img in enumerate(images):
+        paths.append(str(tmp_path / f"img{k}.tif"))
+        tifffile.imwrite(paths[-1], img)
+    result = CliRunner().invoke(app, ["segment", *paths, "--model", str(weights), "--device", "cpu",
+                                      "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    return [tifffile.imread(tmp_path / "out" / f"img{k}_masks.tif") for k in range(len(images))]
+
+
+def test_served_labels_equal_segment_and_survive_concurrency(server, tmp_path, trained_cpnet_path):
+    images = [cells(k) for k in range(4)]
+    expected = segment_cli(tmp_path, trained_cpnet_path, images, "--flow-threshold", "0.6")
+    assert all(e.max() > 2 for e in expected), "a trained model finds cells here"
+
+    def client_run(worker: int) -> int:
+        client = TritonHTTPClient(server.url)
+        done = 0
+        for i in range(20):
+            k = (worker + i) % len(images)
+            image = images[k][..., None] if i % 2 else images[k].astype(np.float32)[..., None]
+            name = "image_uint16" if i % 2 else "image"
+            labels = client.infer("segment", {name: image, "flow_threshold": np.array([0.6], np.float32)},
+                                  ["labels"])["labels"]
+            np.testing.assert_array_equal(labels, expected[k])
+            done += 1
+        client.close()
+        return done
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client_run, range(8))) == 160
+    metrics = urllib.request.urlopen(server.url.replace(str(server.ports.http), str(server.ports.metrics))
+                                     + "/metrics").read().decode()
+    served = re.search(r'nv_inference_request_success\{model="segment",version="1"\} (\d+)', metrics)
+    assert served and int(served.group(1)) >= 160
+
+
+def test_network_model_is_the_graph_and_batches(server, trained_cpnet_path):
+    runner, _ = open_runner(trained_cpnet_path, "torch", "cpu")
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(n, 2, 64, 48)).astype(np.float32) for n in (1, 2, 3, 1)]
+    with runner:
+        expected = [runner.infer(torch.from_numpy(b)).numpy() for b in batches]
+
+    def call(k: int) -> np.ndarray:
+        client = TritonHTTPClient(server.url)
+        try:
+            return client.infer("network", {"tiles": batches[k]}, ["flows_cellprob"])["flows_cellprob"]
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent requests: Triton may batch them together
+        for got, want in zip(pool.map(call, range(4)), expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"image": np.zeros((64, 64, 1), np.int32)}, "data-type"),  # Triton's own check
+    ({"image": np.zeros((64, 64), np.float32)}, "shape"),
+    ({"image": np.full((64, 64, 1), np.nan, np.float32)}, "NaN"),
+    ({"image_uint8": np.zeros((200, 200, 1), np.uint8)}, "--max-image-pixels"),
+    ({"image": np.zeros((64, 64, 1), np.float32), "image_uint8": np.zeros((64, 64, 1), np.uint8)},
+     "exactly one"),
+    ({"image": np.zeros((64, 64, 3), np.float32)}, "--channels"),
+    ({"image_uint16": np.zeros((64, 64, 1), np.uint16), "diameter": np.array([np.inf], np.float32)},
+     "NaN or infinite"),
+])
+def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, inputs, message):
+    client = TritonHTTPClient(server.url)
+    with pytest.raises(ServeError, match=message):
+        client.infer("segment", inputs, ["labels"])
+    assert client.ready("segment")
+    labels = client.infer("segment", {"image_uint16": cells(9)[..., None]}, ["labels"])["labels"]
+    assert labels.shape == (80, 72) and labels.max() > 0
+    client.close()
+
+
+def test_serve_cli_stops_cleanly_on_sigterm(trained_cpnet_path):
+    tritonserver_or_skip()
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen([sys.executable, "-m", "selfadapt_deploy", "serve", str(trained_cpnet_path),
+                             "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client, deadline = TritonHTTPClient(f"http://127.0.0.1:{http}"), time.monotonic() + 300
+    while not client.ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "serving segment and network" in out and "stopped" in out
+    assert not client.ready()
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    assert children == ""
+
+
+def test_serve_refuses_a_bad_model_before_starting(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(os.urandom(64))
+    result = CliRunner().invoke(app, ["serve", str(bad), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "not a readable PyTorch" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_missing_tritonserver_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(SaDeployError, match="nvidia-pytriton"):
+        find_tritonserver()
