@@ -19,6 +19,7 @@ from selfadapt_deploy.errors import ArtifactError
 from selfadapt_deploy.io.writers import atomic_dir
 from selfadapt_deploy.manifest import Manifest, read_manifest, verified_file
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec
+from selfadapt_deploy.runtime.triton_runner import spec_parameter
 
 #: Triton model name and file per artefact format
 TRITON_MODELS = {"onnx": ("network", "onnxruntime_onnx", "model.onnx"),
@@ -39,7 +40,7 @@ def model_config(name: str, platform: str, graph: GraphIO, spec: ModelSpec, chan
     return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
             f"input [\n{tensor(graph.input, channels)}\n]\noutput [\n{outputs}\n]\n"
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
-            f"instance_group [\n  {{\n    count: 1\n  }}\n]\n")
+            f"instance_group [\n  {{\n    count: 1\n  }}\n]\n" + spec_parameter(spec))
 
 
 def _model_config_proto() -> ModuleType | None:

@@ -63,9 +63,14 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 @app.command()
 def segment(
     images: ImagesArg,
-    model: Annotated[str, typer.Option(help="Weights file (either family), run or export directory, "
-                                       "or Cellpose model name (cpsam, cyto3, ...).")],
     out: Annotated[Path, typer.Option(help="Output directory for <stem>_masks.tif.")],
+    model: Annotated[str | None, typer.Option(help="Weights file (either family), run or export "
+                                              "directory, or Cellpose model name (cpsam, cyto3, "
+                                              "...).")] = None,
+    triton: Annotated[str | None, typer.Option(help="Instead of --model: run the network on this "
+                                               "Triton server (sa-deploy serve, or a server holding "
+                                               "export --triton-repo), e.g. "
+                                               "http://host:8000.")] = None,
     diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's default "
                                             "(Cellpose 3: its diam_labels, as cellpose 3 does; "
                                             "Cellpose-SAM: no rescale).")] = 0.0,
@@ -123,6 +128,10 @@ def segment(
     from selfadapt_deploy.wsi.slide import split_inputs
     from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
 
+    if (model is None) == (triton is None):
+        raise fail("give --model, or --triton URL to run the network on a Triton server")
+    if triton is not None and dask is not None:
+        raise fail("--triton runs the network on one server; drop --dask")
     try:
         params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
                                cellprob_threshold=cellprob_threshold, min_size=min_size,
@@ -141,8 +150,14 @@ def segment(
         # with --dask the workers run the network: here the model only describes itself (CPU)
         dev = resolve_device("cpu" if dask and not in_memory else device)
         resolve_integrator(integrator, dev)  # an unusable choice fails before any work
-        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
-                                     **torch_options)
+        if triton is not None:
+            from selfadapt_deploy.runtime.triton_runner import TritonRunner
+
+            runner = TritonRunner(triton)
+            choice = f"network on the Triton server at {triton} (tile {runner.spec.tile_size})"
+        else:
+            runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
+                                         **torch_options)
         use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
         if in_memory or not dask:
             runner.activate()  # a provider, engine or device that cannot run fails before any image

@@ -61,6 +61,7 @@ def server(trained_cpnet_path):
 
 
 def segment_cli(tmp_path, weights, images: list[np.ndarray], *args: str) -> list[np.ndarray]:
+    tmp_path.mkdir(exist_ok=True)
     paths = []
     for k, img in enumerate(images):
         paths.append(str(tmp_path / f"img{k}.tif"))
@@ -171,3 +172,26 @@ def test_a_missing_tritonserver_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(SaDeployError, match="nvidia-pytriton"):
         find_tritonserver()
+
+
+def test_segment_with_the_network_on_the_server_equals_local_segment(server, tmp_path,
+                                                                      trained_cpnet_path):
+    images = [cells(20, (150, 130)), cells(21, (300, 260))]  # the second spans several tiles
+    local = segment_cli(tmp_path / "local", trained_cpnet_path, images)
+    paths = [str(tmp_path / "local" / f"img{k}.tif") for k in range(len(images))]
+    result = CliRunner().invoke(app, ["segment", *paths, "--triton", server.url,
+                                      "--out", str(tmp_path / "remote"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Triton server" in result.output
+    for k, want in enumerate(local):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "remote" / f"img{k}_masks.tif"), want)
+
+
+def test_segment_triton_without_a_server_is_one_error(tmp_path):
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, cells(0))
+    (port,) = free_ports(1)
+    result = CliRunner().invoke(app, ["segment", str(image), "--triton", f"http://127.0.0.1:{port}",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no server answers" in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -57,6 +57,19 @@ class TritonHTTPClient:
             return self._request("GET", path)[0] == 200
         except OSError:
             return False
+        finally:
+            self.close()  # a polling client must not hold a connection a shutting-down server waits on
+
+    def config(self, model: str) -> dict:
+        """The model's configuration as the server holds it (JSON)."""
+        try:
+            status, _, body = self._request("GET", f"/v2/models/{model}/config")
+        except OSError as exc:
+            raise ServeError(f"{self.host}:{self.port}: no server answers ({exc})") from None
+        if status != 200:
+            reason = body[:200].decode(errors="replace")
+            raise ServeError(f"{self.host}:{self.port}: no model '{model}' ({reason})")
+        return json.loads(body)
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs``; the named outputs as arrays. An error answer raises

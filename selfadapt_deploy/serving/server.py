@@ -26,6 +26,7 @@ from pathlib import Path
 
 from selfadapt_deploy.errors import ServeError
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec
+from selfadapt_deploy.runtime.triton_runner import spec_parameter
 from selfadapt_deploy.serving.models import IMAGE_INPUTS, SETTING_INPUTS
 
 INSTALL_HINT = ("pip install --no-deps 'nvidia-pytriton==0.7.0' (Linux x86-64; it ships tritonserver), "
@@ -96,7 +97,7 @@ def model_configs(settings: ServeSettings, spec: ModelSpec) -> dict[str, str]:
                f'dims: [ {spec.nchan}, {side}, {side} ] }} ]\n'
                f'output [ {{ name: "{out_name}" data_type: TYPE_FP32 '
                f'dims: [ {out_channels}, {side}, {side} ] }} ]\n'
-               'dynamic_batching { max_queue_delay_microseconds: 500 }\n')
+               'dynamic_batching { max_queue_delay_microseconds: 500 }\n' + spec_parameter(spec))
     return {"segment": segment, "network": network}
 
 
@@ -156,6 +157,7 @@ class TritonServer:
         self.install = find_tritonserver(tritonserver)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.stop_requested = False
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -190,7 +192,7 @@ class TritonServer:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                             env=_environment(self.install))
         client, deadline = TritonHTTPClient(self.url), time.monotonic() + self.startup_timeout
-        while not client.ready():
+        while not self.stop_requested and not client.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_tail()
                 self.stop()
@@ -203,6 +205,12 @@ class TritonServer:
         """The end of the server's log, without the GPU-monitoring noise of a CPU machine."""
         text = self.log_path.read_bytes().decode(errors="replace").splitlines()
         return "\n".join([t for t in text if "NVML" not in t and "DCGM" not in t][-lines:])
+
+    def request_stop(self) -> None:
+        """Ask the server to shut down (safe from a signal handler, also while it starts)."""
+        self.stop_requested = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def wait(self) -> int:
         return self.process.wait() if self.process else 0
@@ -222,12 +230,8 @@ class TritonServer:
 
 def serve_forever(server: TritonServer, report: Callable[[str], None]) -> int:
     """Run ``server`` until SIGTERM or SIGINT (forwarded as a clean shutdown) or until it exits."""
-    stopping = []
-
-    def shutdown(signum, _frame) -> None:
-        stopping.append(signum)
-        if server.process is not None and server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
+    def shutdown(_signum, _frame) -> None:
+        server.request_stop()
 
     previous = {s: signal.signal(s, shutdown) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -240,7 +244,7 @@ def serve_forever(server: TritonServer, report: Callable[[str], None]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stopping:
+    if server.stop_requested:
         report("stopped")
         return 0
     report(f"tritonserver exited with code {code}; its log ends:\n{tail}")
