@@ -3,6 +3,7 @@ concurrency, refusing bad requests while it keeps serving, and stopping cleanly 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -195,3 +196,18 @@ def test_segment_triton_without_a_server_is_one_error(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no server answers" in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_plain_json_requests_work_as_with_curl(server):
+    image = cells(5).astype(np.float32)
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [*image.shape, 1],
+                        "data": image.ravel().tolist()}]}
+    request = urllib.request.Request(f"{server.url}/v2/models/segment/infer",
+                                     data=json.dumps(body).encode(), method="POST")
+    answer = json.loads(urllib.request.urlopen(request).read())
+    (labels,) = answer["outputs"]
+    assert labels["name"] == "labels" and labels["shape"] == list(image.shape)
+    client = TritonHTTPClient(server.url)
+    expected = client.infer("segment", {"image": image[..., None]}, ["labels"])["labels"]
+    client.close()
+    np.testing.assert_array_equal(np.array(labels["data"]).reshape(image.shape), expected)
