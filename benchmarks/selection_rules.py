@@ -20,6 +20,10 @@ What is measured
       (by more than 0.005) at AP@0.5, and at AP@0.75.
 
     ``oracle`` (the best snapshot by AP@0.5) and ``none`` (the last snapshot) bracket the rules.
+    ``--variants`` adds selections that are not ``--stop`` rules (flow error with other tolerances
+    or patience, the snapshot before the flow error rises 5/10/20 % above its running minimum,
+    lowest TTA spread, knees of D_emb and flow error, first snapshot agreeing ≥ 95/98 % with the
+    previous), replayed on the same curves.
 
 Output: the per-run curves summary, one table per family and one over all runs; the last line is
 ``ratio=<gain captured at AP@0.5 by the flow rule ÷ the best of the paper's rules (fn, emb,
@@ -31,6 +35,7 @@ Run (repository root; about 2 minutes per run on one CPU core, ``--jobs`` runs i
 the 24 default runs took 26 minutes with ``--jobs 2 --threads 1``)::
 
     python benchmarks/selection_rules.py --jobs 2 --threads 1 --save selection_curves.json
+    python benchmarks/selection_rules.py --load selection_curves.json --variants
     python benchmarks/selection_rules.py --families cpnet --shifts noise --seeds 0 --iterations 40
 """
 
@@ -39,9 +44,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import multiprocessing
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -90,12 +97,74 @@ def collect(family: str, shift: str, seed: int, lr_factor: float, iterations: in
     return {"family": family, "shift": shift, "seed": seed, "lr": lr, "evals": evals}
 
 
+# ---- variants that are not --stop rules, replayed on the same curves (--variants) ----------------
+def lowest(key: str, min_delta: float = 0.0, patience: int | None = None) -> Callable[[list[dict]], int]:
+    """The snapshot with the lowest ``key`` (improving by > ``min_delta`` relative), stopping after
+    ``patience`` evaluations without improvement."""
+    def select(evals: list[dict]) -> int:
+        best, wait = 0, 0
+        for i in range(1, len(evals)):
+            value = evals[i].get(key, math.nan)
+            if math.isfinite(value) and value < evals[best].get(key, math.inf) * (1 - min_delta):
+                best, wait = i, 0
+            else:
+                wait += 1
+                if patience is not None and wait >= patience:
+                    break
+        return best
+    return select
+
+
+def before_rise(key: str, rise: float) -> Callable[[list[dict]], int]:
+    """The snapshot before ``key`` first rises ``rise`` (relative) above its running minimum."""
+    def select(evals: list[dict]) -> int:
+        low = evals[0][key]
+        for i in range(1, len(evals)):
+            if evals[i][key] > low * (1 + rise):
+                return i - 1
+            low = min(low, evals[i][key])
+        return len(evals) - 1
+    return select
+
+
+def first_stable(threshold: float) -> Callable[[list[dict]], int]:
+    """The first snapshot whose masks agree (F1@0.5) ≥ ``threshold`` with the previous one's."""
+    def select(evals: list[dict]) -> int:
+        return next((i for i in range(1, len(evals)) if evals[i].get("agree_prev", 0) >= threshold),
+                    len(evals) - 1)
+    return select
+
+
+def knee(key: str) -> Callable[[list[dict]], int]:
+    """The knee of ``key`` over iterations: farthest above the chord from first to last point."""
+    def select(evals: list[dict]) -> int:
+        x = [e["iteration"] for e in evals]
+        y = [e[key] for e in evals]
+        if y[-1] == y[0]:
+            return len(evals) - 1
+        return max(range(len(evals)), key=lambda i: (y[i] - y[0]) / (y[-1] - y[0])
+                   - (x[i] - x[0]) / (x[-1] - x[0]))
+    return select
+
+
+VARIANTS: dict[str, Callable[[list[dict]], int]] = {
+    "flow-d0": lowest("flow_err"), "flow-d5%": lowest("flow_err", 0.05),
+    "flow-d2%-p2": lowest("flow_err", 0.02, 2), "flow-rise5%": before_rise("flow_err", 0.05),
+    "flow-rise10%": before_rise("flow_err", 0.10), "flow-rise20%": before_rise("flow_err", 0.20),
+    "tta-lowest": lowest("tta_spread"), "stable-.98": first_stable(0.98),
+    "stable-.95": first_stable(0.95), "emb-knee": knee("d_emb"), "flow-knee": knee("flow_err"),
+}
+
+
 def replay(rule: str, evals: list[dict]) -> int:
-    """Index of the snapshot that ``--stop rule`` selects on these curves (the loop's monitors)."""
+    """Index of the snapshot that ``--stop rule`` selects on these curves (the loop's monitors),
+    or that a variant selects."""
     from selfadapt_deploy.trainer.stopping import monitors_for, selected_iteration
 
     if rule == "oracle":
         return max(range(len(evals)), key=lambda i: evals[i]["ap50"])
+    if rule in VARIANTS:
+        return VARIANTS[rule](evals)
     monitors = monitors_for(rule)
     last = 0
     for i, row in enumerate(evals):
@@ -147,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
     ap.add_argument("--save", type=Path, help="write the curves to this JSON file")
     ap.add_argument("--load", type=Path, help="score curves saved by --save instead of training")
+    ap.add_argument("--variants", action="store_true", help="also score the variants that are not "
+                    "--stop rules (flow-error tolerances, rise guards, TTA spread, knees, stability)")
     args = ap.parse_args(argv)
     if args.load:
         runs = json.loads(args.load.read_text())
@@ -170,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{e[0]['ap50']:>8.3f}→{best['ap50']:.3f} ({best['iteration']:>3}) "
               f"{e[0]['ap75']:>8.3f}→{max(r['ap75'] for r in e):.3f} {e[-1]['ap50']:>9.3f} "
               f"{e[-1]['ap75']:>10.3f}")
-    rules = ["oracle", "none", *STOP_RULES]
+    rules = ["oracle", "none", *STOP_RULES, *(VARIANTS if args.variants else ())]
     for family in sorted({r["family"] for r in runs}):
         print_table(family, rules, [r for r in runs if r["family"] == family])
     scores = print_table("all runs", rules, runs)
