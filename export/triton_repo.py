@@ -11,6 +11,7 @@ B×C×H×W tiles normalised as the manifest says and get B×3×H×W (dY, dX, cel
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -19,17 +20,26 @@ from selfadapt_deploy.errors import ArtifactError
 from selfadapt_deploy.io.writers import atomic_dir
 from selfadapt_deploy.manifest import Manifest, read_manifest, verified_file
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec
-from selfadapt_deploy.runtime.triton_runner import spec_parameter
 
 #: Triton model name and file per artefact format
 TRITON_MODELS = {"onnx": ("network", "onnxruntime_onnx", "model.onnx"),
                  "tensorrt": ("network_trt", "tensorrt_plan", "model.plan")}
+SPEC_PARAMETER = "sa_deploy_spec"  # the model's ModelSpec as JSON, for clients that tile locally
 QUEUE_DELAY_US = 100  # dynamic batching: how long a request may wait for others to join its batch
 
 
+def spec_parameter(spec: ModelSpec) -> str:
+    """The ``parameters`` entry that describes the model (read by ``segment --triton``)."""
+    value = json.dumps(json.dumps(spec.to_dict()))  # a JSON object as a protobuf text string
+    return f'parameters: {{ key: "{SPEC_PARAMETER}" value: {{ string_value: {value} }} }}\n'
+
+
 def model_config(name: str, platform: str, graph: GraphIO, spec: ModelSpec, channels: int,
-                 max_batch: int) -> str:
-    """``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``) for one graph."""
+                 max_batch: int, *, backend: str | None = None, instance: str = "count: 1",
+                 extra: str = "") -> str:
+    """``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``) for one graph:
+    ``platform`` (onnxruntime_onnx, tensorrt_plan) or, with ``backend``, a backend model such as
+    ``sa-deploy serve``'s Python one; ``instance`` and ``extra`` lines are the caller's."""
     side = spec.tile_size if spec.fixed_tile else -1
 
     def tensor(tensor_name: str, k: int) -> str:
@@ -37,10 +47,11 @@ def model_config(name: str, platform: str, graph: GraphIO, spec: ModelSpec, chan
                 f"    dims: [ {k}, {side}, {side} ]\n  }}")
 
     outputs = ",\n".join(tensor(n, k) for n, k in graph.outputs)
-    return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
+    runs = f'backend: "{backend}"' if backend else f'platform: "{platform}"'
+    return (f'name: "{name}"\n{runs}\nmax_batch_size: {max_batch}\n'
             f"input [\n{tensor(graph.input, channels)}\n]\noutput [\n{outputs}\n]\n"
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
-            f"instance_group [\n  {{\n    count: 1\n  }}\n]\n" + spec_parameter(spec))
+            f"instance_group [\n  {{\n    {instance}\n  }}\n]\n" + spec_parameter(spec) + extra)
 
 
 def _model_config_proto() -> ModuleType | None:

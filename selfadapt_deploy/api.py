@@ -20,7 +20,7 @@ import numpy as np
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import image_from_array, select_channels
-from selfadapt_deploy.io.writers import label_dtype
+from selfadapt_deploy.io.writers import check_new_dir, label_dtype
 from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.runtime.torch_runner import resolve_device
 from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
@@ -101,9 +101,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     (iterations, lr, stop, method, ...); ``labeled`` implies ``method="actis"``."""
     from selfadapt_deploy.trainer.loop import AdaptConfig
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SaDeployError(f"{out} exists and is not empty; choose a new --out or --resume {out}")
+    out = check_new_dir(Path(out), f"--out or --resume {out}")
     if labeled and options.get("method", "selfadapt") == "selfadapt":
         options["method"] = "actis"
     try:
@@ -163,7 +161,6 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
     from selfadapt_deploy.export.exporter import export_model
     from selfadapt_deploy.export.triton_repo import write_triton_repo
     from selfadapt_deploy.io.readers import read_network_images
-    from selfadapt_deploy.io.writers import check_new_dir
     from selfadapt_deploy.models import load_model
 
     if triton_repo is not None:  # refuse before any work

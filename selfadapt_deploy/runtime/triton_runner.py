@@ -13,16 +13,9 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.errors import ServeError
+from selfadapt_deploy.export.triton_repo import SPEC_PARAMETER
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec, Runner
 from selfadapt_deploy.serving.client import TritonHTTPClient
-
-SPEC_PARAMETER = "sa_deploy_spec"
-
-
-def spec_parameter(spec: ModelSpec) -> str:
-    """The ``parameters`` entry of a network model's config.pbtxt that describes the model."""
-    value = json.dumps(json.dumps(spec.to_dict()))  # a JSON object as a protobuf text string
-    return f'parameters: {{ key: "{SPEC_PARAMETER}" value: {{ string_value: {value} }} }}\n'
 
 
 class TritonRunner(Runner):

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from selfadapt_deploy.errors import ServeError
+from selfadapt_deploy.export.triton_repo import model_config
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec
-from selfadapt_deploy.runtime.triton_runner import spec_parameter
 from selfadapt_deploy.serving.models import IMAGE_INPUTS, SETTING_INPUTS
 
 INSTALL_HINT = ("pip install --no-deps 'nvidia-pytriton==0.7.0' (Linux x86-64; it ships tritonserver), "
@@ -58,46 +58,40 @@ class Ports:
 @dataclass(frozen=True)
 class TritonInstall:
     binary: Path
-    backends: Path | None  # a backend directory to pass, or None for the binary's own default
     python_backend: Path | None  # the wheel's python backend (stub placed beside it per run)
     libs: Path | None  # the wheel's bundled shared libraries
 
 
 def find_tritonserver(explicit: str | None = None) -> TritonInstall:
     """``--tritonserver``, else ``tritonserver`` on PATH, else the nvidia-pytriton wheel's."""
-    if explicit or shutil.which("tritonserver"):
-        binary = Path(explicit or shutil.which("tritonserver"))
-        if not binary.is_file():
-            raise ServeError(f"--tritonserver {binary}: no such file")
-        return TritonInstall(binary, None, None, None)
+    found = explicit or shutil.which("tritonserver")
+    if found:  # its own backend directory (NVIDIA's containers: /opt/tritonserver/backends)
+        if not Path(found).is_file():
+            raise ServeError(f"--tritonserver {found}: no such file")
+        return TritonInstall(Path(found), None, None)
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise ServeError(f"no tritonserver found; {INSTALL_HINT}")
     root = Path(next(iter(spec.submodule_search_locations)))
-    return TritonInstall(root / "tritonserver" / "bin" / "tritonserver", None,
+    return TritonInstall(root / "tritonserver" / "bin" / "tritonserver",
                          root / "tritonserver" / "backends" / "python", root.parent / "nvidia_pytriton.libs")
 
 
 def model_configs(settings: ServeSettings, spec: ModelSpec) -> dict[str, str]:
     """``config.pbtxt`` of the two models (Triton's protobuf text format)."""
     encoded = json.dumps(json.dumps(asdict(settings)))
-    common = (f'backend: "python"\ninstance_group [ {{ count: {settings.instances} kind: KIND_CPU }} ]\n'
-              f'parameters: {{ key: "settings" value: {{ string_value: {encoded} }} }}\n')
+    instance = f"count: {settings.instances} kind: KIND_CPU"
+    settings_param = f'parameters: {{ key: "settings" value: {{ string_value: {encoded} }} }}\n'
     images = "".join(f'  {{ name: "{n}" data_type: {t} dims: [ -1, -1, -1 ] optional: true }},\n'
                      for n, t in IMAGE_INPUTS.items())
     settings_in = "".join(f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] optional: true }},\n'
                           for n, t in SETTING_INPUTS.items())
-    segment = (f'name: "segment"\nmax_batch_size: 0\n{common}input [\n{images}{settings_in}'
+    segment = (f'name: "segment"\nbackend: "python"\nmax_batch_size: 0\n'
+               f"instance_group [ {{ {instance} }} ]\n{settings_param}input [\n{images}{settings_in}"
                '  { name: "channels" data_type: TYPE_INT32 dims: [ -1 ] optional: true }\n]\n'
                'output [ { name: "labels" data_type: TYPE_UINT32 dims: [ -1, -1 ] } ]\n')
-    side = spec.tile_size if spec.fixed_tile else -1
-    (out_name, out_channels), = MODEL_GRAPH.outputs
-    network = (f'name: "network"\nmax_batch_size: {settings.max_batch}\n{common}'
-               f'input [ {{ name: "{MODEL_GRAPH.input}" data_type: TYPE_FP32 '
-               f'dims: [ {spec.nchan}, {side}, {side} ] }} ]\n'
-               f'output [ {{ name: "{out_name}" data_type: TYPE_FP32 '
-               f'dims: [ {out_channels}, {side}, {side} ] }} ]\n'
-               'dynamic_batching { max_queue_delay_microseconds: 500 }\n' + spec_parameter(spec))
+    network = model_config("network", "", MODEL_GRAPH, spec, spec.nchan, settings.max_batch,
+                           backend="python", instance=instance, extra=settings_param)
     return {"segment": segment, "network": network}
 
 
@@ -127,9 +121,10 @@ def write_repository(root: Path, settings: ServeSettings, spec: ModelSpec) -> Pa
 
 
 def _backends(root: Path, install: TritonInstall) -> Path | None:
-    """The wheel's python backend with the stub for this Python version beside it."""
+    """The wheel's python backend with the stub for this Python version beside it; None for a
+    server that brings its own backends."""
     if install.python_backend is None:
-        return install.backends
+        return None
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = install.python_backend.parents[1] / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
