@@ -233,18 +233,18 @@ def read_label_image(path: Path) -> np.ndarray:
     return arr
 
 
-def segment_results(net: SegmentationNet, images: Sequence[np.ndarray],
-                    params: SegmentParams) -> list[Segmentation]:
+def segment_results(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
+                    attention: str = "auto") -> list[Segmentation]:
     """Segmentations (masks and network output) of in-memory C×Y×X images, with ``net`` on its own
-    device (post-processing batched over images of one size)."""
-    with TorchRunner(net, net.device) as runner:
+    device (post-processing batched over images of one size); ``attention`` as for TorchRunner."""
+    with TorchRunner(net, net.device, attention=attention) as runner:
         return segment_images(runner, list(images), params, net.device)
 
 
-def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray],
-                   params: SegmentParams) -> list[np.ndarray]:
+def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
+                   attention: str = "auto") -> list[np.ndarray]:
     """Label images of in-memory C×Y×X images (:func:`segment_results`' masks)."""
-    return [seg.masks for seg in segment_results(net, images, params)]
+    return [seg.masks for seg in segment_results(net, images, params, attention)]
 
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from selfadapt_deploy.errors import ModelLoadError
 
@@ -52,6 +54,13 @@ class SegmentationNet(nn.Module, ABC):
     @abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → B×D: L2-normalised, globally pooled bottleneck features."""
+
+    @abstractmethod
+    def perturb_first_features(self, perturb: Callable[[torch.Tensor, int], torch.Tensor]
+                               ) -> RemovableHandle:
+        """Make every forward replace the network's first feature map ``f`` by
+        ``perturb(f, channel_dim)`` (dropout consistency, ``trainer/perturb.py``) until the
+        returned handle is removed."""
 
     @abstractmethod
     def native_state_dict(self) -> dict[str, torch.Tensor]:

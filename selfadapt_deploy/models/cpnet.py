@@ -182,6 +182,10 @@ class CPnet(SegmentationNet):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return _style(self.downsample(x)[-1])
 
+    def perturb_first_features(self, perturb):
+        """The first encoder block's output (B×C×H×W at full resolution)."""
+        return self.downsample.down[0].register_forward_hook(lambda _m, _i, out: perturb(out, 1))
+
     def native_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state_dict().items()}
 

@@ -135,6 +135,15 @@ class CellposeSAM(SegmentationNet):
             hook.remove()
         return F.normalize(captured[0].mean(dim=(-2, -1)), dim=1)
 
+    def perturb_first_features(self, perturb):
+        """The patch embeddings plus position embedding (B×H×W×C), as the first transformer block
+        receives them. The hook fires in cellpose's own block forward (native attention), not in
+        the fused ``sdpa_block``: run a perturbed network with ``attention="native"``."""
+        def pre_hook(_module, args):
+            return (perturb(args[0], -1), *args[1:])
+
+        return self.net.encoder.blocks[0].register_forward_pre_hook(pre_hook)
+
     def native_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.net.state_dict().items()}
 
