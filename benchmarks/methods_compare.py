@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                  before[1], "-", "-"))
                 after = result.after[TARGET_NAME].ap
                 rows.append((name, after[0], after[1], *last_snapshot_ap(out, config, seed),
-                             str(result.selected_iteration),
+                             result.selected,
                              fired(out / "adapt" / "metrics.csv", tau_fn, tau_emb)))
         print(f"\nseed {seed}   (deployed = the snapshot the label-free rule selected; last = end of budget)")
         print(f"{'method':<30} {'AP@0.5':>7} {'AP@0.75':>8} {'last@0.5':>9} {'last@0.75':>10} "

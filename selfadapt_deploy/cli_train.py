@@ -42,8 +42,9 @@ def adapt(
     ema_every: Annotated[int, typer.Option(help="Update the EMA teacher every N steps.")] = 1,
     eval_every: Annotated[int, typer.Option(help="Evaluate stopping metrics and snapshot every K "
                                             "steps.")] = 25,
-    stop: Annotated[str, typer.Option(help="Label-free stopping and selection rule: flow (lowest flow "
-                                      "error), fn, emb, both (the paper's thresholds) or none.")
+    stop: Annotated[str, typer.Option(help="End the run early by a label-free criterion: flow (no "
+                                      "lower flow error for 4 evaluations), fn, emb, both (the "
+                                      "paper's thresholds) or none (the whole budget).")
                     ] = "both",  # stopping.DEFAULT_STOP (tested; torch stays unimported for --help)
     val_fraction: Annotated[float, typer.Option(help="Share of the images held out for "
                                                 "stopping.")] = 0.2,
@@ -81,8 +82,13 @@ def adapt(
                                                     "tiles (at least one).")] = 0.25,
     val_labeled: Annotated[list[str] | None, typer.Option(help="Held-out labelled images (same forms): "
                                                           "AP@0.5 of every snapshot.")] = None,
-    select: Annotated[str, typer.Option(help="Deployed snapshot: auto (labelled when --val-labeled is "
-                                        "given, else label-free), label-free or labelled.")] = "auto",
+    select: Annotated[str, typer.Option(help="Deployed candidate (θ0, a snapshot or a weight average): "
+                                        "auto (labelled with --val-labeled, else label-free), "
+                                        "label-free (the label-free default), consensus, "
+                                        "consensus-anchored, consensus-averages, dropout, swa, "
+                                        "wise-0.25, wise-0.50, wise-0.75, stop (what --stop selects), "
+                                        "last or labelled. README: Choosing the snapshot without "
+                                        "labels.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
@@ -132,7 +138,7 @@ def adapt(
     finally:
         bar.stop()
     run = resume or out
-    console.print(f"{summary['method']}: selected iteration {summary['selected_iteration']} "
+    console.print(f"{summary['method']}: deployed {summary['selected']} "
                   f"({summary['selection']['why']}) → {run}/model.pt; curves in {run}/curves.png",
                   soft_wrap=True, markup=False, highlight=False)
 
@@ -176,6 +182,6 @@ def demo(
     for row in summary.table():
         table.add_row(*row)
     console.print(table)
-    console.print(f"adapted model: {out}/adapt/model.pt (selected iteration "
-                  f"{summary.selected_iteration}); curves {out}/adapt/curves.png; overlays "
-                  f"{out}/overlays.png; test images and labels in {out}/target_test/", soft_wrap=True)
+    console.print(f"adapted model: {out}/adapt/model.pt (deployed {summary.selected}); curves "
+                  f"{out}/adapt/curves.png; overlays {out}/overlays.png; test images and labels in "
+                  f"{out}/target_test/", soft_wrap=True)

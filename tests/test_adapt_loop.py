@@ -15,7 +15,7 @@ from selfadapt_deploy.synthetic import random_labels, render
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.loop import AdaptConfig, Validation, adapt, split_indices
 
-CONFIG = AdaptConfig(iterations=6, batch_size=2, eval_every=3, stop="none", seed=3)
+CONFIG = AdaptConfig(iterations=6, batch_size=2, eval_every=3, stop="none", seed=3, select="last")
 
 
 def kill_at_step_4(step, terms):
@@ -55,9 +55,11 @@ def test_adapt_writes_the_run_directory(tmp_path, trained_cpnet_path):
 
 def test_stopping_selects_the_snapshot_before_the_crossing(tmp_path, trained_cpnet_path):
     net, train, val = setup(trained_cpnet_path)
-    cfg = AdaptConfig(**{**CONFIG.__dict__, "stop": "emb", "tau_emb": 1e-9, "lr": 1e-2})
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "stop": "emb", "tau_emb": 1e-9, "lr": 1e-2, "select": "stop"})
     summary = adapt(net, train, val, tmp_path / "run", cfg)
     assert summary["stopped_early"] and summary["selected_iteration"] == 0
+    assert summary["selection"]["pretrained_deployed"]
+    assert "the pretrained model is deployed" in summary["selection"]["why"]
     assert "d_emb" in summary["stop_reason"]
     assert summary["iterations_run"] == 3
 
@@ -80,6 +82,35 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpne
             == (tmp_path / "full" / "metrics.csv").read_text())
 
 
+@pytest.mark.parametrize("select", ["consensus-averages", "dropout"])
+def test_a_resumed_run_keeps_its_pool_and_selects_as_an_uninterrupted_run(tmp_path, trained_cpnet_path,
+                                                                          select):
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "select": select, "lr": 1e-2})
+    net, train, val = setup(trained_cpnet_path)
+    full = adapt(net, train, val, tmp_path / "full", cfg)
+    net, train, val = setup(trained_cpnet_path)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4)
+    assert sorted(p.name for p in (tmp_path / "killed" / "pool").iterdir()) == ["iter_000000", "iter_000003"]
+    net, train, val = setup(trained_cpnet_path)
+    resumed = adapt(net, train, val, tmp_path / "killed", cfg, resume=True)
+    assert {k: v for k, v in resumed["selection"].items() if k != "seconds"} == {
+        k: v for k, v in full["selection"].items() if k != "seconds"}
+    assert ((tmp_path / "killed" / "selection.csv").read_text()
+            == (tmp_path / "full" / "selection.csv").read_text())
+    a, b = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("full", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    table = list(csv.DictReader(open(tmp_path / "full" / "selection.csv")))
+    names = [r["candidate"] for r in table]
+    assert names[:3] == ["iter_000000", "iter_000003", "iter_000006"]
+    if select == "consensus-averages":
+        assert names[3:] == ["swa", "wise-0.25", "wise-0.50", "wise-0.75"]
+        assert all(0 <= float(r["consensus50_averages"]) <= 1 for r in table)
+        assert load_model(tmp_path / "full" / "averages" / "swa.pt").family == "cpnet"
+    else:
+        assert all(0 <= float(r["dropout_err"]) <= 1 for r in table)
+
+
 def test_resume_refuses_a_checkpoint_that_holds_more_than_tensors(tmp_path, trained_cpnet_path):
     from selfadapt_deploy.errors import SaDeployError
 
@@ -97,7 +128,7 @@ def test_resume_refuses_a_checkpoint_that_holds_more_than_tensors(tmp_path, trai
 def test_flow_rule_deploys_the_snapshot_with_the_lowest_flow_error(tmp_path, trained_cpnet_path):
     net, train, val = setup(trained_cpnet_path)
     summary = adapt(net, train, val, tmp_path / "run", AdaptConfig(**{**CONFIG.__dict__, "stop": "flow",
-                                                                      "lr": 1e-2}))
+                                                                      "lr": 1e-2, "select": "stop"}))
     evals = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["d_emb"]]
     expected, lowest = 0, float(evals[0]["flow_err"])
     for r in evals[1:]:  # a new lowest must beat the lowest so far by 2 %
@@ -231,14 +262,14 @@ def test_labelled_selection_takes_the_best_snapshot_and_ignores_label_free_stops
     net, train, val = setup(trained_cpnet_path)
     gt = random_labels((96, 96), 14, seed=2)
     val.labelled = [(val.images[0], gt)]
-    cfg = AdaptConfig(**{**CONFIG.__dict__, "stop": "emb", "tau_emb": 1e-9, "lr": 1e-2})
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "stop": "emb", "tau_emb": 1e-9, "lr": 1e-2, "select": "auto"})
     summary = adapt(net, train, val, tmp_path / "run", cfg)
     assert summary["selection"]["rule"] == "labelled"
     assert summary["iterations_run"] == 6  # the label-free stop fired but did not end the run
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["ap50_labelled"]]
     best = max(rows, key=lambda r: float(r["ap50_labelled"]))
     assert summary["selected_iteration"] == int(best["iteration"])
-    assert "held-out labelled" in json.loads((tmp_path / "run" / "run.json").read_text())["selection"]["why"]
+    assert "AP@0.5" in json.loads((tmp_path / "run" / "run.json").read_text())["selection"]["why"]
 
 
 def test_labelled_pairs_by_cellpose_naming_or_explicit(tmp_path):

@@ -241,7 +241,7 @@ def test_adapt_with_labelled_target_images_runs_actis_resumes_and_exports(tmp_pa
                                  "--iterations", "4", "--batch-size", "2", "--eval-every", "2",
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "actis: selected iteration" in result.output and "held-out labelled" in result.output
+    assert "actis: deployed iter_" in result.output and "held-out labelled" in result.output
     summary = json.loads((run / "run.json").read_text())
     assert summary["method"] == "actis" and summary["selection"]["rule"] == "labelled"
     resumed = runner.invoke(app, ["adapt", "--resume", str(run), "--device", "cpu"])
@@ -268,7 +268,7 @@ def test_adapt_culpico_from_the_cli_with_labelled_source_images(tmp_path, weight
             "--eval-every", "2", "--device", "cpu"]
     result = runner.invoke(app, [*base, "--out", str(run), "--method", "culpico", "--source", str(source)])
     assert result.exit_code == 0, result.output
-    assert "culpico: selected iteration" in result.output
+    assert "culpico: deployed " in result.output
     summary = json.loads((run / "run.json").read_text())
     assert summary["method"] == "culpico" and summary["labelled_per_batch"] == 1
     wrong = runner.invoke(app, [*base, "--out", str(tmp_path / "r2"), "--source", str(source)])

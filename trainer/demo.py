@@ -32,6 +32,7 @@ from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.cpsam import build_cpsam
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.synthetic import SOURCE, TARGET, Domain
+from selfadapt_deploy.trainer.candidates import SELECTION_CSV
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.loop import MODEL, AdaptConfig, Validation, adapt
 from selfadapt_deploy.trainer.report import plot_curves, plot_overlays
@@ -96,7 +97,7 @@ class DemoResult:
 
     before: dict[str, APResult]  # domain name → AP
     after: dict[str, APResult]
-    selected_iteration: int
+    selected: str  # the deployed candidate (iter_XXXXXX, or a weight average)
 
     def table(self) -> list[tuple[str, str, str]]:
         """(row label, before, after) rows of AP@0.5 and AP@0.75."""
@@ -174,12 +175,12 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     summary = adapt(net, train, val, out / RUN, adapt_config, resume=True, progress=adapt_progress,
                     labelled=labelled)
     plot_curves(out / RUN / "metrics.csv", out / RUN / "curves.png", adapt_config.tau_fn,
-                adapt_config.tau_emb, summary["selected_iteration"])
+                adapt_config.tau_emb, summary["selected_iteration"], out / RUN / SELECTION_CSV)
 
     adapted = load_model(out / RUN / MODEL, device)
     after = {name: pooled_ap(adapted, pairs) for name, pairs in tests.items()}
     result = DemoResult({k: ap for k, (ap, _) in before.items()},
-                        {k: ap for k, (ap, _) in after.items()}, summary["selected_iteration"])
+                        {k: ap for k, (ap, _) in after.items()}, summary["selected"])
     pick = tests[config.target.name][:2]
     plot_overlays(out / "overlays.png", [im[0] for im, _ in pick], [gt for _, gt in pick],
                   {"source model": before[config.target.name][1][:2],
@@ -187,6 +188,6 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
     with atomic_path(out / RESULTS) as tmp:
         tmp.write_text(json.dumps({"before": {k: asdict(v) for k, v in result.before.items()},
                                    "after": {k: asdict(v) for k, v in result.after.items()},
-                                   "selected_iteration": result.selected_iteration,
+                                   "selected": result.selected,
                                    "adapt_seconds": summary["seconds"]}, indent=2))
     return result

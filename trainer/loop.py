@@ -2,7 +2,9 @@
 
 Run directory: ``checkpoint.pt`` (everything needed to resume, written atomically at every
 evaluation), ``snapshots/iter_XXXXXX.pt`` (teacher weights at every evaluation, in the family's
-cellpose format), ``metrics.csv``, ``run.json`` and ``model.pt`` (the selected snapshot).
+cellpose format), ``pool/`` (each snapshot's predictions on the held-out images),
+``metrics.csv``, ``selection.csv`` (every candidate and its signals), ``run.json`` and
+``model.pt`` (the candidate the ``--select`` rule chose, ``trainer/selection.py``).
 The deployed network is the EMA teacher.
 """
 
@@ -10,10 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +22,15 @@ import torch
 from torch import nn
 
 from selfadapt_deploy import __version__
-from selfadapt_deploy.batch import pooled, segment_arrays, segment_results
+from selfadapt_deploy.batch import segment_arrays
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
-from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.loading import load_plain
-from selfadapt_deploy.runtime.torch_runner import spec_for
-from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.augment import StrongAugment
+from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
-from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.trainer.data import TileSampler
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
 from selfadapt_deploy.trainer.methods import (
@@ -42,30 +41,22 @@ from selfadapt_deploy.trainer.methods import (
     SelfAdaptMethod,
     perturbed_readout,
 )
+from selfadapt_deploy.trainer.pool import POOL, PredictionPool
 from selfadapt_deploy.trainer.schedule import lr_at
+from selfadapt_deploy.trainer.selection import RULES, SELECTIONS, StopRule, resolve_rule, snapshot_name
 from selfadapt_deploy.trainer.source import LabelledTiles
 from selfadapt_deploy.trainer.step import Adaptation
-from selfadapt_deploy.trainer.stopping import (
-    DEFAULT_STOP,
-    STOP_RULES,
-    TAU_EMB,
-    TAU_FN,
-    embedding_distance,
-    flow_error,
-    fn_rate,
-    mask_agreement,
-    monitors_for,
-    selected_iteration,
-    tta_spread,
-)
+from selfadapt_deploy.trainer.stopping import DEFAULT_STOP, STOP_RULES, TAU_EMB, TAU_FN, monitors_for
+from selfadapt_deploy.trainer.validation import Validation, embed, evaluate_drift
+
+__all__ = ["MODEL", "AdaptConfig", "Validation", "adapt", "split_indices"]
 
 # Per-family defaults (README "Defaults" has the sweep, benchmarks/adapt_sweep.py). CPnet: lr 1e-4
 # with L2-SP 1e-2 helped within ~150 iterations of batch 4 on real labelled data, where lr 1e-3
 # with L2-SP 1e-4 drifted (issue 3); the sweep agrees it helps and stays inside the stopping
 # thresholds. CPSAM: 1e-5 is cellpose 4's own fine-tuning default for the 300 M-parameter network.
 FAMILY_DEFAULTS = {"cpnet": {"lr": 1e-4, "l2sp": 1e-2}, "cpsam": {"lr": 1e-5, "l2sp": 1e-2}}
-CHECKPOINT, MODEL, SNAPSHOTS, METRICS, RUN_JSON = ("checkpoint.pt", "model.pt", "snapshots",
-                                                  "metrics.csv", "run.json")
+CHECKPOINT, SNAPSHOTS, METRICS, RUN_JSON = "checkpoint.pt", "snapshots", "metrics.csv", "run.json"
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --amp on CUDA
@@ -107,8 +98,8 @@ class AdaptConfig:
     # selfadapt (label-free) | actis (every batch also holds labelled target tiles; implied by them)
     method: str = "selfadapt"
     labeled_fraction: float = 0.25  # ACTIS: share of each batch taken from labelled tiles (≥ 1 tile)
-    # which snapshot is deployed: label-free (the stopping rule) | labelled (best AP@0.5 on held-out
-    # labelled images, which must be given) | auto (labelled when such images are given)
+    # which candidate is deployed (trainer/selection.py): auto (labelled when held-out labelled
+    # images are given, else the label-free default) | label-free (that default) | a rule's name
     select: str = "auto"
     seed: int = 0
 
@@ -121,73 +112,20 @@ class AdaptConfig:
                 or self.teacher_precision not in AMP_DTYPES or self.amp not in AMP_DTYPES:
             raise SaDeployError("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, "
                                 "and --teacher-precision and --amp fp32, fp16 or bf16")
+        if self.select not in SELECTIONS:
+            raise SaDeployError(f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
         if self.iterations < 1 or self.batch_size < 1 or self.eval_every < 1:
             raise SaDeployError("--iterations, --batch-size and --eval-every must be ≥ 1")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear learning-rate warm-up (SWA averages the snapshots after them)."""
+        return max(1, int(self.warmup_fraction * self.iterations))
 
     def resolved(self, family: str) -> AdaptConfig:
         d = FAMILY_DEFAULTS[family]
         return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
                               "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp})
-
-
-@dataclass
-class Validation:
-    """Held-out images: unlabeled raw C×Y×X for masks, fixed tiles for embeddings; optionally
-    labelled (image, labels) pairs, scored by AP at every evaluation."""
-
-    images: list[np.ndarray]
-    tiles: torch.Tensor
-    params: SegmentParams
-    reference_masks: list[np.ndarray] = field(default_factory=list)
-    reference_embedding: torch.Tensor | None = None
-    previous_masks: list[np.ndarray] = field(default_factory=list)  # at the last evaluation
-    labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-
-    @classmethod
-    def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
-                    diameter: float | None) -> Validation:
-        """One fixed, seeded tile per image (at the network's scale) for the embedding distance."""
-        tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
-            1, torch.Generator().manual_seed(i)) for i, im in enumerate(images)])
-        return cls(images=images, tiles=tiles, params=SegmentParams(diameter=diameter))
-
-
-@torch.no_grad()
-def _embed(net: SegmentationNet, tiles: torch.Tensor) -> torch.Tensor:
-    net.eval()
-    return net.embed(tiles.to(net.device)).float().cpu()
-
-
-def evaluate_drift(net: SegmentationNet, val: Validation) -> dict[str, float]:
-    """The label-free signals on the validation images — FN rate of θ0's instances, embedding
-    distance to θ0, flow self-consistency, TTA spread, agreement with the previous evaluation's
-    masks — and, with held-out labelled images, their pooled AP@0.5 / AP@0.75."""
-    segs = segment_results(net, val.images, val.params)
-    masks = [seg.masks for seg in segs]
-    row = {"fn_rate": fn_rate(val.reference_masks, masks),
-           "d_emb": embedding_distance(_embed(net, val.tiles), val.reference_embedding),
-           "flow_err": flow_error(segs, spec_for(net), val.params),
-           "tta_spread": tta_spread(net, val.tiles)}
-    if val.previous_masks:
-        row["agree_prev"] = mask_agreement(val.previous_masks, masks)
-    val.previous_masks = masks
-    if val.labelled:
-        masks = segment_arrays(net, [im for im, _ in val.labelled], val.params)
-        ap = pooled([average_precision(gt, m) for (_, gt), m in zip(val.labelled, masks, strict=True)]).ap
-        row.update(ap50_labelled=float(ap[0]), ap75_labelled=float(ap[1]))
-    return row
-
-
-SELECTIONS = ("auto", "label-free", "labelled")
-
-
-def selection_rule(select: str, has_labelled: bool) -> str:
-    """``label-free`` or ``labelled``; labelled selection without labelled images is an error."""
-    if select not in SELECTIONS:
-        raise SaDeployError(f"--select must be one of {', '.join(SELECTIONS)}, got '{select}'")
-    if select == "labelled" and not has_labelled:
-        raise SaDeployError("--select labelled needs held-out labelled images (--val-labeled)")
-    return "labelled" if select == "labelled" or (select == "auto" and has_labelled) else "label-free"
 
 
 def labelled_per_batch(cfg: AdaptConfig, labelled: LabelledTiles | None) -> int:
@@ -210,7 +148,7 @@ def _tensors(masks: list[np.ndarray]) -> list[torch.Tensor]:
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     keys = ["iteration", "loss", "loss_prob", "loss_flow", "loss_l2sp", "loss_sup", "lr", "kept_prob",
             "kept_flow", "teacher_err", "fn_rate", "d_emb", "flow_err", "tta_spread", "agree_prev",
-            "ap50_labelled", "ap75_labelled"]
+            "dropout_err", "ap50_labelled", "ap75_labelled"]
     keys += sorted({k for row in rows for k in row} - set(keys))  # a method's own terms (CULPICO)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -261,7 +199,8 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     as its labelled source tiles — and return the run summary also written to ``run.json``."""
     cfg = config.resolved(student.family)
     n_labelled = labelled_per_batch(cfg, labelled)
-    rule = selection_rule(cfg.select, bool(val.labelled))
+    rule = resolve_rule(cfg.select, bool(val.labelled))
+    pool = PredictionPool(out / POOL, len(val.images))
     out.mkdir(parents=True, exist_ok=True)
     (out / SNAPSHOTS).mkdir(exist_ok=True)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -269,6 +208,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     method = build_method(cfg, student, n_labelled > 0, partner)
     monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
     rows: list[dict] = []
+    eval_seconds: list[float] = []
     start, stopped, reason, seconds_before = 0, False, "", 0.0
     if resume and (out / CHECKPOINT).is_file():
         ckpt = load_plain(out / CHECKPOINT, "checkpoint")
@@ -277,13 +217,13 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
             m.load_state_dict(s)
         g.set_state(ckpt["generator"])
         rows, start, stopped, reason = ckpt["rows"], ckpt["step"], ckpt["stopped"], ckpt["reason"]
-        seconds_before = ckpt["seconds"]
+        seconds_before, eval_seconds = ckpt["seconds"], ckpt.get("eval_seconds", [])
         val.reference_embedding = ckpt["ref_embedding"]
         val.reference_masks = [m.numpy() for m in ckpt["ref_masks"]]
         val.previous_masks = [m.numpy() for m in ckpt["previous_masks"]]
     else:
         val.reference_masks = segment_arrays(method.deployed, val.images, val.params)
-        val.reference_embedding = _embed(method.deployed, val.tiles)
+        val.reference_embedding = embed(method.deployed, val.tiles)
 
     def checkpoint(step: int) -> None:
         with atomic_path(out / CHECKPOINT) as tmp:
@@ -293,18 +233,21 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
                         "reason": reason, "ref_masks": _tensors(val.reference_masks),
                         "previous_masks": _tensors(val.previous_masks),
                         "seconds": seconds_before + time.perf_counter() - tic,
-                        "ref_embedding": val.reference_embedding}, tmp)
+                        "eval_seconds": eval_seconds, "ref_embedding": val.reference_embedding}, tmp)
         _write_metrics(out / METRICS, rows)
 
     def evaluate(step: int) -> None:
         nonlocal stopped, reason
-        method.deployed.save(out / SNAPSHOTS / f"iter_{step:06d}.pt")
-        drift = evaluate_drift(method.deployed, val)
+        t0 = time.perf_counter()
+        method.deployed.save(out / SNAPSHOTS / f"{snapshot_name(step)}.pt")
+        drift, segs = evaluate_drift(method.deployed, val, dropout=RULES[rule].dropout)
+        pool.add(snapshot_name(step), segs)  # the predictions the evaluation made anyway
         rows.append({"iteration": step, **drift})
+        eval_seconds.append(time.perf_counter() - t0)  # to run.json, not metrics.csv: not reproducible
         for m in monitors:
             should_stop, why = m.update(drift, step)
-            # the label-free criteria are always logged; they end the run only when they select
-            if should_stop and not stopped and rule == "label-free":
+            # the label-free criteria are always logged; they end the run unless labels select
+            if should_stop and not stopped and rule != "labelled":
                 stopped, reason = True, why
 
     tic = time.perf_counter()
@@ -323,7 +266,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         method.state.pseudo_labeler = engine
     try:
         while step < cfg.iterations and not stopped:
-            lr = lr_at(step, cfg.lr, max(1, int(cfg.warmup_fraction * cfg.iterations)), cfg.iterations)
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.iterations)
             for optimizer in method.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -340,30 +283,21 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         if engine is not None:
             engine.close()
     evaluated = [r for r in rows if "d_emb" in r]
-    if rule == "labelled":
-        best = max(evaluated, key=lambda r: r["ap50_labelled"])  # the first of equals
-        selected = best["iteration"]
-        why = (f"best AP@0.5 on {len(val.labelled)} held-out labelled images: "
-               f"{best['ap50_labelled']:.3f} (iteration 0: {evaluated[0]['ap50_labelled']:.3f})")
-    else:
-        selected = selected_iteration(monitors, evaluated[-1]["iteration"])
-        if stopped:
-            why = f"label-free (--stop {cfg.stop}): {reason}"
-        elif monitors:
-            why = (f"label-free (--stop {cfg.stop}): the run ended without stopping; "
-                   + "; ".join(m.summary() for m in monitors))
-        else:
-            why = "label-free (--stop none): the last snapshot"
-    with atomic_path(out / MODEL) as tmp:
-        shutil.copyfile(out / SNAPSHOTS / f"iter_{selected:06d}.pt", tmp)
-    summary = {"selected_iteration": selected, "stopped_early": stopped, "stop_reason": reason,
+    selection = select_candidate(rule, evaluated, val, pool, out, out / SNAPSHOTS, method.deployed,
+                                 cfg.warmup_steps, StopRule(cfg.stop, cfg.tau_fn, cfg.tau_emb))
+    if rule == "stop":
+        selection["why"] += (f"; {reason}" if stopped else "; the run ended without stopping: "
+                             + "; ".join(m.summary() for m in monitors) if monitors else "")
+    summary = {"selected": selection["candidate"], "selected_iteration": selection["iteration"],
+               "stopped_early": stopped, "stop_reason": reason,
                "method": method.name, "labelled_per_batch": n_labelled,
                "deployed": "network A (started from the pretrained model)" if method.name == "culpico"
                else "the EMA teacher",
-               "selection": {"rule": rule, "why": why},
+               "selection": selection,
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
-               "seconds": seconds_before + time.perf_counter() - tic, "sa_deploy": __version__,
-               "torch": torch.__version__}
+               "seconds": seconds_before + time.perf_counter() - tic,
+               "seconds_per_evaluation": sum(eval_seconds) / max(1, len(eval_seconds)),
+               "sa_deploy": __version__, "torch": torch.__version__}
     with atomic_path(out / RUN_JSON) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary

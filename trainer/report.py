@@ -1,5 +1,6 @@
-"""Figures: ``curves.png`` (loss terms, FN rate, D_emb, flow error and mask agreement over
-iterations, thresholds and selection marked) and mask overlays (outlines of predictions and ground
+"""Figures: ``curves.png`` (loss terms, FN rate, D_emb, flow error and mask agreement, and the
+selection signals — consensus agreement, dropout disagreement — over iterations, thresholds and
+the selected snapshot marked) and mask overlays (outlines of predictions and ground
 truth on the image)."""
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def _save(fig, out_png: Path) -> None:
 
 
 def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
-                selected: int) -> None:
+                selected: int | None, selection_csv: Path | None = None) -> None:
+    """``selected``: the deployed snapshot's iteration (None when a weight average is deployed);
+    ``selection_csv``: the run's candidate table, for the selection panel."""
     plt = _pyplot()
     rows = list(csv.DictReader(open(metrics_csv)))
     steps = [r for r in rows if r["loss"]]
     evals = [r for r in rows if r["d_emb"]]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
+    table = list(csv.DictReader(open(selection_csv))) if selection_csv and selection_csv.is_file() else []
+    fig, axes = plt.subplots(1, 5, figsize=(21, 3.6), constrained_layout=True)
     # every loss term the method logged (SelfAdapt's, ACTIS's supervised term, CULPICO's per network)
     terms = [k for k in rows[0] if k.startswith("loss") and any(r[k] for r in steps)] if rows else []
     for key in terms:
@@ -52,8 +56,16 @@ def plot_curves(metrics_csv: Path, out_png: Path, tau_fn: float, tau_emb: float,
         if points:
             axes[3].plot(*zip(*points, strict=True), "o-", label=label)
     axes[3].set_title("self-consistency")
+    for key, label in (("consensus50_snapshots", "agreement with the consensus @0.5"),
+                       ("consensus75_snapshots", "agreement with the consensus @0.75"),
+                       ("dropout_err", "disagreement under feature dropout")):
+        points = [(int(r["iteration"]), float(r[key])) for r in table if r["iteration"] and r.get(key)]
+        if points:
+            axes[4].plot(*zip(*points, strict=True), "o-", label=label)
+    axes[4].set_title("selection (every candidate)")
     for ax in axes:
-        ax.axvline(selected, color="tab:green", ls=":", label=f"selected {selected}")
+        if selected is not None:
+            ax.axvline(selected, color="tab:green", ls=":", label=f"selected {selected}")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
     _save(fig, out_png)

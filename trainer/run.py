@@ -7,6 +7,7 @@ The run's inputs and settings are written to ``settings.json`` before training s
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,9 +18,11 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
+from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, adapt, split_indices
+from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
 
@@ -92,12 +95,13 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
                     labelled=labelled, partner=partner)
     cfg = summary["config"]
     plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
-                summary["selected_iteration"])
-    if not keep_snapshots:
-        keep = f"iter_{summary['selected_iteration']:06d}.pt"
-        for snap in (out / SNAPSHOTS).iterdir():
+                summary["selected_iteration"], out / SELECTION_CSV)
+    if not keep_snapshots:  # model.pt is a copy of the selected candidate; its file stays too
+        keep = f"{summary['selected']}.pt"
+        for snap in [*(out / SNAPSHOTS).iterdir(), *(out / AVERAGES_DIR).glob("*.pt")]:
             if snap.name != keep:
                 snap.unlink()
+        shutil.rmtree(out / POOL, ignore_errors=True)
     return summary
 
 

@@ -47,13 +47,14 @@ def fn_rate(reference: Sequence[np.ndarray], current: Sequence[np.ndarray]) -> f
     return fn / (tp + fn) if tp + fn else 0.0
 
 
-def mask_agreement(previous: Sequence[np.ndarray], current: Sequence[np.ndarray]) -> float:
-    """F1 at IoU ≥ 0.5 between two sets of label images (1.0 when both are empty): how much the
-    masks changed between two snapshots."""
+def mask_agreement(previous: Sequence[np.ndarray], current: Sequence[np.ndarray],
+                   iou: float = 0.5) -> float:
+    """F1 at IoU ≥ ``iou`` between two sets of label images (1.0 when both are empty): how much
+    the masks changed between two snapshots, or under a perturbation."""
     tp = n = 0
     for a, b in zip(previous, current, strict=True):
         a, b = relabel_sequential(a), relabel_sequential(b)
-        tp += true_positives(iou_matrix(a, b), 0.5)
+        tp += true_positives(iou_matrix(a, b), iou)
         n += int(a.max(initial=0)) + int(b.max(initial=0))
     return 2 * tp / n if n else 1.0
 
