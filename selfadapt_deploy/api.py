@@ -100,6 +100,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
     (iterations, lr, stop, method, ...); ``labeled`` implies ``method="actis"``."""
     from selfadapt_deploy.trainer.loop import AdaptConfig
+    from selfadapt_deploy.trainer.selection import resolve_rule
 
     out = check_new_dir(Path(out), f"--out or --resume {out}")
     if labeled and options.get("method", "selfadapt") == "selfadapt":
@@ -110,8 +111,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
         raise SaDeployError(f"adapt: {exc}") from None
     if config.method == "actis" and not labeled:
         raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
-    if config.select == "labelled" and not val_labeled:
-        raise SaDeployError("--select labelled needs held-out labelled images (--val-labeled)")
+    resolve_rule(config.select, bool(val_labeled))  # a rule that needs labels refuses before any work
     return _run(device, report, progress, images=[str(p) for p in images], model=str(model),
                 out=out, config=config, diameter=diameter or None,
                 channels=list(channels) if channels is not None else None,

@@ -344,3 +344,17 @@ def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, train
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
     assert ((tmp_path / "killed" / "metrics.csv").read_text()
             == (tmp_path / "full" / "metrics.csv").read_text())
+
+
+def test_the_run_says_plainly_when_the_pretrained_model_is_deployed(tmp_path, trained_cpnet_path):
+    """With a learning rate too small to move anything every snapshot ties with θ0, and the
+    default label-free rule keeps θ0 — and says so in run.json."""
+    net, train, val = setup(trained_cpnet_path)
+    cfg = AdaptConfig(**{**CONFIG.__dict__, "select": "auto", "lr": 1e-12})
+    summary = adapt(net, train, val, tmp_path / "run", cfg)
+    selection = json.loads((tmp_path / "run" / "run.json").read_text())["selection"]
+    assert summary["selected"] == "iter_000000" and selection["pretrained_deployed"]
+    assert "adaptation did not improve" in selection["why"]
+    assert "pretrained model is deployed" in selection["why"]
+    table = list(csv.DictReader(open(tmp_path / "run" / "selection.csv")))
+    assert [r["candidate"] for r in table] == ["iter_000000", "iter_000003", "iter_000006"]

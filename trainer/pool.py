@@ -74,6 +74,11 @@ class PredictionPool:
     def masks(self, name: str, k: int) -> np.ndarray:
         return self._load(name, k)["masks"]
 
+    def segmentations(self, name: str) -> list[Segmentation]:
+        """Candidate ``name``'s segmentations of every held-out image, as stored."""
+        return [Segmentation(masks=self.masks(name, k), output=self.output(name, k))
+                for k in range(self.n_images)]
+
     def _load(self, name: str, k: int):
         path = self._path(name, k)
         if not path.is_file():
