@@ -10,29 +10,28 @@ What is measured
     snapshot), and this script scores every snapshot on held-out labelled target images that the
     run never sees (pooled AP@0.5 / AP@0.75): the *curves*.
 
-    Each ``--stop`` rule of ``trainer/stopping.py`` is then replayed on each run's curves with the
-    loop's own monitors and selection (a rule that would have stopped the run early selects what
-    it would have selected then). Per rule:
+    After the run every candidate — θ0, each snapshot, the weight averages (SWA, WiSE-FT) — is
+    scored and measured label-free on the run's held-out images (``selection_common.score_run``:
+    dropout consistency, the consensus pools), and every ``--select`` rule of
+    ``trainer/selection.py`` (``stop-<rule>`` for each ``--stop`` rule, with the loop's own
+    monitors) is replayed on the candidates. Per rule:
 
-    * gain captured: (AP(selected) − AP(θ0)) ÷ (AP(best snapshot) − AP(θ0)), averaged over runs
-      where the best snapshot gains ≥ 0.01 (AP@0.5; the AP@0.75 column likewise);
-    * worse than θ0: runs whose selected snapshot has a lower AP than the pretrained model
-      (by more than 0.005) at AP@0.5, and at AP@0.75.
+    * gain captured: (AP(selected) − AP(θ0)) ÷ (AP(best snapshot) − AP(θ0)), mean and worst over
+      runs where the best snapshot gains ≥ 0.01 (AP@0.5; the AP@0.75 columns likewise);
+    * harmful runs: the selected candidate is below θ0 by more than 0.01 at AP@0.5 or AP@0.75.
 
-    ``oracle`` (the best snapshot by AP@0.5) and ``none`` (the last snapshot) bracket the rules.
-    ``--variants`` adds selections that are not ``--stop`` rules (flow error with other tolerances
-    or patience, the snapshot before the flow error rises 5/10/20 % above its running minimum,
+    ``oracle`` (the best snapshot by AP@0.5), ``theta0`` and ``last`` bracket the rules.
+    ``--variants`` adds selections that are not rules (flow error with other tolerances or
+    patience, the snapshot before the flow error rises 5/10/20 % above its running minimum,
     lowest TTA spread, knees of D_emb and flow error, first snapshot agreeing ≥ 95/98 % with the
-    previous), replayed on the same curves.
+    previous), replayed on the same candidates.
 
-Output: the per-run curves summary, one table per family and one over all runs; the last line is
-``ratio=<gain captured at AP@0.5 by the flow rule ÷ the best of the paper's rules (fn, emb,
-both)>`` over all runs (the flow rule would become the default only above 1, with no more runs
-worse than θ0). ``--save FILE`` keeps the curves (JSON); ``--load FILE`` re-scores them
-without training.
+Output: the per-run summary, one table per family and one over all runs; the last line is
+``ratio=<gain captured at AP@0.5 by the default label-free rule ÷ the best of the paper's rules
+(stop-fn, stop-emb, stop-both)>`` over all runs. ``--save FILE`` keeps every run's candidate rows
+(JSON); ``--load FILE`` re-scores them without training.
 
-Run (repository root; about 2 minutes per run on one CPU core, ``--jobs`` runs in parallel;
-the 24 default runs took 26 minutes with ``--jobs 2 --threads 1``)::
+Run (repository root; a few minutes per run on one CPU core, ``--jobs`` runs in parallel)::
 
     python benchmarks/selection_rules.py --jobs 2 --threads 1 --save selection_curves.json
     python benchmarks/selection_rules.py --load selection_curves.json --variants
@@ -42,24 +41,17 @@ the 24 default runs took 26 minutes with ``--jobs 2 --threads 1``)::
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import multiprocessing
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-SIGNALS = ("fn_rate", "d_emb", "flow_err", "tta_spread", "agree_prev")
-WORSE = 0.005  # AP below θ0's by more than this counts as worse
-MIN_GAIN = 0.01  # runs whose best snapshot gains less have no gain to capture
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 # the demo at the integration test's sizes (its 160² images, 96² tiles), with 6 test images per run
@@ -68,33 +60,34 @@ SIZES = {"n_source": 8, "n_target": 4, "n_val": 2, "n_test": 6, "size": 160, "ti
 
 def collect(family: str, shift: str, seed: int, lr_factor: float, iterations: int, eval_every: int,
             threads: int) -> dict:
-    """One adaptation run's curves: label-free signals and labelled test AP at every evaluation."""
+    """One adaptation run's candidates, scored: label-free signals and labelled test AP of θ0,
+    every snapshot and the weight averages (``selection_common.score_run``)."""
     import torch
+    from selection_common import score_run
 
-    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.segment import SegmentParams
     from selfadapt_deploy.synthetic import SHIFTS
-    from selfadapt_deploy.trainer.demo import DemoConfig, pooled_ap, run_demo
+    from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+    from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
     from selfadapt_deploy.trainer.loop import FAMILY_DEFAULTS
 
     torch.set_num_threads(threads)
     config = DemoConfig.for_family(family, target=SHIFTS[shift], **SIZES)
     lr = (config.adapt.lr or FAMILY_DEFAULTS[family]["lr"]) * lr_factor
     config = replace(config, adapt=replace(config.adapt, iterations=iterations, eval_every=eval_every,
-                                           stop="none", lr=lr))
+                                           stop="none", select="last", lr=lr))
+    shape = (config.size, config.size)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         run_demo(out, config, "cpu", seed=seed, report=lambda _: None)
-        tests = config.target.sample(config.n_test, (config.size, config.size), seed=seed + 20_000)
-        evals = []
-        for row in csv.DictReader(open(out / "adapt" / "metrics.csv")):
-            if not row["d_emb"]:
-                continue
-            step = int(row["iteration"])
-            net = load_model(out / "adapt" / "snapshots" / f"iter_{step:06d}.pt", "cpu")
-            ap = pooled_ap(net, tests)[0].ap
-            evals.append({"iteration": step, "ap50": float(ap[0]), "ap75": float(ap[1]),
-                          **{k: float(row[k]) for k in SIGNALS if row.get(k)}})
-    return {"family": family, "shift": shift, "seed": seed, "lr": lr, "evals": evals}
+        tests = config.target.sample(config.n_test, shape, seed=seed + 20_000)
+        # the demo's target images: adapted on the first n_target, the rest held out (label-free)
+        target = config.target.sample(config.n_target + config.n_val, shape, seed=seed + 10_000)
+        bn_tiles = TileSampler([prepare_image(im, 1.0) for im, _ in target[: config.n_target]], config.tile
+                               ).sample(64, torch.Generator().manual_seed(0))
+        rows = score_run(out / "adapt", tests, [im for im, _ in target[config.n_target:]], SegmentParams(),
+                         config.adapt.warmup_steps, bn_tiles, report=lambda _: None)
+    return {"family": family, "shift": shift, "seed": seed, "lr": lr, "rows": rows}
 
 
 # ---- variants that are not --stop rules, replayed on the same curves (--variants) ----------------
@@ -156,53 +149,18 @@ VARIANTS: dict[str, Callable[[list[dict]], int]] = {
 }
 
 
-def replay(rule: str, evals: list[dict]) -> int:
-    """Index of the snapshot that ``--stop rule`` selects on these curves (the loop's monitors),
-    or that a variant selects."""
-    from selfadapt_deploy.trainer.stopping import monitors_for, selected_iteration
+def variant_rules() -> dict[str, Callable[[list[dict]], dict]]:
+    """The variants as rules over a run's candidate rows (they see θ0 and the snapshots)."""
+    from selfadapt_deploy.trainer.selection import snapshots
 
-    if rule == "oracle":
-        return max(range(len(evals)), key=lambda i: evals[i]["ap50"])
-    if rule in VARIANTS:
-        return VARIANTS[rule](evals)
-    monitors = monitors_for(rule)
-    last = 0
-    for i, row in enumerate(evals):
-        last = i
-        if any([m.update(row, row["iteration"])[0] for m in monitors]):  # every monitor sees it
-            break
-    step = selected_iteration(monitors, evals[last]["iteration"])
-    return next(i for i, row in enumerate(evals) if row["iteration"] == step)
-
-
-def score(rule: str, runs: list[dict]) -> dict:
-    """Gain captured (mean over runs with gain) and counts of runs worse than θ0, at both IoUs."""
-    out = {}
-    for key in ("ap50", "ap75"):
-        fractions, worse = [], 0
-        for run in runs:
-            evals = run["evals"]
-            base, best = evals[0][key], max(e[key] for e in evals)
-            chosen = evals[replay(rule, evals)][key]
-            worse += chosen < base - WORSE
-            if best - base >= MIN_GAIN:
-                fractions.append((chosen - base) / (best - base))
-        out[key] = (sum(fractions) / len(fractions) if fractions else float("nan"), worse)
-    return out
-
-
-def print_table(title: str, rules: list[str], runs: list[dict]) -> dict:
-    print(f"\n{title}: {len(runs)} runs")
-    print(f"{'rule':<12} {'gain@0.5':>9} {'worse@0.5':>10} {'gain@0.75':>10} {'worse@0.75':>11}")
-    scores = {}
-    for rule in rules:
-        s = scores[rule] = score(rule, runs)
-        print(f"{rule:<12} {s['ap50'][0]:>9.2f} {s['ap50'][1]:>10} {s['ap75'][0]:>10.2f} {s['ap75'][1]:>11}")
-    return scores
+    return {name: (lambda v: lambda rows: snapshots(rows)[v(snapshots(rows))])(variant)
+            for name, variant in VARIANTS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfadapt_deploy.trainer.stopping import DEFAULT_STOP, STOP_RULES
+    from selection_common import collect_runs, print_rule_table, print_runs, replays
+
+    from selfadapt_deploy.trainer.selection import DEFAULT_LABEL_FREE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", default="cpnet,cpsam")
@@ -217,37 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, help="write the curves to this JSON file")
     ap.add_argument("--load", type=Path, help="score curves saved by --save instead of training")
     ap.add_argument("--variants", action="store_true", help="also score the variants that are not "
-                    "--stop rules (flow-error tolerances, rise guards, TTA spread, knees, stability)")
+                    "rules (flow-error tolerances, rise guards, TTA spread, knees, stability)")
     args = ap.parse_args(argv)
-    if args.load:
-        runs = json.loads(args.load.read_text())
-    else:
-        todo = [(f, s, int(seed), float(lr), args.iterations, args.eval_every, args.threads)
+
+    def todo() -> list[tuple]:
+        jobs = [(f, s, int(seed), float(lr), args.iterations, args.eval_every, args.threads)
                 for f in args.families.split(",") for s in args.shifts.split(",")
                 for seed in args.seeds.split(",") for lr in args.lr_factors.split(",")]
-        print(f"selection_rules: {len(todo)} runs of {args.iterations} iterations, an evaluation every "
+        print(f"selection_rules: {len(jobs)} runs of {args.iterations} iterations, an evaluation every "
               f"{args.eval_every}", flush=True)
-        # spawned workers: torch's thread pools do not survive fork (forked workers ran ~10× slower)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(collect, *zip(*todo, strict=True)))
-        if args.save:
-            args.save.write_text(json.dumps(runs, indent=1))
-    print(f"\n{'family':<7} {'shift':<6} {'seed':>4} {'lr':>7} {'AP@0.5 θ0→best (it)':>22} "
-          f"{'AP@0.75 θ0→best':>17} {'last@0.5':>9} {'last@0.75':>10}")
-    for run in runs:
-        e = run["evals"]
-        best = max(e, key=lambda r: r["ap50"])
-        print(f"{run['family']:<7} {run['shift']:<6} {run['seed']:>4} {run['lr']:>7.0e} "
-              f"{e[0]['ap50']:>8.3f}→{best['ap50']:.3f} ({best['iteration']:>3}) "
-              f"{e[0]['ap75']:>8.3f}→{max(r['ap75'] for r in e):.3f} {e[-1]['ap50']:>9.3f} "
-              f"{e[-1]['ap75']:>10.3f}")
-    rules = ["oracle", "none", *STOP_RULES, *(VARIANTS if args.variants else ())]
+        return jobs
+
+    runs = collect_runs(collect, todo, args.jobs, args.load, args.save)
+    print_runs(runs, lambda r: f"{r['family']:<7} {r['shift']:<6} {r['seed']:>4} {r['lr']:>7.0e}",
+               f"{'family':<7} {'shift':<6} {'seed':>4} {'lr':>7}")
+    rules = {**replays(), **(variant_rules() if args.variants else {})}
     for family in sorted({r["family"] for r in runs}):
-        print_table(family, rules, [r for r in runs if r["family"] == family])
-    scores = print_table("all runs", rules, runs)
-    paper = max(scores[r]["ap50"][0] for r in ("fn", "emb", "both"))
-    print(f"default rule: {DEFAULT_STOP}")
-    print(f"ratio={scores['flow']['ap50'][0] / paper if paper > 0 else float('inf'):.2f}")
+        print_rule_table(family, [r for r in runs if r["family"] == family], rules=rules)
+    scores = print_rule_table("all runs", runs, rules=rules)
+    paper = max(scores[r]["mean_ap50"] for r in ("stop-fn", "stop-emb", "stop-both"))
+    print(f"default rule: {DEFAULT_LABEL_FREE}")
+    gain = scores[DEFAULT_LABEL_FREE]["mean_ap50"]
+    print(f"ratio={gain / paper if paper > 0 else float('inf'):.2f}")
     return 0
 
 
