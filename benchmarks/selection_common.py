@@ -43,10 +43,12 @@ from selfadapt_deploy.trainer.selection import (
     StopRule,
     choose,
     consensus_members,
+    consensus_pick,
     snapshot_name,
     snapshots,
+    theta0,
 )
-from selfadapt_deploy.trainer.stopping import flow_error
+from selfadapt_deploy.trainer.stopping import FLOW_MIN_DELTA, flow_error
 
 SIGNALS = ("fn_rate", "d_emb", "flow_err", "tta_spread", "agree_prev")
 # Feature-dropout rates scored per candidate: the library rate only (one more held-out pass per
@@ -197,10 +199,21 @@ def _consensus_of(label: str) -> Callable[[list[Row]], Row]:
     return select
 
 
+def _guarded_variant(pool: str, keys: Sequence[str], margin: float) -> Callable[[list[Row]], Row]:
+    """The ``guarded`` rule with another pool, other guard signals (each must be lower than θ0's by
+    the fraction ``margin``) or another margin."""
+    def select(rows: list[Row]) -> Row:
+        chosen, base = consensus_pick(rows, pool), theta0(rows)
+        ok = all(math.isfinite(chosen.get(k, math.nan)) and chosen[k] < base[k] * (1 - margin) for k in keys)
+        return chosen if ok else base
+    return select
+
+
 def replays() -> dict[str, Callable[[list[Row]], Row]]:
     """Every selection compared: the library's ``--select`` rules (``stop`` once per ``--stop``
     rule), and variants that are not (yet) rules — other dropout rates, SWA with re-estimated
-    BatchNorm statistics, consensus over the pool a ``--stop`` rule would have left."""
+    BatchNorm statistics, consensus over the pool a ``--stop`` rule would have left, the guard with
+    another margin, pool or signal."""
     out: dict[str, Callable[[list[Row]], Row]] = {
         "oracle": _highest("ap50"), "theta0": _named(THETA0)}
     for name in RULES:
@@ -211,9 +224,15 @@ def replays() -> dict[str, Callable[[list[Row]], Row]]:
                         for s in STOPS})
         else:
             out[name] = (lambda n: lambda rows: choose(n, rows))(name)
-    out.update({f"dropout@{r}": _highest(f"dropout_err_{r}", lowest=True) for r in DROPOUT_RATES})
+    out.update({f"dropout@{r}": _highest(f"dropout_err_{r}", lowest=True)
+                for r in DROPOUT_RATES if r != DROPOUT_RATE})
     out[SWA_BN], out[THETA0_BN] = _named(SWA_BN), _named(THETA0_BN)
     out.update({f"consensus+{s}-stop": _consensus_of(f"{s}-stop") for s in STOPS})
+    out["guarded@0"] = _guarded_variant("snapshots", ("flow_err",), 0.0)
+    out["guarded@5%"] = _guarded_variant("snapshots", ("flow_err",), 0.05)
+    out["guarded-anchored"] = _guarded_variant("anchored", ("flow_err",), FLOW_MIN_DELTA)
+    out["guarded+dropout"] = _guarded_variant("snapshots", ("flow_err", "dropout_err"), FLOW_MIN_DELTA)
+    out["dropout-guarded"] = _guarded_variant("snapshots", ("dropout_err",), FLOW_MIN_DELTA)
     return out
 
 
@@ -221,25 +240,28 @@ def evaluate_rules(runs: Sequence[dict], rules: dict[str, Callable[[list[Row]], 
                    ) -> dict[str, dict]:
     """Per rule over ``runs`` (each ``{"rows": [...]}``): mean and worst fraction of the best
     snapshot's gain over θ0 captured at AP@0.5 and AP@0.75 (over runs where that gain is at least
-    :data:`MIN_GAIN`), and harmful runs (deployed model below θ0 by more than :data:`HARM` at
-    either IoU)."""
+    :data:`MIN_GAIN`), harmful runs (deployed model below θ0 by more than :data:`HARM` at either
+    IoU) and the worst AP difference to θ0 over all runs at each IoU."""
     rules = rules or replays()
     out = {}
     for name, select in rules.items():
         fractions: dict[str, list[float]] = {"ap50": [], "ap75": []}
+        deltas: dict[str, list[float]] = {"ap50": [], "ap75": []}
         harmful = 0
         for run in runs:
             rows = run["rows"]
-            base = next(r for r in rows if r["candidate"] == THETA0)
+            base = theta0(rows)
             chosen = select(rows)
             harmful += any(chosen[k] < base[k] - HARM for k in ("ap50", "ap75"))
             for k in fractions:
+                deltas[k].append(chosen[k] - base[k])
                 best = max(r[k] for r in snapshots(rows))
                 if best - base[k] >= MIN_GAIN:
                     fractions[k].append((chosen[k] - base[k]) / (best - base[k]))
         out[name] = {"harmful": harmful, **{
             f"{stat}_{k}": (fn(v) if v else math.nan) for k, v in fractions.items()
-            for stat, fn in (("mean", lambda x: sum(x) / len(x)), ("worst", min))}}
+            for stat, fn in (("mean", lambda x: sum(x) / len(x)), ("worst", min))},
+            **{f"worst_delta_{k}": min(v, default=math.nan) for k, v in deltas.items()}}
     return out
 
 
@@ -249,12 +271,13 @@ def print_rule_table(title: str, runs: Sequence[dict], costs: dict[str, float] |
     evaluation by rule name."""
     scores = evaluate_rules(runs, rules)
     print(f"\n{title}: {len(runs)} runs")
-    print(f"{'rule':<22} {'gain@0.5':>9} {'worst':>7} {'gain@0.75':>10} {'worst':>7} {'harmful':>8} "
-          f"{'extra s/eval':>13}")
+    print(f"{'rule':<20} {'gain@0.5':>8} {'worst':>6} {'gain@0.75':>9} {'worst':>6} {'harmful':>7} "
+          f"{'worst Δ@0.5':>11} {'worst Δ@0.75':>12} {'extra s/eval':>12}")
     for name, s in scores.items():
         cost = (costs or {}).get(name)
-        print(f"{name:<22} {s['mean_ap50']:>9.2f} {s['worst_ap50']:>7.2f} {s['mean_ap75']:>10.2f} "
-              f"{s['worst_ap75']:>7.2f} {s['harmful']:>8} {'' if cost is None else f'{cost:.1f}':>13}")
+        print(f"{name:<20} {s['mean_ap50']:>8.2f} {s['worst_ap50']:>6.2f} {s['mean_ap75']:>9.2f} "
+              f"{s['worst_ap75']:>6.2f} {s['harmful']:>7} {s['worst_delta_ap50']:>+11.3f} "
+              f"{s['worst_delta_ap75']:>+12.3f} {'' if cost is None else f'{cost:.1f}':>12}")
     return scores
 
 
@@ -262,10 +285,15 @@ def pick_default(real: dict[str, dict], synthetic: dict[str, dict] | None, candi
                  ) -> tuple[str, str]:
     """The pre-registered choice (issue 18): among ``candidates`` (label-free rules) with no harmful
     real run — and none on the synthetic runs when given — the highest mean AP@0.5 gain captured;
-    if none reaches 0.7, the fewest harmful runs, then the highest gain. Returns (rule, why)."""
+    if none reaches 0.7, the fewest harmful runs, then the highest gain. Where no real run has a
+    gain to capture (every rule's real gain undefined), the gain is the synthetic runs'.
+    Returns (rule, why)."""
     def gain(name: str) -> float:
-        g = real[name]["mean_ap50"]
-        return g if math.isfinite(g) else -math.inf
+        for scores in (real, synthetic or {}):
+            g = scores.get(name, {}).get("mean_ap50", math.nan)
+            if math.isfinite(g):
+                return g
+        return -math.inf
 
     safe = [n for n in candidates if real[n]["harmful"] == 0
             and (synthetic is None or synthetic[n]["harmful"] == 0)]

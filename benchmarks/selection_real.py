@@ -153,6 +153,7 @@ def costs(runs: list[dict]) -> dict[str, float]:
     from selection_common import DROPOUT_RATES, STOPS
 
     from selfadapt_deploy.trainer.averaging import AVERAGES
+    from selfadapt_deploy.trainer.perturb import DROPOUT_RATE
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
@@ -170,10 +171,13 @@ def costs(runs: list[dict]) -> dict[str, float]:
         for name in (*AVERAGES, "swa-bn", "theta0-bn"):
             out.setdefault(name, []).append(eval_s / len(evals))
         out["consensus-averages"][-1] += len(AVERAGES) * eval_s / len(evals)
-        for stop in STOPS:
-            out.setdefault(f"consensus+{stop}-stop", []).append(out["consensus"][-1])
+        for name in (*(f"consensus+{stop}-stop" for stop in STOPS), "guarded", "guarded@0", "guarded@5%"):
+            out.setdefault(name, []).append(out["consensus"][-1])  # flow_err: every evaluation has it
+        out.setdefault("guarded-anchored", []).append(out["consensus-anchored"][-1])
+        for name in ("guarded+dropout", "dropout-guarded"):
+            out.setdefault(name, []).append(out["consensus"][-1] + out[f"dropout@{DROPOUT_RATE}"][-1])
     result = {k: mean(v) for k, v in out.items()}
-    result["dropout"] = result["dropout@0.2"]
+    result["dropout"] = result[f"dropout@{DROPOUT_RATE}"]
     return result
 
 

@@ -91,6 +91,27 @@ def test_consensus_is_never_the_worst_candidate_and_θ0_wins_ties(tmp_path, trut
     assert scores["iter_000005"] < scores[THETA0]
 
 
+def guard_table(flow_errors: dict[str, float], favourite: str) -> list[dict]:
+    """Candidates with these flow errors; the consensus favours ``favourite``."""
+    return [{"candidate": n, "iteration": int(n[5:]), "flow_err": fe,
+             "consensus50_snapshots": 0.9 if n == favourite else 0.5,
+             "consensus75_snapshots": 0.8 if n == favourite else 0.4} for n, fe in flow_errors.items()]
+
+
+def test_the_guard_deploys_the_consensus_choice_only_when_its_flow_error_beats_θ0s():
+    better = guard_table({THETA0: 0.30, "iter_000010": 0.25, "iter_000020": 0.40}, "iter_000010")
+    assert choose("guarded", better)["candidate"] == "iter_000010"
+    worse = guard_table({THETA0: 0.30, "iter_000010": 0.25, "iter_000020": 0.40}, "iter_000020")
+    assert choose("consensus", worse)["candidate"] == "iter_000020"
+    assert choose("guarded", worse)["candidate"] == THETA0  # not the better-flowing iter_000010 either
+    why = explain("guarded", choose("guarded", worse), worse)
+    assert "the pretrained model is deployed" in why and "consensus chose iter_000020" in why
+    within_margin = guard_table({THETA0: 0.30, "iter_000010": 0.297}, "iter_000010")  # 1 % lower
+    assert choose("guarded", within_margin)["candidate"] == THETA0
+    unmeasured = guard_table({THETA0: 0.30, "iter_000010": float("nan")}, "iter_000010")
+    assert choose("guarded", unmeasured)["candidate"] == THETA0
+
+
 def test_pool_members_and_weights():
     rows = [{"candidate": THETA0, "iteration": 0}, {"candidate": "iter_000010", "iteration": 10},
             {"candidate": "iter_000020", "iteration": 20}, {"candidate": "swa", "iteration": None}]

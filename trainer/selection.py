@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.trainer.averaging import AVERAGES, SWA
-from selfadapt_deploy.trainer.stopping import TAU_EMB, TAU_FN, Monitor, monitors_for, selected_iteration
+from selfadapt_deploy.trainer.stopping import (
+    FLOW_MIN_DELTA,
+    TAU_EMB,
+    TAU_FN,
+    Monitor,
+    monitors_for,
+    selected_iteration,
+)
 
 THETA0 = "iter_000000"
 Row = dict  # one candidate: "candidate", "iteration" (None for averages), signals…
@@ -28,6 +35,10 @@ Row = dict  # one candidate: "candidate", "iteration" (None for averages), signa
 def snapshot_name(iteration: int) -> str:
     return f"iter_{iteration:06d}"
 
+
+def theta0(rows: Sequence[Row]) -> Row:
+    """θ0's row (every candidate table has one)."""
+    return next(r for r in rows if r["candidate"] == THETA0)
 
 
 def snapshots(rows: Sequence[Row]) -> list[Row]:
@@ -107,14 +118,37 @@ def _by_name(name: str) -> Callable[[Sequence[Row], StopRule], Row]:
     return lambda rows, _stop_rule: next(r for r in rows if r["candidate"] == name)
 
 
+def consensus_pick(rows: Sequence[Row], pool: str) -> Row:
+    """The pool member (the pool's members are its candidates) agreeing best with its consensus."""
+    members = consensus_members(rows, pool)
+    return _best([r for r in rows if r["candidate"] in members], lambda r: consensus_score(r, pool))
+
+
 def _consensus(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
+    return lambda rows, _stop_rule: consensus_pick(rows, pool)
+
+
+def passes_guard(row: Row, base: Row) -> bool:
+    """Whether cellpose's own mask-quality check rates ``row`` better than θ0 (``base``) on the
+    held-out images: its flow error at least :data:`FLOW_MIN_DELTA` lower. Non-finite never passes."""
+    value, reference = row.get("flow_err", math.nan), base.get("flow_err", math.nan)
+    return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - FLOW_MIN_DELTA)
+
+
+def _guarded(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
+    """The consensus choice if it passes the guard, else θ0: consensus ranks candidates by
+    agreement with each other, which cannot tell when every snapshot drifted the same wrong way;
+    the guard asks a second, independent signal whether the choice beats the pretrained model."""
     def choose_(rows: Sequence[Row], _stop_rule: StopRule) -> Row:
-        members = consensus_members(rows, pool)  # the pool's members are its candidates
-        return _best([r for r in rows if r["candidate"] in members], lambda r: consensus_score(r, pool))
+        chosen = consensus_pick(rows, pool)
+        return chosen if passes_guard(chosen, theta0(rows)) else theta0(rows)
     return choose_
 
 
 RULES: dict[str, Rule] = {
+    "guarded": Rule("consensus's choice if its flow error on the held-out images is "
+                    f"≥ {FLOW_MIN_DELTA:.0%} below θ0's (cellpose's mask-quality check), else θ0",
+                    _guarded("snapshots"), pool="snapshots"),
     "consensus": Rule("candidate agreeing best with the consensus of θ0 and every snapshot "
                       "(EnsV)", _consensus("snapshots"), pool="snapshots"),
     "consensus-anchored": Rule("as consensus, θ0 weighted as much as all snapshots together",
@@ -134,7 +168,7 @@ RULES: dict[str, Rule] = {
                      lambda rows, _s: _best(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
-DEFAULT_LABEL_FREE = "consensus"  # benchmarks/selection_real.py: the pre-registered choice
+DEFAULT_LABEL_FREE = "guarded"  # benchmarks/selection_real.py: the pre-registered choice
 SELECTIONS = ("auto", "label-free", *RULES)
 
 
@@ -158,17 +192,18 @@ def choose(rule: str, rows: Sequence[Row], stop: StopRule = StopRule()) -> Row:
 
 def explain(rule: str, chosen: Row, rows: Sequence[Row]) -> str:
     """One line on what was deployed and why; says plainly when it is the pretrained model."""
-    name = chosen["candidate"]
+    name, base = chosen["candidate"], theta0(rows)
     detail = ""
-    if RULES[rule].pool is not None:
-        base = next(r for r in rows if r["candidate"] == THETA0)
+    if rule == "guarded":
+        pick = consensus_pick(rows, RULES[rule].pool)
+        detail = (f" (consensus chose {pick['candidate']}: flow error {pick.get('flow_err', math.nan):.4f}, "
+                  f"θ0 {base.get('flow_err', math.nan):.4f}; deployed only if ≥ {FLOW_MIN_DELTA:.0%} lower)")
+    elif RULES[rule].pool is not None:
         detail = (f" (consensus agreement {consensus_score(chosen, RULES[rule].pool):.3f}; "
                   f"θ0 {consensus_score(base, RULES[rule].pool):.3f})")
     elif rule == "dropout":
-        base = next(r for r in rows if r["candidate"] == THETA0)
         detail = f" (dropout disagreement {chosen['dropout_err']:.3f}; θ0 {base['dropout_err']:.3f})"
     elif rule == "labelled":
-        base = next(r for r in rows if r["candidate"] == THETA0)
         detail = (f" (AP@0.5 on the held-out labelled images {chosen['ap50_labelled']:.3f}; "
                   f"θ0 {base['ap50_labelled']:.3f})")
     if name == THETA0:

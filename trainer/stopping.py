@@ -35,6 +35,7 @@ from selfadapt_deploy.trainer.teacher import teacher_predict
 
 TAU_FN = 0.05
 TAU_EMB = 0.5
+FLOW_MIN_DELTA = 0.02  # a flow error counts as better when at least 2 % lower (--stop flow, guards)
 
 
 def fn_rate(reference: Sequence[np.ndarray], current: Sequence[np.ndarray]) -> float:
@@ -141,7 +142,7 @@ class BestMonitor:
 
     name: str
     patience: int = 4
-    min_delta: float = 0.02
+    min_delta: float = FLOW_MIN_DELTA
     history: list[tuple[int, float]] = field(default_factory=list)
     best_step: int | None = None
     best_value: float = math.inf
