@@ -43,7 +43,6 @@ from selfadapt_deploy.trainer.selection import (
     StopRule,
     choose,
     consensus_members,
-    consensus_pick,
     snapshot_name,
     snapshots,
     theta0,
@@ -199,11 +198,12 @@ def _consensus_of(label: str) -> Callable[[list[Row]], Row]:
     return select
 
 
-def _guarded_variant(pool: str, keys: Sequence[str], margin: float) -> Callable[[list[Row]], Row]:
-    """The ``guarded`` rule with another pool, other guard signals (each must be lower than θ0's by
-    the fraction ``margin``) or another margin."""
+def _guarded_variant(pick: Callable[[list[Row]], Row], keys: Sequence[str] = ("flow_err",),
+                     margin: float = FLOW_MIN_DELTA) -> Callable[[list[Row]], Row]:
+    """The ``guarded`` rule with another choice to guard (``pick``), other guard signals (each must
+    be lower than θ0's by the fraction ``margin``) or another margin."""
     def select(rows: list[Row]) -> Row:
-        chosen, base = consensus_pick(rows, pool), theta0(rows)
+        chosen, base = pick(rows), theta0(rows)
         ok = all(math.isfinite(chosen.get(k, math.nan)) and chosen[k] < base[k] * (1 - margin) for k in keys)
         return chosen if ok else base
     return select
@@ -228,11 +228,13 @@ def replays() -> dict[str, Callable[[list[Row]], Row]]:
                 for r in DROPOUT_RATES if r != DROPOUT_RATE})
     out[SWA_BN], out[THETA0_BN] = _named(SWA_BN), _named(THETA0_BN)
     out.update({f"consensus+{s}-stop": _consensus_of(f"{s}-stop") for s in STOPS})
-    out["guarded@0"] = _guarded_variant("snapshots", ("flow_err",), 0.0)
-    out["guarded@5%"] = _guarded_variant("snapshots", ("flow_err",), 0.05)
-    out["guarded-anchored"] = _guarded_variant("anchored", ("flow_err",), FLOW_MIN_DELTA)
-    out["guarded+dropout"] = _guarded_variant("snapshots", ("flow_err", "dropout_err"), FLOW_MIN_DELTA)
-    out["dropout-guarded"] = _guarded_variant("snapshots", ("dropout_err",), FLOW_MIN_DELTA)
+    consensus = _consensus_of("snapshots")
+    out["guarded@0"] = _guarded_variant(consensus, margin=0.0)
+    out["guarded@5%"] = _guarded_variant(consensus, margin=0.05)
+    out["guarded-anchored"] = _guarded_variant(_consensus_of("anchored"))
+    out["guarded+dropout"] = _guarded_variant(consensus, ("flow_err", "dropout_err"))
+    out["dropout-guarded"] = _guarded_variant(consensus, ("dropout_err",))
+    out["guarded+both-stop"] = _guarded_variant(_consensus_of("both-stop"))
     return out
 
 

@@ -171,7 +171,8 @@ def costs(runs: list[dict]) -> dict[str, float]:
         for name in (*AVERAGES, "swa-bn", "theta0-bn"):
             out.setdefault(name, []).append(eval_s / len(evals))
         out["consensus-averages"][-1] += len(AVERAGES) * eval_s / len(evals)
-        for name in (*(f"consensus+{stop}-stop" for stop in STOPS), "guarded", "guarded@0", "guarded@5%"):
+        for name in (*(f"consensus+{stop}-stop" for stop in STOPS), "guarded", "guarded@0", "guarded@5%",
+                     "guarded+both-stop"):
             out.setdefault(name, []).append(out["consensus"][-1])  # flow_err: every evaluation has it
         out.setdefault("guarded-anchored", []).append(out["consensus-anchored"][-1])
         for name in ("guarded+dropout", "dropout-guarded"):
