@@ -37,17 +37,20 @@ from selfadapt_deploy.trainer.candidates import build_average, consensus_params,
 from selfadapt_deploy.trainer.perturb import DROPOUT_RATE, dropout_disagreement
 from selfadapt_deploy.trainer.pool import PredictionPool
 from selfadapt_deploy.trainer.selection import (
+    GUARD_MARGIN,
+    GUARDS,
     RULES,
     THETA0,
     Row,
     StopRule,
     choose,
     consensus_members,
+    consensus_pick,
     snapshot_name,
     snapshots,
     theta0,
 )
-from selfadapt_deploy.trainer.stopping import FLOW_MIN_DELTA, flow_error
+from selfadapt_deploy.trainer.stopping import flow_error
 
 SIGNALS = ("fn_rate", "d_emb", "flow_err", "tta_spread", "agree_prev")
 # Feature-dropout rates scored per candidate: the library rate only (one more held-out pass per
@@ -198,9 +201,9 @@ def _consensus_of(label: str) -> Callable[[list[Row]], Row]:
     return select
 
 
-def _guarded_variant(pick: Callable[[list[Row]], Row], keys: Sequence[str] = ("flow_err",),
-                     margin: float = FLOW_MIN_DELTA) -> Callable[[list[Row]], Row]:
-    """The ``guarded`` rule with another choice to guard (``pick``), other guard signals (each must
+def _guarded_variant(pick: Callable[[list[Row]], Row], keys: Sequence[str],
+                     margin: float = GUARD_MARGIN) -> Callable[[list[Row]], Row]:
+    """A ``guarded-*`` rule with another choice to guard (``pick``), other guard signals (each must
     be lower than θ0's by the fraction ``margin``) or another margin."""
     def select(rows: list[Row]) -> Row:
         chosen, base = pick(rows), theta0(rows)
@@ -228,13 +231,16 @@ def replays() -> dict[str, Callable[[list[Row]], Row]]:
                 for r in DROPOUT_RATES if r != DROPOUT_RATE})
     out[SWA_BN], out[THETA0_BN] = _named(SWA_BN), _named(THETA0_BN)
     out.update({f"consensus+{s}-stop": _consensus_of(f"{s}-stop") for s in STOPS})
-    consensus = _consensus_of("snapshots")
-    out["guarded@0"] = _guarded_variant(consensus, margin=0.0)
-    out["guarded@5%"] = _guarded_variant(consensus, margin=0.05)
-    out["guarded-anchored"] = _guarded_variant(_consensus_of("anchored"))
-    out["guarded+dropout"] = _guarded_variant(consensus, ("flow_err", "dropout_err"))
-    out["dropout-guarded"] = _guarded_variant(consensus, ("dropout_err",))
-    out["guarded+both-stop"] = _guarded_variant(_consensus_of("both-stop"))
+    def consensus(rows: list[Row]) -> Row:
+        return consensus_pick(rows, "snapshots")
+
+    for guard, signal in GUARDS.items():
+        out[f"guarded-{guard}@0"] = _guarded_variant(consensus, (signal,), margin=0.0)
+        out[f"guarded-{guard}@5%"] = _guarded_variant(consensus, (signal,), margin=0.05)
+        out[f"guarded-{guard}-anchored"] = _guarded_variant(lambda rows: consensus_pick(rows, "anchored"),
+                                                            (signal,))
+        out[f"guarded-{guard}+both-stop"] = _guarded_variant(_consensus_of("both-stop"), (signal,))
+    out["guarded-flow+dropout"] = _guarded_variant(consensus, ("flow_err", "dropout_err"))
     return out
 
 
@@ -273,11 +279,11 @@ def print_rule_table(title: str, runs: Sequence[dict], costs: dict[str, float] |
     evaluation by rule name."""
     scores = evaluate_rules(runs, rules)
     print(f"\n{title}: {len(runs)} runs")
-    print(f"{'rule':<20} {'gain@0.5':>8} {'worst':>6} {'gain@0.75':>9} {'worst':>6} {'harmful':>7} "
+    print(f"{'rule':<26} {'gain@0.5':>8} {'worst':>6} {'gain@0.75':>9} {'worst':>6} {'harmful':>7} "
           f"{'worst Δ@0.5':>11} {'worst Δ@0.75':>12} {'extra s/eval':>12}")
     for name, s in scores.items():
         cost = (costs or {}).get(name)
-        print(f"{name:<20} {s['mean_ap50']:>8.2f} {s['worst_ap50']:>6.2f} {s['mean_ap75']:>9.2f} "
+        print(f"{name:<26} {s['mean_ap50']:>8.2f} {s['worst_ap50']:>6.2f} {s['mean_ap75']:>9.2f} "
               f"{s['worst_ap75']:>6.2f} {s['harmful']:>7} {s['worst_delta_ap50']:>+11.3f} "
               f"{s['worst_delta_ap75']:>+12.3f} {'' if cost is None else f'{cost:.1f}':>12}")
     return scores

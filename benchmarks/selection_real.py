@@ -30,7 +30,9 @@ Output: per-run θ0 / best / last AP, the per-rule table, the pre-registered cho
 ``--save`` writes the curves (every candidate's row of every run, JSON); ``--load`` re-scores
 them without training. Runs and scores live under ``--work`` and resume where they stopped.
 
-Run (repository root; 6 runs of 150 iterations take about 6 hours on 2 CPU cores)::
+Run (repository root; on 2 CPU cores a 150-iteration run trains in 40–75 minutes and its 17
+candidates score in 20 minutes (nuclei) to 2.5 hours (H&E, 1.8× upsampled): 6 runs take ~12 hours;
+``--no-train`` scores only the runs already trained)::
 
     python benchmarks/selection_real.py --jobs 2 --save benchmarks/selection_real_curves.json
     python benchmarks/selection_real.py --load benchmarks/selection_real_curves.json
@@ -134,13 +136,17 @@ def score(run: Path, folder: Path) -> list[dict]:
                      bn_tiles, val_index=val_idx)
 
 
+def run_dir(work: Path, folder: Path, factor: float, seed: int) -> Path:
+    return work / f"{folder.name}-lr{factor:g}x-s{seed}"
+
+
 def collect(folder: str, model: str, factor: float, seed: int, iterations: int, eval_every: int,
             work: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     folder_, lr = Path(folder), DEFAULT_LR * factor
-    run = Path(work) / f"{folder_.name}-lr{factor:g}x-s{seed}"
+    run = run_dir(Path(work), folder_, factor, seed)
     train(run, folder_, Path(model), lr, seed, iterations, eval_every, threads)
     return {"set": folder_.name, "lr": lr, "lr_factor": factor, "seed": seed, "method": "selfadapt",
             "rows": score(run, folder_)}
@@ -154,6 +160,7 @@ def costs(runs: list[dict]) -> dict[str, float]:
 
     from selfadapt_deploy.trainer.averaging import AVERAGES
     from selfadapt_deploy.trainer.perturb import DROPOUT_RATE
+    from selfadapt_deploy.trainer.selection import GUARDS
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
@@ -171,12 +178,15 @@ def costs(runs: list[dict]) -> dict[str, float]:
         for name in (*AVERAGES, "swa-bn", "theta0-bn"):
             out.setdefault(name, []).append(eval_s / len(evals))
         out["consensus-averages"][-1] += len(AVERAGES) * eval_s / len(evals)
-        for name in (*(f"consensus+{stop}-stop" for stop in STOPS), "guarded", "guarded@0", "guarded@5%",
-                     "guarded+both-stop"):
-            out.setdefault(name, []).append(out["consensus"][-1])  # flow_err: every evaluation has it
-        out.setdefault("guarded-anchored", []).append(out["consensus-anchored"][-1])
-        for name in ("guarded+dropout", "dropout-guarded"):
-            out.setdefault(name, []).append(out["consensus"][-1] + out[f"dropout@{DROPOUT_RATE}"][-1])
+        for stop in STOPS:
+            out.setdefault(f"consensus+{stop}-stop", []).append(out["consensus"][-1])
+        dropout = out[f"dropout@{DROPOUT_RATE}"][-1]
+        for guard in GUARDS:  # the flow error: every evaluation has it; dropout: one more pass
+            extra = dropout if guard == "dropout" else 0.0
+            for suffix in ("", "@0", "@5%", "+both-stop"):
+                out.setdefault(f"guarded-{guard}{suffix}", []).append(out["consensus"][-1] + extra)
+            out.setdefault(f"guarded-{guard}-anchored", []).append(out["consensus-anchored"][-1] + extra)
+        out.setdefault("guarded-flow+dropout", []).append(out["consensus"][-1] + dropout)
     result = {k: mean(v) for k, v in out.items()}
     result["dropout"] = result[f"dropout@{DROPOUT_RATE}"]
     return result
@@ -199,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the runs and their scores live (resumable)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    ap.add_argument("--no-train", action="store_true", help="score only the runs already trained "
+                    "under --work (the others are listed, not started)")
     ap.add_argument("--save", type=Path, help="write the curves to this JSON file")
     ap.add_argument("--load", type=Path, help="score curves saved by --save instead of training")
     ap.add_argument("--synthetic", type=Path, default=REPO / "benchmarks" / "selection_curves.json",
@@ -210,10 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def todo() -> list[tuple]:
-        print(f"selection_real: {len(sets) * len(factors) * len(seeds)} runs of {args.iterations} "
-              f"iterations (snapshot every {args.eval_every}) under {args.work}", flush=True)
-        return [(str(s), str(args.model), float(f), int(seed), args.iterations, args.eval_every,
+        runs = [(str(s), str(args.model), float(f), int(seed), args.iterations, args.eval_every,
                  str(args.work), args.threads) for seed in seeds for f in factors for s in sets]
+        if args.no_train:
+            dirs = {r: run_dir(args.work, Path(r[0]), r[2], r[3]) for r in runs}
+            for r in runs:
+                if not (dirs[r] / "run.json").is_file():
+                    print(f"selection_real: not trained, skipped (--no-train): {dirs[r]}")
+            runs = [r for r in runs if (dirs[r] / "run.json").is_file()]
+        print(f"selection_real: {len(runs)} runs of {args.iterations} iterations (snapshot every "
+              f"{args.eval_every}) under {args.work}", flush=True)
+        return runs
 
     factors, seeds = args.lr_factors.split(","), args.seeds.split(",")
     runs = collect_runs(collect, todo, args.jobs, args.load, args.save)

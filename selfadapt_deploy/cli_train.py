@@ -84,8 +84,9 @@ def adapt(
                                                           "AP@0.5 of every snapshot.")] = None,
     select: Annotated[str, typer.Option(help="Deployed candidate (θ0, a snapshot or a weight average): "
                                         "auto (labelled with --val-labeled, else label-free), "
-                                        "label-free (the label-free default), guarded, consensus, "
-                                        "consensus-anchored, consensus-averages, dropout, swa, "
+                                        "label-free (the label-free default), guarded-flow, "
+                                        "guarded-dropout, consensus, consensus-anchored, "
+                                        "consensus-averages, dropout, swa, "
                                         "wise-0.25, wise-0.50, wise-0.75, stop (what --stop selects), "
                                         "last or labelled. README: Choosing the snapshot without "
                                         "labels.")] = "auto",

@@ -82,7 +82,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpne
             == (tmp_path / "full" / "metrics.csv").read_text())
 
 
-@pytest.mark.parametrize("select", ["consensus-averages", "dropout"])
+@pytest.mark.parametrize("select", ["consensus-averages", "guarded-dropout"])
 def test_a_resumed_run_keeps_its_pool_and_selects_as_an_uninterrupted_run(tmp_path, trained_cpnet_path,
                                                                           select):
     cfg = AdaptConfig(**{**CONFIG.__dict__, "select": select, "lr": 1e-2})

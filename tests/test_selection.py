@@ -98,18 +98,28 @@ def guard_table(flow_errors: dict[str, float], favourite: str) -> list[dict]:
              "consensus75_snapshots": 0.8 if n == favourite else 0.4} for n, fe in flow_errors.items()]
 
 
-def test_the_guard_deploys_the_consensus_choice_only_when_its_flow_error_beats_θ0s():
+def test_the_flow_guard_deploys_the_consensus_choice_only_when_its_flow_error_beats_θ0s():
     better = guard_table({THETA0: 0.30, "iter_000010": 0.25, "iter_000020": 0.40}, "iter_000010")
-    assert choose("guarded", better)["candidate"] == "iter_000010"
+    assert choose("guarded-flow", better)["candidate"] == "iter_000010"
     worse = guard_table({THETA0: 0.30, "iter_000010": 0.25, "iter_000020": 0.40}, "iter_000020")
     assert choose("consensus", worse)["candidate"] == "iter_000020"
-    assert choose("guarded", worse)["candidate"] == THETA0  # not the better-flowing iter_000010 either
-    why = explain("guarded", choose("guarded", worse), worse)
+    assert choose("guarded-flow", worse)["candidate"] == THETA0  # not the better-flowing iter_000010 either
+    why = explain("guarded-flow", choose("guarded-flow", worse), worse)
     assert "the pretrained model is deployed" in why and "consensus chose iter_000020" in why
     within_margin = guard_table({THETA0: 0.30, "iter_000010": 0.297}, "iter_000010")  # 1 % lower
-    assert choose("guarded", within_margin)["candidate"] == THETA0
+    assert choose("guarded-flow", within_margin)["candidate"] == THETA0
     unmeasured = guard_table({THETA0: 0.30, "iter_000010": float("nan")}, "iter_000010")
-    assert choose("guarded", unmeasured)["candidate"] == THETA0
+    assert choose("guarded-flow", unmeasured)["candidate"] == THETA0
+
+
+def test_the_dropout_guard_vetoes_by_dropout_disagreement():
+    rows = guard_table({THETA0: 0.30, "iter_000010": 0.40}, "iter_000010")  # flow error worse
+    for row, dropout in zip(rows, (0.40, 0.30), strict=True):
+        row["dropout_err"] = dropout
+    assert choose("guarded-flow", rows)["candidate"] == THETA0
+    assert choose("guarded-dropout", rows)["candidate"] == "iter_000010"
+    assert "dropout_err 0.3000, θ0 0.4000" in explain("guarded-dropout", rows[1], rows)
+    assert RULES["guarded-dropout"].dropout and not RULES["guarded-flow"].dropout
 
 
 def test_pool_members_and_weights():

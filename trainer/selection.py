@@ -128,27 +128,34 @@ def _consensus(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
     return lambda rows, _stop_rule: consensus_pick(rows, pool)
 
 
-def passes_guard(row: Row, base: Row) -> bool:
-    """Whether cellpose's own mask-quality check rates ``row`` better than θ0 (``base``) on the
-    held-out images: its flow error at least :data:`FLOW_MIN_DELTA` lower. Non-finite never passes."""
-    value, reference = row.get("flow_err", math.nan), base.get("flow_err", math.nan)
-    return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - FLOW_MIN_DELTA)
+GUARD_MARGIN = FLOW_MIN_DELTA  # a guard signal counts as better when ≥ 2 % lower (as --stop flow)
+GUARDS = {"flow": "flow_err", "dropout": "dropout_err"}  # guarded-<name>: the signal that vetoes
 
 
-def _guarded(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
+def passes_guard(row: Row, base: Row, signal: str) -> bool:
+    """Whether ``row``'s ``signal`` (lower is better) is at least :data:`GUARD_MARGIN` below θ0's
+    (``base``); a non-finite value never passes."""
+    value, reference = row.get(signal, math.nan), base.get(signal, math.nan)
+    return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - GUARD_MARGIN)
+
+
+def _guarded(pool: str, signal: str) -> Callable[[Sequence[Row], StopRule], Row]:
     """The consensus choice if it passes the guard, else θ0: consensus ranks candidates by
     agreement with each other, which cannot tell when every snapshot drifted the same wrong way;
     the guard asks a second, independent signal whether the choice beats the pretrained model."""
     def choose_(rows: Sequence[Row], _stop_rule: StopRule) -> Row:
         chosen = consensus_pick(rows, pool)
-        return chosen if passes_guard(chosen, theta0(rows)) else theta0(rows)
+        return chosen if passes_guard(chosen, theta0(rows), signal) else theta0(rows)
     return choose_
 
 
+_GUARD_HELP = {"flow": "flow error (cellpose's mask-quality check)",
+               "dropout": "dropout disagreement (see dropout)"}
 RULES: dict[str, Rule] = {
-    "guarded": Rule("consensus's choice if its flow error on the held-out images is "
-                    f"≥ {FLOW_MIN_DELTA:.0%} below θ0's (cellpose's mask-quality check), else θ0",
-                    _guarded("snapshots"), pool="snapshots"),
+    **{f"guarded-{name}": Rule(f"consensus's choice if its {_GUARD_HELP[name]} on the held-out "
+                               f"images is ≥ {GUARD_MARGIN:.0%} below θ0's, else θ0",
+                               _guarded("snapshots", signal), pool="snapshots", dropout=name == "dropout")
+       for name, signal in GUARDS.items()},
     "consensus": Rule("candidate agreeing best with the consensus of θ0 and every snapshot "
                       "(EnsV)", _consensus("snapshots"), pool="snapshots"),
     "consensus-anchored": Rule("as consensus, θ0 weighted as much as all snapshots together",
@@ -168,7 +175,7 @@ RULES: dict[str, Rule] = {
                      lambda rows, _s: _best(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
-DEFAULT_LABEL_FREE = "guarded"  # benchmarks/selection_real.py: the pre-registered choice
+DEFAULT_LABEL_FREE = "guarded-flow"  # benchmarks/selection_real.py: the pre-registered choice
 SELECTIONS = ("auto", "label-free", *RULES)
 
 
@@ -194,10 +201,10 @@ def explain(rule: str, chosen: Row, rows: Sequence[Row]) -> str:
     """One line on what was deployed and why; says plainly when it is the pretrained model."""
     name, base = chosen["candidate"], theta0(rows)
     detail = ""
-    if rule == "guarded":
-        pick = consensus_pick(rows, RULES[rule].pool)
-        detail = (f" (consensus chose {pick['candidate']}: flow error {pick.get('flow_err', math.nan):.4f}, "
-                  f"θ0 {base.get('flow_err', math.nan):.4f}; deployed only if ≥ {FLOW_MIN_DELTA:.0%} lower)")
+    if rule.startswith("guarded-"):
+        pick, signal = consensus_pick(rows, RULES[rule].pool), GUARDS[rule.removeprefix("guarded-")]
+        detail = (f" (consensus chose {pick['candidate']}: {signal} {pick.get(signal, math.nan):.4f}, "
+                  f"θ0 {base.get(signal, math.nan):.4f}; deployed only if ≥ {GUARD_MARGIN:.0%} lower)")
     elif RULES[rule].pool is not None:
         detail = (f" (consensus agreement {consensus_score(chosen, RULES[rule].pool):.3f}; "
                   f"θ0 {consensus_score(base, RULES[rule].pool):.3f})")
