@@ -31,7 +31,9 @@ Output: the per-run summary, one table per family and one over all runs; the las
 (stop-fn, stop-emb, stop-both)>`` over all runs. ``--save FILE`` keeps every run's candidate rows
 (JSON); ``--load FILE`` re-scores them without training.
 
-Run (repository root; a few minutes per run on one CPU core, ``--jobs`` runs in parallel)::
+Run (repository root; 10–20 minutes per run on one CPU core next to other jobs, ``--jobs`` runs
+in parallel; the committed ``selection_curves.json`` holds the seed-0 runs, one per invocation,
+concatenated)::
 
     python benchmarks/selection_rules.py --jobs 2 --threads 1 --save selection_curves.json
     python benchmarks/selection_rules.py --load selection_curves.json --variants

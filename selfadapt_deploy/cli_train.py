@@ -44,8 +44,9 @@ def adapt(
                                             "steps.")] = 25,
     stop: Annotated[str, typer.Option(help="End the run early by a label-free criterion: flow (no "
                                       "lower flow error for 4 evaluations), fn, emb, both (the "
-                                      "paper's thresholds) or none (the whole budget).")
-                    ] = "both",  # stopping.DEFAULT_STOP (tested; torch stays unimported for --help)
+                                      "paper's thresholds) or none (the whole budget; --select "
+                                      "chooses among every snapshot).")
+                    ] = "none",  # stopping.DEFAULT_STOP (tested; torch stays unimported for --help)
     val_fraction: Annotated[float, typer.Option(help="Share of the images held out for "
                                                 "stopping.")] = 0.2,
     val: Annotated[list[Path] | None, typer.Option(help="Held-out images for stopping (instead of "

@@ -175,7 +175,7 @@ RULES: dict[str, Rule] = {
                      lambda rows, _s: _best(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
-DEFAULT_LABEL_FREE = "guarded-flow"  # benchmarks/selection_real.py: the pre-registered choice
+DEFAULT_LABEL_FREE = "guarded-dropout"  # benchmarks/selection_real.py: the pre-registered choice
 SELECTIONS = ("auto", "label-free", *RULES)
 
 

@@ -180,7 +180,7 @@ class BestMonitor:
 
 Monitor = ThresholdMonitor | BestMonitor
 STOP_RULES = ("fn", "emb", "both", "flow")  # --stop choices besides none
-DEFAULT_STOP = "both"
+DEFAULT_STOP = "none"  # the whole budget; the guarded selection protects θ0 (README)
 
 
 def monitors_for(stop: str, tau_fn: float = TAU_FN, tau_emb: float = TAU_EMB) -> list[Monitor]:
