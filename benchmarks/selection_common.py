@@ -43,9 +43,12 @@ from selfadapt_deploy.trainer.selection import (
     THETA0,
     Row,
     StopRule,
+    best_row,
     choose,
     consensus_members,
     consensus_pick,
+    consensus_score,
+    passes_guard,
     snapshot_name,
     snapshots,
     theta0,
@@ -127,11 +130,12 @@ def score_run(run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]], val_
         report(f"  {run.name} {name}: AP@0.5 {row['ap50']:.3f} AP@0.75 {row['ap75']:.3f} "
                f"({time.perf_counter() - tic:.0f} s)")
         rows.append(row)
-    theta0 = load_model(files[THETA0], "cpu")
+    net0 = load_model(files[THETA0], "cpu")
+    spec = spec_for(net0)
     for row in rows:  # the weight averages' flow error, from their held-out predictions
         if "flow_err" not in row:
-            row["flow_err"] = flow_error(pool.segmentations(row["candidate"]), spec_for(theta0), params)
-    mask_settings = consensus_params(params, theta0)
+            row["flow_err"] = flow_error(pool.segmentations(row["candidate"]), spec, params)
+    mask_settings = consensus_params(params, net0)
     for name in POOLS:
         tic = time.perf_counter()
         score_consensus(rows, pool, mask_settings, name, consensus_members(rows, name))
@@ -184,31 +188,25 @@ def _named(name: str) -> Callable[[list[Row]], Row]:
     return lambda rows: next(r for r in rows if r["candidate"] == name)
 
 
-def _highest(key: str, pool_rows: Callable[[list[Row]], list[Row]] = snapshots,
-             lowest: bool = False) -> Callable[[list[Row]], Row]:
-    def select(rows: list[Row]) -> Row:
-        candidates = [r for r in pool_rows(rows) if math.isfinite(r.get(key, math.nan))]
-        if not candidates:
-            return _named(THETA0)(rows)
-        return (min if lowest else max)(candidates, key=lambda r: r[key])  # first of equals
-    return select
+def _highest(key: str, lowest: bool = False) -> Callable[[list[Row]], Row]:
+    """The snapshot with the highest (lowest) finite ``key``; θ0 when none is finite."""
+    return lambda rows: best_row(snapshots(rows), lambda r: r.get(key, math.nan), lowest)
 
 
 def _consensus_of(label: str) -> Callable[[list[Row]], Row]:
+    """The candidate agreeing best with the consensus scored under ``label`` (a truncated pool)."""
     def select(rows: list[Row]) -> Row:
-        scored = [r for r in rows if f"consensus50_{label}" in r]
-        return max(scored, key=lambda r: (r[f"consensus50_{label}"] + r[f"consensus75_{label}"]) / 2)
+        return best_row([r for r in rows if f"consensus50_{label}" in r], lambda r: consensus_score(r, label))
     return select
 
 
-def _guarded_variant(pick: Callable[[list[Row]], Row], keys: Sequence[str],
+def _guarded_variant(pick: Callable[[list[Row]], Row], signals: Sequence[str],
                      margin: float = GUARD_MARGIN) -> Callable[[list[Row]], Row]:
     """A ``guarded-*`` rule with another choice to guard (``pick``), other guard signals (each must
-    be lower than θ0's by the fraction ``margin``) or another margin."""
+    pass :func:`passes_guard`) or another margin."""
     def select(rows: list[Row]) -> Row:
         chosen, base = pick(rows), theta0(rows)
-        ok = all(math.isfinite(chosen.get(k, math.nan)) and chosen[k] < base[k] * (1 - margin) for k in keys)
-        return chosen if ok else base
+        return chosen if all(passes_guard(chosen, base, s, margin) for s in signals) else base
     return select
 
 
@@ -218,7 +216,7 @@ def replays() -> dict[str, Callable[[list[Row]], Row]]:
     BatchNorm statistics, consensus over the pool a ``--stop`` rule would have left, the guard with
     another margin, pool or signal."""
     out: dict[str, Callable[[list[Row]], Row]] = {
-        "oracle": _highest("ap50"), "theta0": _named(THETA0)}
+        "oracle": _highest("ap50"), "theta0": theta0}
     for name in RULES:
         if name == "labelled":
             continue
@@ -231,6 +229,7 @@ def replays() -> dict[str, Callable[[list[Row]], Row]]:
                 for r in DROPOUT_RATES if r != DROPOUT_RATE})
     out[SWA_BN], out[THETA0_BN] = _named(SWA_BN), _named(THETA0_BN)
     out.update({f"consensus+{s}-stop": _consensus_of(f"{s}-stop") for s in STOPS})
+
     def consensus(rows: list[Row]) -> Row:
         return consensus_pick(rows, "snapshots")
 

@@ -68,7 +68,7 @@ def consensus_score(row: Row, pool: str) -> float:
     return math.nan if a is None or b is None else (a + b) / 2
 
 
-def _best(rows: Sequence[Row], key: Callable[[Row], float], lowest: bool = False) -> Row:
+def best_row(rows: Sequence[Row], key: Callable[[Row], float], lowest: bool = False) -> Row:
     """The row with the highest (lowest) finite ``key``; the earliest of equals, so θ0 wins ties."""
     finite = [r for r in rows if math.isfinite(key(r))]
     if not finite:
@@ -97,6 +97,7 @@ class Rule:
     choose: Callable[[Sequence[Row], StopRule], Row]  # (candidate table, --stop rule) → the deployed row
     pool: str | None = None  # the consensus pool it scores with
     dropout: bool = False  # needs the dropout disagreement of every candidate
+    guard: str | None = None  # the signal that vetoes the consensus choice (guarded-* rules)
     averages: tuple[str, ...] = ()  # weight averages it needs as candidates
     labelled: bool = False  # needs held-out labelled images
 
@@ -121,7 +122,7 @@ def _by_name(name: str) -> Callable[[Sequence[Row], StopRule], Row]:
 def consensus_pick(rows: Sequence[Row], pool: str) -> Row:
     """The pool member (the pool's members are its candidates) agreeing best with its consensus."""
     members = consensus_members(rows, pool)
-    return _best([r for r in rows if r["candidate"] in members], lambda r: consensus_score(r, pool))
+    return best_row([r for r in rows if r["candidate"] in members], lambda r: consensus_score(r, pool))
 
 
 def _consensus(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
@@ -132,11 +133,11 @@ GUARD_MARGIN = FLOW_MIN_DELTA  # a guard signal counts as better when ≥ 2 % lo
 GUARDS = {"flow": "flow_err", "dropout": "dropout_err"}  # guarded-<name>: the signal that vetoes
 
 
-def passes_guard(row: Row, base: Row, signal: str) -> bool:
-    """Whether ``row``'s ``signal`` (lower is better) is at least :data:`GUARD_MARGIN` below θ0's
-    (``base``); a non-finite value never passes."""
+def passes_guard(row: Row, base: Row, signal: str, margin: float = GUARD_MARGIN) -> bool:
+    """Whether ``row``'s ``signal`` (lower is better) is at least the fraction ``margin`` below
+    θ0's (``base``); a non-finite value never passes."""
     value, reference = row.get(signal, math.nan), base.get(signal, math.nan)
-    return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - GUARD_MARGIN)
+    return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - margin)
 
 
 def _guarded(pool: str, signal: str) -> Callable[[Sequence[Row], StopRule], Row]:
@@ -144,8 +145,8 @@ def _guarded(pool: str, signal: str) -> Callable[[Sequence[Row], StopRule], Row]
     agreement with each other, which cannot tell when every snapshot drifted the same wrong way;
     the guard asks a second, independent signal whether the choice beats the pretrained model."""
     def choose_(rows: Sequence[Row], _stop_rule: StopRule) -> Row:
-        chosen = consensus_pick(rows, pool)
-        return chosen if passes_guard(chosen, theta0(rows), signal) else theta0(rows)
+        chosen, base = consensus_pick(rows, pool), theta0(rows)
+        return chosen if passes_guard(chosen, base, signal) else base
     return choose_
 
 
@@ -154,7 +155,8 @@ _GUARD_HELP = {"flow": "flow error (cellpose's mask-quality check)",
 RULES: dict[str, Rule] = {
     **{f"guarded-{name}": Rule(f"consensus's choice if its {_GUARD_HELP[name]} on the held-out "
                                f"images is ≥ {GUARD_MARGIN:.0%} below θ0's, else θ0",
-                               _guarded("snapshots", signal), pool="snapshots", dropout=name == "dropout")
+                               _guarded("snapshots", signal), pool="snapshots", dropout=name == "dropout",
+                               guard=signal)
        for name, signal in GUARDS.items()},
     "consensus": Rule("candidate agreeing best with the consensus of θ0 and every snapshot "
                       "(EnsV)", _consensus("snapshots"), pool="snapshots"),
@@ -163,7 +165,7 @@ RULES: dict[str, Rule] = {
     "consensus-averages": Rule("as consensus, with SWA and WiSE-FT models as candidates and in "
                                "the pool", _consensus("averages"), pool="averages", averages=AVERAGES),
     "dropout": Rule("lowest disagreement of masks under first-layer feature dropout (CRank)",
-                    lambda rows, _s: _best(snapshots(rows), lambda r: r.get("dropout_err", math.nan),
+                    lambda rows, _s: best_row(snapshots(rows), lambda r: r.get("dropout_err", math.nan),
                                            lowest=True), dropout=True),
     SWA: Rule("uniform average of the snapshots after warm-up (SWA)", _by_name(SWA), averages=(SWA,)),
     **{name: Rule(f"θ0 + {a:g}·(last − θ0) (WiSE-FT)", _by_name(name), averages=(name,))
@@ -172,7 +174,7 @@ RULES: dict[str, Rule] = {
                  lambda rows, stop: _stop(rows, stop)),
     "last": Rule("the last snapshot", lambda rows, _s: snapshots(rows)[-1]),
     "labelled": Rule("best AP@0.5 on the held-out labelled images (--val-labeled)",
-                     lambda rows, _s: _best(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
+                     lambda rows, _s: best_row(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
 # benchmarks/selection_real.py pre-registered guarded-dropout; its signal saturates on small networks
@@ -203,8 +205,8 @@ def explain(rule: str, chosen: Row, rows: Sequence[Row]) -> str:
     """One line on what was deployed and why; says plainly when it is the pretrained model."""
     name, base = chosen["candidate"], theta0(rows)
     detail = ""
-    if rule.startswith("guarded-"):
-        pick, signal = consensus_pick(rows, RULES[rule].pool), GUARDS[rule.removeprefix("guarded-")]
+    if RULES[rule].guard is not None:
+        pick, signal = consensus_pick(rows, RULES[rule].pool), RULES[rule].guard
         detail = (f" (consensus chose {pick['candidate']}: {signal} {pick.get(signal, math.nan):.4f}, "
                   f"θ0 {base.get(signal, math.nan):.4f}; deployed only if ≥ {GUARD_MARGIN:.0%} lower)")
     elif RULES[rule].pool is not None:
