@@ -100,8 +100,11 @@ def tiles_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 def cellpose_network(net, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The network as cellpose 4.2 runs it on a GPU: a bf16 copy, eager (CPSAM: its own forward)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    inner = copy.deepcopy(net.net if net.family == "cpsam" else net).to(device, dtype).eval()
-    if net.family == "cpsam":
+    from selfadapt_deploy.models import CellposeSAM
+
+    is_cpsam = isinstance(net, CellposeSAM)
+    inner = copy.deepcopy(net.net if is_cpsam else net).to(device, dtype).eval()
+    if is_cpsam:
         return lambda x: inner(x.to(dtype))[0].float()
     return lambda x: inner(x.to(dtype)).float()
 

@@ -45,7 +45,7 @@ from selfadapt_deploy.export.onnx_export import export_onnx
 from selfadapt_deploy.io.readers import read_images, select_channels
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models import CPnet, build_cpsam, load_model
-from selfadapt_deploy.runtime import MODEL_GRAPH, OrtRunner, Runner, TorchRunner, spec_for
+from selfadapt_deploy.runtime import MODEL_GRAPH, OrtRunner, Runner, TorchRunner
 from selfadapt_deploy.segment import segment_image
 from selfadapt_deploy.synthetic import SOURCE, random_labels, render
 
@@ -71,7 +71,7 @@ def speed_networks(cpsam: str) -> dict[str, torch.nn.Module]:
 def runners(net, device: torch.device) -> list[tuple[str, str, Runner]]:
     """(runner, precision, inactive runner) for everything this machine can run."""
     out = [("torch", p, TorchRunner(net, device, p)) for p in ("fp32", "fp16", "bf16")]
-    spec = spec_for(net)
+    spec = net.spec
     for precision in ("fp32", "fp16"):
         graph = export_onnx(net, MODEL_GRAPH, precision).SerializeToString()
         if device.type == "cpu":
@@ -98,10 +98,10 @@ def tensorrt_runners(net, device: torch.device) -> list[tuple[str, str, Runner]]
     for precision in ("fp32", "fp16", "bf16"):
         graph = export_onnx(net, MODEL_GRAPH, "fp32" if needs_fp32_graph(precision) else precision)
         folder = Path(tempfile.mkdtemp())
-        build = build_engine(graph.SerializeToString(), MODEL_GRAPH, spec_for(net), net.nchan,
+        build = build_engine(graph.SerializeToString(), MODEL_GRAPH, net.spec, net.nchan,
                              precision, 32, folder / "timing.cache", device)
         (folder / "model.plan").write_bytes(build.plan)
-        out.append(("tensorrt", precision, TrtRunner(folder / "model.plan", spec_for(net),
+        out.append(("tensorrt", precision, TrtRunner(folder / "model.plan", net.spec,
                                                      device=device, record=build.record)))
     return out
 
@@ -175,7 +175,7 @@ def agreement_images(net) -> dict[str, np.ndarray]:
     for path in sorted(DATA.glob("*.ome.tif")):
         image = read_images(path, series=0)[0]
         images[image.name] = image.data
-    pad = net.family == "cpnet"
+    pad = net.pads_missing_channels
     return {k: select_channels(v, [0], net.nchan, k, pad) for k, v in images.items()}
 
 

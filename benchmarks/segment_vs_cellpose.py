@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from cellpose import models as cp_models
 
     from selfadapt_deploy.metrics import average_precision
-    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.models import CPnet, load_model
     from selfadapt_deploy.runtime import TorchRunner
     from selfadapt_deploy.synthetic import random_labels, render
     from tests.helpers import cellpose4_model
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             weights, weights_desc = default_weights(Path(tmp))
         net = load_model(weights, "cpu")
-    if net.family != "cpnet":
+    if not isinstance(net, CPnet):
         sys.exit(f"error: {weights} is a {net.family} model; this benchmark drives cellpose with a CPnet")
     diam_mean = float(net.diam_mean)
     # the diameter our pipeline assumes: --diameter, else the model's default (CPnet: diam_labels,

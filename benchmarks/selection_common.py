@@ -30,7 +30,6 @@ import torch
 from selfadapt_deploy.batch import pooled, segment_results
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.averaging import AVERAGES, SWA, recompute_batchnorm
 from selfadapt_deploy.trainer.candidates import build_average, consensus_params, score_consensus
@@ -131,7 +130,7 @@ def score_run(run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]], val_
                f"({time.perf_counter() - tic:.0f} s)")
         rows.append(row)
     net0 = load_model(files[THETA0], "cpu")
-    spec = spec_for(net0)
+    spec = net0.spec
     for row in rows:  # the weight averages' flow error, from their held-out predictions
         if "flow_err" not in row:
             row["flow_err"] = flow_error(pool.segmentations(row["candidate"]), spec, params)

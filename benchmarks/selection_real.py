@@ -57,7 +57,6 @@ for path in (REPO, REPO / "benchmarks"):
 SHARED = REPO.parent / "shared"
 DEFAULT_SETS = SHARED / "data" / "labelled"
 DEFAULT_MODEL = SHARED / "models" / "cyto0_cp3.pth"
-DEFAULT_LR = 1e-4  # CPnet's adaptation default (trainer/loop.py FAMILY_DEFAULTS)
 
 
 def set_pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -144,8 +143,11 @@ def collect(folder: str, model: str, factor: float, seed: int, iterations: int, 
             work: str, threads: int) -> dict:
     import torch
 
+    from selfadapt_deploy.models import CPnet
+
     torch.set_num_threads(threads)
-    folder_, lr = Path(folder), DEFAULT_LR * factor
+    # the real model is a Cellpose 3 U-Net: its family's adaptation lr, times the factor
+    folder_, lr = Path(folder), CPnet.adapt_defaults["lr"] * factor
     run = run_dir(Path(work), folder_, factor, seed)
     train(run, folder_, Path(model), lr, seed, iterations, eval_every, threads)
     return {"set": folder_.name, "lr": lr, "lr_factor": factor, "seed": seed, "method": "selfadapt",

@@ -67,15 +67,15 @@ def collect(family: str, shift: str, seed: int, lr_factor: float, iterations: in
     import torch
     from selection_common import score_run
 
+    from selfadapt_deploy.models.families import family_class
     from selfadapt_deploy.segment import SegmentParams
     from selfadapt_deploy.synthetic import SHIFTS
     from selfadapt_deploy.trainer.data import TileSampler, prepare_image
     from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
-    from selfadapt_deploy.trainer.loop import FAMILY_DEFAULTS
 
     torch.set_num_threads(threads)
     config = DemoConfig.for_family(family, target=SHIFTS[shift], **SIZES)
-    lr = (config.adapt.lr or FAMILY_DEFAULTS[family]["lr"]) * lr_factor
+    lr = (config.adapt.lr or family_class(family).adapt_defaults["lr"]) * lr_factor
     config = replace(config, adapt=replace(config.adapt, iterations=iterations, eval_every=eval_every,
                                            stop="none", select="last", lr=lr))
     shape = (config.size, config.size)

@@ -23,17 +23,12 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
 from selfadapt_deploy.io.writers import atomic_dir
 from selfadapt_deploy.manifest import read_manifest, verified_file
-from selfadapt_deploy.models import load_model
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec
+from selfadapt_deploy.models import family_class, load_model
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH
 from selfadapt_deploy.runtime.graphs import graph_module
 from selfadapt_deploy.synthetic import random_labels, render
 
-CITATIONS = {
-    "cpnet": ("Stringer, Wang, Michaelos & Pachitariu (2021). Cellpose: a generalist algorithm for "
-              "cellular segmentation. Nature Methods 18, 100–106.", "10.1038/s41592-020-01018-x"),
-    "cpsam": ("Pachitariu, Rariden & Stringer (2025). Cellpose-SAM: superhuman generalization for "
-              "cellular segmentation. bioRxiv.", "10.1101/2025.04.28.651001"),
-}
 OUTPUT_CHANNELS = ["dY", "dX", "cellprob"]
 
 
@@ -130,7 +125,7 @@ def _description(manifest, spec: ModelSpec, files: Path, authors: Sequence[str],
                   tensor_id=input_id, axis_id=bio.AxisId("x")))],
         test_tensor=bio.FileDescr(source=files / "test_output.npy"),
         sample_tensor=bio.FileDescr(source=files / "sample_output.tif"))]
-    text, doi = CITATIONS[manifest.family]
+    text, doi = family_class(manifest.family).citation
     weights = bio.WeightsDescr(
         onnx=bio.OnnxWeightsDescr(source=files / "model.onnx", opset_version=manifest.opset),
         torchscript=bio.TorchscriptWeightsDescr(source=files / "model_ts.pt", parent="onnx",

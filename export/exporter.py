@@ -26,7 +26,6 @@ from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, TEACHER_GRAPH, GraphIO
 from selfadapt_deploy.runtime.graphs import check_precision
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import prepare_image, rescale_factor
 from selfadapt_deploy.synthetic import random_labels, render
 
@@ -60,7 +59,7 @@ def validation_images(net: SegmentationNet, images: Sequence[np.ndarray] = ()) -
     """Normalised C×Y×X images at the network's scale to validate on: the user's (already with the
     network's channels), else generated cells of the network's mean diameter."""
     if images:
-        rescale = rescale_factor(spec_for(net), None)
+        rescale = rescale_factor(net.spec, None)
         return [prepare_image(img, rescale) for img in images]
     side = 2 * net.tile_size
     radius = (0.35 * net.diam_mean, 0.55 * net.diam_mean)
@@ -105,7 +104,7 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
                  report: Callable[[str], None], engines_from: Path | None) -> Manifest:
     """Write the weights, each graph (and engine when ``gpu``), validated; return the manifest."""
     net.save(staging / WEIGHTS_FILE)
-    spec = spec_for(net)
+    spec = net.spec
     manifest = Manifest(family=net.family, spec=spec.to_dict(), graph_channels=net.nchan,
                         normalization=NORMALIZATION, opset=opset, precision=precision,
                         max_batch=max_batch, source={"model": model, "file": WEIGHTS_FILE,
@@ -132,12 +131,15 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
 
 def _validate_onnx(onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO, precision: str,
                    tiles: list[torch.Tensor]) -> Validation:
-    """onnxruntime (CPU) against torch; a graph the CPU provider cannot load (bfloat16: it has no
-    such kernels) is recorded as not validated, with the reason — TensorRT validates its engine."""
-    runner = OrtRunner(onnx_bytes, spec_for(net), graph, "cpu")
+    """onnxruntime (CPU) against torch. Only a reduced-precision graph for which the CPU provider
+    has no kernels (onnxruntime's NOT_IMPLEMENTED: bfloat16) is recorded as not validated, with the
+    reason (console and manifest) — TensorRT validates its engine; any other failure fails the export."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+    runner = OrtRunner(onnx_bytes, net.spec, graph, "cpu")
     try:
         runner.activate()
-    except Exception as exc:  # onnxruntime raises its own types for unsupported kernels
+    except OrtNotImplemented as exc:
         if precision == "fp32":
             raise
         return Validation("skipped", reason=f"onnxruntime's CPU provider cannot run this {precision} "

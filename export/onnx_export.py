@@ -22,8 +22,8 @@ import torch
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.manifest import ONNX_METADATA_KEY
-from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.base import GraphIO, ModelSpec
+from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
+from selfadapt_deploy.runtime.base import GraphIO
 from selfadapt_deploy.runtime.graphs import check_precision, graph_module
 
 DEFAULT_OPSET = 18

@@ -27,10 +27,9 @@ import torch
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.manifest import Artifact, is_export_dir, read_manifest, sha256_file, verified_file
-from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.base import GraphIO, ModelSpec
+from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
+from selfadapt_deploy.runtime.base import GraphIO
 from selfadapt_deploy.runtime.graphs import graph_module
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.runtime.trt_runner import (
     TrtRunner,
     engine_mismatch,
@@ -117,12 +116,12 @@ def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precisi
     if isinstance(refit, tuple):
         old_plan, record = refit
         path.write_bytes(old_plan.read_bytes())
-        with TrtRunner(path, spec_for(net), graph, device, record) as runner:
+        with TrtRunner(path, net.spec, graph, device, record) as runner:
             runner.update_weights(graph_module(net, graph).state_dict())
             path.write_bytes(runner.serialize())
         record = {**record, "refit_from": str(engines_from)}
         report(f"{path.name}: refit from {old_plan} (same graph, new weights)")
-        with TrtRunner(path, spec_for(net), graph, device, record) as runner:
+        with TrtRunner(path, net.spec, graph, device, record) as runner:
             validation = validate_runner(runner, net, graph, precision, tiles, path.name)
     else:
         if refit:
@@ -144,10 +143,10 @@ def _build_validated(path: Path, onnx_bytes: bytes, net: SegmentationNet, graph:
     numerical output ... A GEMM bias can be dropped"), say so, and validate that."""
     for refittable in (True, False):
         report(f"building {path.name} with TensorRT (minutes) ...")
-        build = build_engine(onnx_bytes, graph, spec_for(net), net.nchan, precision, max_batch,
+        build = build_engine(onnx_bytes, graph, net.spec, net.nchan, precision, max_batch,
                              path.parent / TIMING_CACHE, device, refittable)
         path.write_bytes(build.plan)
-        with TrtRunner(path, spec_for(net), graph, device, build.record) as runner:
+        with TrtRunner(path, net.spec, graph, device, build.record) as runner:
             try:
                 return validate_runner(runner, net, graph, precision, tiles, path.name), build.record
             except ExportValidationError as exc:

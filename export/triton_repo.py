@@ -19,7 +19,8 @@ from types import ModuleType
 from selfadapt_deploy.errors import ArtifactError
 from selfadapt_deploy.io.writers import atomic_dir
 from selfadapt_deploy.manifest import Manifest, read_manifest, verified_file
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO
 
 #: Triton model name and file per artefact format
 TRITON_MODELS = {"onnx": ("network", "onnxruntime_onnx", "model.onnx"),

@@ -175,7 +175,7 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
     files = [v for v in validate_on if not isinstance(v, np.ndarray)]
     if files:
         net = load_model(model, "cpu")
-        arrays += read_network_images(files, net.nchan, net.family == "cpnet", channels, None, None,
+        arrays += read_network_images(files, net.nchan, net.pads_missing_channels, channels, None, None,
                                       report=report)
         if not arrays:
             raise SaDeployError("--validate-on: no readable images")

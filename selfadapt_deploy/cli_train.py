@@ -153,8 +153,9 @@ def demo(
     method: Annotated[str, typer.Option(help="selfadapt (no labels), actis (2 labelled target images "
                                         "join every batch) or culpico (two cooperating networks, "
                                         "with the labelled source images).")] = "selfadapt",
-    family: Annotated[str, typer.Option(help="cpnet (a small Cellpose 3 U-Net) or cpsam (a small "
-                                        "Cellpose-SAM ViT).")] = "cpnet",
+    family: Annotated[str, typer.Option(help="Family of the demo's small network: cpnet (a Cellpose "
+                                        "3 U-Net), cpsam (a Cellpose-SAM ViT) or any other "
+                                        "registered family.")] = "cpnet",
 ):
     """Offline demo: train a small model on clean generated cells, adapt it without labels to a noisy
     domain, print target AP before/after (about 3 minutes on 2 CPU cores)."""

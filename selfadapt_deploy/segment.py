@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
+from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
-from selfadapt_deploy.runtime.base import ModelSpec, Runner
+from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.tiling import (
     D4,
     MAX_OVERLAP,

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny networks of both families, the real data folder, trained fixture."""
+"""Shared fixtures: tiny networks of every family, the real data folder, trained fixture."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from selfadapt_deploy.models import CPnet, build_cpsam
+from selfadapt_deploy.models.cpdino import build_cpdino
 
 from .helpers import randomize_batchnorm
 
@@ -25,6 +26,11 @@ def tiny_cpnet() -> CPnet:
 @pytest.fixture
 def tiny_cpsam():
     return build_cpsam(seed=0).eval()
+
+
+@pytest.fixture
+def tiny_cpdino():
+    return build_cpdino(seed=0).eval()
 
 
 @pytest.fixture

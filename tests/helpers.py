@@ -66,7 +66,8 @@ class NoNetworkRunner:
 
     @staticmethod
     def make():
-        from selfadapt_deploy.runtime.base import ModelSpec, Runner
+        from selfadapt_deploy.models.base import ModelSpec
+        from selfadapt_deploy.runtime.base import Runner
 
         class _Runner(Runner):
             name = "no network"

@@ -49,11 +49,12 @@ def test_demo_has_a_small_cellpose_sam_variant(tmp_path):
     from selfadapt_deploy.errors import SaDeployError
 
     config = DemoConfig.for_family("cpsam")
-    net = config.network()
+    net = config.network(seed=0)
     assert net.family == "cpsam" and net.tile_size == config.tile
+    assert config.source.tile == config.tile and DemoConfig().source.tile == 112  # fixed tile: trained on it
     assert config.adapt.lr == 1e-4 and DemoConfig.for_family("cpnet") == DemoConfig()
-    with pytest.raises(SaDeployError, match="cpnet or cpsam"):
+    with pytest.raises(SaDeployError, match="--family must be one of cpnet, cpsam, cpdino"):
         DemoConfig.for_family("vit")
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--family", "vit"])
-    assert result.exit_code != 0 and "cpnet or cpsam" in result.output
+    assert result.exit_code != 0 and "must be one of cpnet, cpsam, cpdino" in result.output
     assert not (tmp_path / "d").exists()

@@ -15,8 +15,9 @@ from selfadapt_deploy.errors import ArtifactError, OutputWriteError, SaDeployErr
 from selfadapt_deploy.export import onnx_export
 from selfadapt_deploy.export.exporter import _validate_onnx, export_model
 from selfadapt_deploy.manifest import MANIFEST, ONNX_METADATA_KEY, read_manifest
-from selfadapt_deploy.models import CPnet, build_cpsam, load_model
-from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, ModelSpec, OrtRunner, TorchRunner
+from selfadapt_deploy.models import CPnet, ModelSpec, build_cpsam, load_model
+from selfadapt_deploy.models.cpdino import build_cpdino
+from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
 from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.trainer.teacher import teacher_predict
@@ -28,10 +29,12 @@ def _net(family: str):
     if family == "cpnet":
         torch.manual_seed(0)
         return randomize_batchnorm(CPnet((2, 8, 16, 32), diam_mean=17.0)).eval()
+    if family == "cpdino":
+        return build_cpdino(seed=0).eval()
     return build_cpsam(seed=0).eval()
 
 
-@pytest.fixture(scope="module", params=["cpnet", "cpsam"])
+@pytest.fixture(scope="module", params=["cpnet", "cpsam", "cpdino"])
 def exported(request, tmp_path_factory) -> tuple[str, Path]:
     """(family, export directory) of a tiny network of each family, exported once per module."""
     root = tmp_path_factory.mktemp(f"export_{request.param}")
@@ -79,8 +82,8 @@ def test_teacher_graph_is_the_trainers_teacher(exported):
     torch.testing.assert_close(got["prob_std"][:, 0], want.prob_std, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("exported", ["cpsam"], indirect=True)
-def test_cpsam_graph_takes_fewer_channels_as_cellpose_does(exported):
+@pytest.mark.parametrize("exported", ["cpsam", "cpdino"], indirect=True)
+def test_vit_graphs_take_fewer_channels_as_cellpose_does(exported):
     family, out = exported
     net = load_model(out)
     x = _tiles(family, MODEL_GRAPH, batch=2)[:, :2]  # two channels into a 3-channel graph

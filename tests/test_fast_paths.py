@@ -10,19 +10,20 @@ import torch
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io import read_images, select_channels
 from selfadapt_deploy.metrics import average_precision
-from selfadapt_deploy.models import load_model
+from selfadapt_deploy.models import CellposeSAM, CPnet, load_model
 from selfadapt_deploy.runtime import TorchRunner
 from selfadapt_deploy.runtime.torch_runner import batch_bucket, resolve_precision
 from selfadapt_deploy.segment import SegmentParams, segment_image
 
 
 def test_auto_precision_is_reduced_on_cuda_and_fp32_on_the_cpu():
-    assert resolve_precision("auto", "cuda", "cpsam") == resolve_precision(None, "cuda:0") == "bf16"
-    assert resolve_precision("auto", "cuda", "cpnet") == "fp16"
-    assert resolve_precision("auto", "cpu", "cpnet") == resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("fp16", "cpu") == "fp16"
+    assert resolve_precision("auto", "cuda", CellposeSAM) == resolve_precision(None, "cuda:0",
+                                                                               CellposeSAM) == "bf16"
+    assert resolve_precision("auto", "cuda", CPnet) == "fp16"
+    assert resolve_precision("auto", "cpu", CPnet) == resolve_precision("auto", "cpu", CellposeSAM) == "fp32"
+    assert resolve_precision("fp16", "cpu", CPnet) == "fp16"
     with pytest.raises(SaDeployError, match="--precision must be one of"):
-        resolve_precision("int8", "cpu")
+        resolve_precision("int8", "cpu", CPnet)
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
 
 
@@ -46,7 +47,7 @@ def test_auto_precision_masks_agree_with_fp32_on_real_images(trained_cpnet_path,
     net = load_model(trained_cpnet_path)
     image = read_images(data_dir / "cdp2bioactives_h23.ome.tif", series=series)[0]
     img = select_channels(image.data, [0], net.nchan, image.name)
-    low_precision = resolve_precision("auto", "cuda", net.family)
+    low_precision = resolve_precision("auto", "cuda", net)
     with TorchRunner(net, precision="fp32") as fp32, TorchRunner(net, precision=low_precision) as low:
         ref = segment_image(fp32, img, SegmentParams())
         reduced = segment_image(low, img, SegmentParams())

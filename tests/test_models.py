@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from selfadapt_deploy.errors import ModelLoadError
-from selfadapt_deploy.models import CellposeSAM, CPnet, detect_family, load_model, loading
+from selfadapt_deploy.models import CellposeSAM, CPnet, detect_family, load_model
 
 
 @pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam"])
@@ -71,7 +73,7 @@ def test_extra_key_is_an_error(tiny_cpsam, tmp_path):
 
 def test_unknown_and_corrupt_files_are_errors(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(ModelLoadError, match="neither a Cellpose-SAM nor a Cellpose 3"):
+    with pytest.raises(ModelLoadError, match=r"not a state dict of any known family \(Cellpose 3 U-Net"):
         load_model(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(ModelLoadError, match="not a readable PyTorch weights file"):
@@ -109,7 +111,7 @@ def test_name_resolves_from_cellpose_cache(tmp_path, monkeypatch, tiny_cpnet):
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path))
     tiny_cpnet.save(tmp_path / "cyto3")
     assert isinstance(load_model("cyto3"), CPnet)
-    assert loading.cache_file_name("cyto2") == "cyto2torch_0"
+    assert CPnet.cache_file_name("cyto2") == "cyto2torch_0"
 
 
 def test_run_directory_loads_model_pt(tmp_path, tiny_cpsam):
@@ -127,3 +129,44 @@ def test_full_size_cpsam_state_dict_builds_cellposes_class():
     state = CPSAM(dtype=torch.float32).state_dict()
     net = CellposeSAM.from_state_dict(state)
     assert type(net.net) is CPSAM and net.tile_size == 256
+
+
+def test_an_unknown_family_is_an_error_never_a_cpnet():
+    from selfadapt_deploy.models.families import family_class, family_of_model_name
+
+    with pytest.raises(ModelLoadError,
+                       match=r"unknown model family 'vit'; sa-deploy knows cpnet, cpsam, cpdino"):
+        family_class("vit")
+    assert family_class("cpsam") is CellposeSAM and family_of_model_name("cyto3") is CPnet
+    assert family_of_model_name("cpsam_v2") is CellposeSAM and family_of_model_name("vit") is None
+
+
+def test_every_family_declares_the_registry_facts():
+    """What models/base.py says a family declares, present and of the right kind on each class."""
+    from selfadapt_deploy.models.families import FAMILIES
+    from selfadapt_deploy.runtime.graphs import PRECISIONS
+
+    for name, cls in FAMILIES.items():
+        assert cls.family == name and cls.title and cls.model_names and cls.download_url
+        assert isinstance(cls.pads_missing_channels, bool) and cls.cuda_precision in PRECISIONS
+        assert set(cls.adapt_defaults) == {"lr", "l2sp"} and len(cls.citation) == 2
+    names = [n for cls in FAMILIES.values() for n in cls.model_names]
+    assert len(names) == len(set(names))  # a released name belongs to one family
+
+
+def test_no_family_name_is_compared_outside_models():
+    """Family facts live on the family classes (models/): shipped code asks them, never compares
+    ``family == "cpsam"``-style strings or keys dicts by family name."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    families = "|".join(("cpnet", "cpsam", "cpdino"))
+    pattern = re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({families})["']|["']({families})["']\s*(==|!=|:)""")
+    found = []
+    for folder in ("selfadapt_deploy", "trainer", "export"):
+        for path in (root / folder).rglob("*.py"):
+            if "models" in path.relative_to(root).parts:
+                continue
+            found += [f"{path.relative_to(root)}:{i}: {line.strip()}"
+                      for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, "\n".join(found)

@@ -37,11 +37,13 @@ def run_ours(net, img, params):
     SegmentParams(cellprob_threshold=-0.5, flow_threshold=0.0, min_size=0),
     SegmentParams(diameter=40.0, cellprob_threshold=-0.5),
 ])
-def test_cpsam_family_pipeline_equals_cellpose_eval(tiny_cpsam, params):
+@pytest.mark.parametrize("family", ["tiny_cpsam", "tiny_cpdino"])
+def test_vit_family_pipeline_equals_cellpose_eval(family, params, request):
+    net = request.getfixturevalue(family)
     gray = render(random_labels((150, 170), 20, seed=1), seed=1)
     img = np.stack([gray, 0.5 * gray])
-    ours = run_ours(tiny_cpsam, img, params)
-    masks, dP, cellprob = cellpose_eval(tiny_cpsam, img, params.diameter, params)
+    ours = run_ours(net, img, params)
+    masks, dP, cellprob = cellpose_eval(net, img, params.diameter, params)
     np.testing.assert_allclose(ours.flows, dP, atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours.cellprob, cellprob, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(ours.masks, masks)
@@ -158,11 +160,10 @@ def test_small_files_share_network_batches_in_segment_files(tmp_path, trained_cp
 
 
 def test_batch_chunks_group_small_images_until_a_batch_is_full(tiny_cpnet):
-    from selfadapt_deploy.runtime.torch_runner import spec_for
     from selfadapt_deploy.segment import batch_chunks
 
     small, large = np.zeros((2, 100, 100), np.float32), np.zeros((2, 900, 900), np.float32)
-    chunks = batch_chunks(spec_for(tiny_cpnet), [small] * 5 + [large, small], SegmentParams(batch_size=2))
+    chunks = batch_chunks(tiny_cpnet.spec, [small] * 5 + [large, small], SegmentParams(batch_size=2))
     assert [len(c) for c in chunks] == [2, 2, 2, 1]  # a chunk closes once its tiles fill a batch
-    chunks = batch_chunks(spec_for(tiny_cpnet), [small, large, small, small], SegmentParams(batch_size=8))
+    chunks = batch_chunks(tiny_cpnet.spec, [small, large, small, small], SegmentParams(batch_size=8))
     assert [len(c) for c in chunks] == [2, 2]  # the large image fills the first batch

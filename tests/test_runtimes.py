@@ -13,7 +13,7 @@ from selfadapt_deploy.cli import app
 from selfadapt_deploy.errors import DeviceError
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner, spec_for
+from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
 from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.synthetic import random_labels, render
@@ -62,7 +62,7 @@ def test_teacher_graph_needs_square_tiles(exported_cyto):
 
 
 def test_onnxruntime_refuses_a_provider_it_cannot_use(exported_cyto):
-    spec = spec_for(load_model(exported_cyto))
+    spec = load_model(exported_cyto).spec
     with pytest.raises(DeviceError, match="does not run on device cpu"):
         OrtRunner(exported_cyto / "model.onnx", spec, provider="cuda")
     if not torch.cuda.is_available():

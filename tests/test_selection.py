@@ -189,7 +189,7 @@ def test_batchnorm_recomputed_on_tiles(tiny_cpnet):
 
 
 # ---- dropout consistency -----------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam"])
+@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam", "tiny_cpdino"])
 def test_feature_dropout_is_deterministic_and_removed_afterwards(family, request):
     net = request.getfixturevalue(family)
     x = torch.rand(2, net.nchan, net.tile_size, net.tile_size)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.models import load_model
-from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, ModelSpec, TorchRunner
+from selfadapt_deploy.models import ModelSpec, load_model
+from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
 from selfadapt_deploy.runtime.select import open_runner
 
@@ -159,7 +159,6 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
     from selfadapt_deploy.export.exporter import export_model
     from selfadapt_deploy.export.onnx_export import export_onnx
     from selfadapt_deploy.export.tensorrt import build_engine
-    from selfadapt_deploy.runtime import spec_for
     from selfadapt_deploy.runtime.trt_runner import TrtRunner
 
     out = tmp_path / "trt"
@@ -179,13 +178,13 @@ def test_tensorrt_engines_refit_and_match_torch(tmp_path, trained_cpnet_path):
         return (a - b).abs().max() <= 1e-3 * max(1.0, float(b.abs().max()))
 
     for graph in (MODEL_GRAPH, TEACHER_GRAPH):
-        build = build_engine(export_onnx(net, graph).SerializeToString(), graph, spec_for(net),
+        build = build_engine(export_onnx(net, graph).SerializeToString(), graph, net.spec,
                              net.nchan, "fp32", 8, tmp_path / "timing.cache", torch.device("cuda"),
                              refittable=False)
         plain = tmp_path / f"{graph.name}.plan"
         plain.write_bytes(build.plan)
         with open_runner(out, "tensorrt", "cuda", graph=graph)[0] as refit, \
-                TrtRunner(plain, spec_for(net), graph, "cuda", build.record) as built, \
+                TrtRunner(plain, net.spec, graph, "cuda", build.record) as built, \
                 open_runner(refit_dir, "tensorrt", "cuda", graph=graph)[0] as exported:
             refit.update_weights(graph_module(net, graph).state_dict())
             a, b, c = refit.run(x), built.run(x), exported.run(x)

@@ -178,7 +178,6 @@ def test_mask_agreement_is_f1_at_iou_half():
 def test_flow_error_is_the_pixel_weighted_mask_error_without_flow_qc(tiny_cpnet):
     from selfadapt_deploy.postprocess import flows_to_masks
     from selfadapt_deploy.postprocess.flow_qc import flow_errors, masks_to_flows
-    from selfadapt_deploy.runtime.torch_runner import spec_for
     from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
     from selfadapt_deploy.synthetic import random_labels
     from selfadapt_deploy.trainer.stopping import flow_error
@@ -189,7 +188,7 @@ def test_flow_error_is_the_pixel_weighted_mask_error_without_flow_qc(tiny_cpnet)
     def seg(flows):
         return Segmentation(masks=labels, output=np.concatenate([flows, logit[None]]).astype(np.float32))
 
-    spec, params = spec_for(tiny_cpnet), SegmentParams()
+    spec, params = tiny_cpnet.spec, SegmentParams()
     exact = 5 * masks_to_flows(labels)  # the flows the true masks imply, in network units
     noisy = exact + np.random.default_rng(0).normal(0, 2.0, exact.shape)
     assert flow_error([seg(exact)], spec, params) < 1e-3  # consistent flows: (almost) no error

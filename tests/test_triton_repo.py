@@ -16,7 +16,8 @@ from selfadapt_deploy.cli import app
 from selfadapt_deploy.errors import ArtifactError, OutputWriteError
 from selfadapt_deploy.export.triton_repo import model_config, parse_model_config, write_triton_repo
 from selfadapt_deploy.manifest import MANIFEST, Artifact, read_manifest, sha256_file
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH
 
 pytest.importorskip("tritonclient", reason="the dev extra installs tritonclient (its ModelConfig)")
 

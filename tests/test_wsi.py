@@ -132,7 +132,7 @@ def test_slide_percentiles_equal_the_whole_image_normalisation(tmp_path):
     path = tmp_path / "big.tif"
     tifffile.imwrite(path, img, tile=(256, 256), metadata={"axes": "CYX"})
     slide = open_slide(path)
-    from selfadapt_deploy.runtime.base import ModelSpec
+    from selfadapt_deploy.models.base import ModelSpec
 
     spec = ModelSpec(nchan=2, tile_size=224, fixed_tile=False, diam_mean=17, default_diameter=17)
     lo, hi, flat = slide_normalisation(slide, None, spec)

@@ -20,7 +20,6 @@ from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.postprocess import MaskParams
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import SegmentParams, mask_params, rescale_factor
 from selfadapt_deploy.trainer.averaging import average_state, recompute_batchnorm
 from selfadapt_deploy.trainer.pool import PredictionPool
@@ -55,7 +54,7 @@ def build_average(name: str, snapshots: dict[int, Path], warmup: int, out: Path,
 
 def consensus_params(params: SegmentParams, net: SegmentationNet) -> MaskParams:
     """How consensus outputs become masks: as the candidates' own outputs did."""
-    return mask_params(params, rescale_factor(spec_for(net), params.diameter))
+    return mask_params(params, rescale_factor(net.spec, params.diameter))
 
 
 def score_consensus(rows: Sequence[Row], pool: PredictionPool, params: MaskParams, label: str,

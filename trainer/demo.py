@@ -2,7 +2,8 @@
 
 1. Render a *source* domain (clean images) and a *target* domain (the same kind of cells under 6×
    the noise) with ground truth (``synthetic.SOURCE`` / ``synthetic.TARGET``).
-2. Train a small Cellpose 3 U-Net on the source images with cellpose's loss (``source.py``).
+2. Train a small network (a Cellpose 3 U-Net by default) on the source images with cellpose's
+   loss (``source.py``).
 3. Segment held-out labelled target images: AP before adaptation.
 4. Adapt the source model to *unlabeled* target images with SelfAdapt (``loop.adapt``, the same
    code as ``sa-deploy adapt``) and segment the held-out target images again: AP after.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,8 @@ from selfadapt_deploy.batch import pooled, segment_arrays
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path, write_masks
 from selfadapt_deploy.metrics import APResult, average_precision
-from selfadapt_deploy.models import CPnet, load_model
+from selfadapt_deploy.models import FAMILIES, load_model
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.models.cpsam import build_cpsam
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.synthetic import SOURCE, TARGET, Domain
 from selfadapt_deploy.trainer.candidates import SELECTION_CSV
@@ -51,7 +51,6 @@ class DemoConfig:
     n_val: int = 2  # unlabeled target images (label-free stopping)
     n_test: int = 6  # labelled images per domain, only for the before/after table
     size: int = 192
-    nbase: tuple[int, ...] = (1, 16, 32, 64)
     tile: int = 112
     source: SourceConfig = field(default_factory=lambda: SourceConfig(iterations=200))
     adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(iterations=80, eval_every=20))
@@ -60,28 +59,29 @@ class DemoConfig:
     method: str = "selfadapt"
     n_labelled: int = 2
     culpico_source: bool = True
-    # cpnet: a small Cellpose 3 U-Net; cpsam: a small Cellpose-SAM (a 4-block ViT, 8-px patches,
-    # the tile as its fixed input size), trained longer and adapted at 10× cellpose 4's fine-tuning
-    # lr (1e-5 is for the 300 M-parameter network, under which this one barely moves)
+    # the small network of this family (its ``build_demo``), trained and adapted as its ``demo``
+    # recipe says (models/base.py DemoRecipe)
     family: str = "cpnet"
     target: Domain = TARGET  # the target domain (benchmarks/selection_rules.py uses other shifts)
 
     @classmethod
     def for_family(cls, family: str, **changes) -> DemoConfig:
-        """The demo's settings for ``family`` (cpnet | cpsam), with ``changes`` applied."""
-        if family == "cpsam":
-            changes = {"source": SourceConfig(iterations=800, lr=2e-3, tile=changes.get("tile", cls.tile)),
-                       "adapt": AdaptConfig(iterations=80, eval_every=20, lr=1e-4), **changes}
-        elif family != "cpnet":
-            raise SaDeployError(f"--family must be cpnet or cpsam, got '{family}'")
+        """The demo's settings for ``family`` (any registered family), with ``changes`` applied."""
+        if family not in FAMILIES:
+            raise SaDeployError(f"--family must be one of {', '.join(FAMILIES)}, got '{family}'")
+        fam, base = FAMILIES[family], cls()
+        recipe, source = fam.demo, {"iterations": fam.demo.source_iterations}
+        if fam.fixed_tile:  # the network's input size is the tile: source training uses it too
+            source["tile"] = changes.get("tile", cls.tile)
+        if recipe.source_lr is not None:
+            source["lr"] = recipe.source_lr
+        changes = {"source": replace(base.source, **source),
+                   "adapt": replace(base.adapt, lr=recipe.adapt_lr), **changes}
         return cls(family=family, **changes)
 
-    def network(self) -> SegmentationNet:
-        """The untrained source network (seeded by the caller's torch seed)."""
-        if self.family == "cpsam":
-            return build_cpsam(embed_dim=64, depth=4, num_heads=4, out_chans=32, ps=8, bsize=self.tile,
-                               seed=int(torch.initial_seed() % 2**31))
-        return CPnet(self.nbase, diam_mean=DIAMETER)
+    def network(self, seed: int) -> SegmentationNet:
+        """The untrained source network, initialised from ``seed``."""
+        return FAMILIES[self.family].build_demo(self.tile, DIAMETER, seed)
 
     @classmethod
     def quick(cls, method: str = "selfadapt") -> DemoConfig:
@@ -147,8 +147,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
         report(f"reusing the trained source model {out / SOURCE_MODEL}")
     else:
         report(f"training a source model on {len(source)} clean labelled images ({SOURCE.name})")
-        torch.manual_seed(seed)
-        net = config.network().to(device)
+        net = config.network(seed).to(device)
         train_source(net, [im for im, _ in source], [lab for _, lab in source],
                      SourceConfig(**{**asdict(config.source), "seed": seed}), source_progress)
         net.save(out / SOURCE_MODEL)

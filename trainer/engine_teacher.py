@@ -23,7 +23,6 @@ from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import TEACHER_GRAPH, Runner
 from selfadapt_deploy.runtime.graphs import graph_module
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.trainer.teacher import TeacherOutput, teacher_predict
 
 ENGINE_DIR = "teacher_engine"
@@ -76,7 +75,7 @@ def open_engine_teacher(teacher: SegmentationNet, runtime: str, precision: str, 
     onnx_bytes = export_onnx(teacher, TEACHER_GRAPH, precision).SerializeToString()
     with atomic_path(onnx_path) as tmp:
         tmp.write_bytes(onnx_bytes)
-    spec = spec_for(teacher)
+    spec = teacher.spec
     if runtime == "onnx":
         runner: Runner = OrtRunner(onnx_path, spec, TEACHER_GRAPH, device)
     else:
@@ -93,7 +92,7 @@ def _tensorrt_teacher(onnx_bytes: bytes, teacher: SegmentationNet, precision: st
     from selfadapt_deploy.runtime.trt_runner import TrtRunner, engine_mismatch
 
     plan, record_path = directory / f"{TEACHER_GRAPH.name}.plan", directory / "engine.json"
-    spec = spec_for(teacher)
+    spec = teacher.spec
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if not (plan.is_file() and record and record.get("precision") == precision
             and record.get("max_batch", 0) >= max_batch and not engine_mismatch(record, device)):

@@ -55,7 +55,6 @@ __all__ = ["MODEL", "AdaptConfig", "Validation", "adapt", "split_indices"]
 # with L2-SP 1e-2 helped within ~150 iterations of batch 4 on real labelled data, where lr 1e-3
 # with L2-SP 1e-4 drifted (issue 3); the sweep agrees it helps and stays inside the stopping
 # thresholds. CPSAM: 1e-5 is cellpose 4's own fine-tuning default for the 300 M-parameter network.
-FAMILY_DEFAULTS = {"cpnet": {"lr": 1e-4, "l2sp": 1e-2}, "cpsam": {"lr": 1e-5, "l2sp": 1e-2}}
 CHECKPOINT, SNAPSHOTS, METRICS, RUN_JSON = "checkpoint.pt", "snapshots", "metrics.csv", "run.json"
 
 
@@ -122,8 +121,9 @@ class AdaptConfig:
         """Steps of linear learning-rate warm-up (SWA averages the snapshots after them)."""
         return max(1, int(self.warmup_fraction * self.iterations))
 
-    def resolved(self, family: str) -> AdaptConfig:
-        d = FAMILY_DEFAULTS[family]
+    def resolved(self, family: type[SegmentationNet] | SegmentationNet) -> AdaptConfig:
+        """lr and l2sp left unset take the family's ``adapt_defaults``."""
+        d = family.adapt_defaults
         return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
                               "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp})
 
@@ -197,7 +197,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     """Run (or resume) an adaptation — SelfAdapt; ACTIS with ``labelled`` target tiles in every
     batch; CULPICO (``config.method``) with ``partner`` as its second network and ``labelled``
     as its labelled source tiles — and return the run summary also written to ``run.json``."""
-    cfg = config.resolved(student.family)
+    cfg = config.resolved(student)
     n_labelled = labelled_per_batch(cfg, labelled)
     rule = resolve_rule(cfg.select, bool(val.labelled))
     pool = PredictionPool(out / POOL, len(val.images))

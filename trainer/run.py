@@ -54,7 +54,7 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     if partner is not None and (partner.family, partner.nchan) != (net.family, net.nchan):
         raise SaDeployError(f"--model2 {model2} is a {partner.family} with {partner.nchan} channels; "
                             f"CULPICO's two networks must match {model} ({net.family}, {net.nchan})")
-    pad = net.family == "cpnet"
+    pad = net.pads_missing_channels
     labelled_pairs = read_pairs(find_pairs(source if culpico else labeled), net.nchan, pad, channels,
                                 channel_axis, series, report)
     val_pairs = read_pairs(find_pairs(val_labeled), net.nchan, pad, channels, channel_axis, series,

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.metrics import iou_matrix, relabel_sequential, true_positives
+from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.postprocess import flows_to_masks
 from selfadapt_deploy.postprocess.flow_qc import flow_errors
-from selfadapt_deploy.runtime.base import ModelSpec
 from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
 from selfadapt_deploy.trainer.teacher import teacher_predict
 

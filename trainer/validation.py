@@ -11,7 +11,6 @@ import torch
 from selfadapt_deploy.batch import pooled, segment_arrays, segment_results
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.torch_runner import spec_for
 from selfadapt_deploy.segment import Segmentation, SegmentParams
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.perturb import dropout_disagreement
@@ -63,7 +62,7 @@ def evaluate_drift(net: SegmentationNet, val: Validation, snapshot: bool = True,
     masks = [seg.masks for seg in segs]
     row = {"fn_rate": fn_rate(val.reference_masks, masks),
            "d_emb": embedding_distance(embed(net, val.tiles), val.reference_embedding),
-           "flow_err": flow_error(segs, spec_for(net), val.params),
+           "flow_err": flow_error(segs, net.spec, val.params),
            "tta_spread": tta_spread(net, val.tiles)}
     if snapshot:
         if val.previous_masks:

@@ -1,16 +1,54 @@
-"""The one contract every model family implements (DESIGN.md §3)."""
+"""The one contract every model family implements (DESIGN.md §3), and the facts a family declares.
+
+Everything sa-deploy needs to know about a family (its cellpose names and download, how its state
+dicts look, tile geometry and channels, CUDA precision, capabilities, adaptation defaults, citation)
+is a class attribute here, declared once by the family's class; ``models/families.py`` looks them
+up. No code outside ``models/`` compares family names.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from selfadapt_deploy.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a runner accepts (channels, tile geometry) and the cell scale its model expects."""
+
+    nchan: int  # exact channel count, or the maximum when ``fewer_channels_ok``
+    tile_size: int
+    fixed_tile: bool  # True: H = W = tile_size exactly; False: any multiple of 16
+    diam_mean: float  # images are rescaled by diam_mean / diameter
+    default_diameter: float  # the diameter assumed when the user gives none
+    fewer_channels_ok: bool = False
+
+    @property
+    def pads_missing_channels(self) -> bool:
+        """Images with fewer channels than ``nchan`` are zero-padded before the network (else the
+        network takes 1..nchan channels itself)."""
+        return not self.fewer_channels_ok
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How the offline demo trains a small network of a family (``trainer/demo.py``)."""
+
+    source_iterations: int = 200
+    source_lr: float | None = None  # None: the demo's default source-training lr
+    adapt_lr: float | None = None  # None: the family's ``adapt_defaults["lr"]``
 
 
 class SegmentationNet(nn.Module, ABC):
@@ -20,11 +58,63 @@ class SegmentationNet(nn.Module, ABC):
     globally pooled bottleneck used by the embedding-distance stopping rule.
     """
 
-    family: str
+    # ---- facts every family class declares (read through models/families.py) ----
+    #: short name: manifests, run.json, ``--family``
+    family: ClassVar[str]
+    #: what users call it
+    title: ClassVar[str]
+    #: cellpose's names of released weights, and the base URL cellpose downloads them from
+    model_names: ClassVar[tuple[str, ...]] = ()
+    download_url: ClassVar[str] = ""
+    #: True: images with fewer channels than ``nchan`` are zero-padded (Cellpose 3); False: the
+    #: network takes 1..nchan channels itself (cellpose slices the patch-embedding weight)
+    pads_missing_channels: ClassVar[bool]
+    #: ``--precision auto`` on CUDA (fp32 elsewhere)
+    cuda_precision: ClassVar[str]
+    #: attention that ``scaled_dot_product_attention`` can run (``export_forward(sdpa=True)``)
+    has_attention: ClassVar[bool] = False
+    #: convolutions that gain from channels-last memory on CUDA at reduced precision
+    channels_last_on_cuda: ClassVar[bool] = False
+    #: adaptation defaults when the user gives none: ``lr``, ``l2sp``
+    adapt_defaults: ClassVar[Mapping[str, float]]  # (a read-only mapping in each family)
+    #: the offline demo's small network of this family
+    demo: ClassVar[DemoRecipe] = DemoRecipe()
+    #: (reference, DOI) cited in exported packages
+    citation: ClassVar[tuple[str, str]]
+
     #: side of the square tile the network is run on
     tile_size: int
     #: whether inputs must be exactly ``tile_size`` (ViT position embeddings) or may be any multiple of 16
     fixed_tile: bool
+
+    @classmethod
+    def cache_file_name(cls, name: str) -> str:
+        """File name of released weights ``name`` in cellpose's cache."""
+        return name
+
+    @classmethod
+    @abstractmethod
+    def recognises(cls, keys: Set[str]) -> bool:
+        """Whether a state dict with these keys (``module.`` prefix removed) is of this family."""
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str = "<state dict>"
+                        ) -> SegmentationNet:
+        """Build the network a state dict describes (sizes read from its shapes), load strictly."""
+
+    @classmethod
+    @abstractmethod
+    def build_demo(cls, tile: int, diam_mean: float, seed: int) -> SegmentationNet:
+        """The small network of this family the demo and tests train, initialised from ``seed``
+        (global RNG untouched); ``diam_mean``: the demo cells' diameter, where the family trains it."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What runners, tilers and readers need to know about this network."""
+        return ModelSpec(nchan=self.nchan, tile_size=self.tile_size, fixed_tile=self.fixed_tile,
+                         diam_mean=self.diam_mean, default_diameter=self.default_diameter,
+                         fewer_channels_ok=not self.pads_missing_channels)
 
     @property
     @abstractmethod

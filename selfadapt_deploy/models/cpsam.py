@@ -8,13 +8,14 @@ a narrower/shallower ViT) are built for tests and the demo by :func:`build_cpsam
 from __future__ import annotations
 
 from functools import partial
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfadapt_deploy.errors import ModelLoadError
-from selfadapt_deploy.models.base import SegmentationNet, load_strict
+from selfadapt_deploy.models.base import DemoRecipe, SegmentationNet, load_strict
 
 # Cellpose-SAM as released: SAM ViT-L encoder, patch 8, 256-pixel tiles
 VITL = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "out_chans": 256, "ps": 8, "bsize": 256}
@@ -85,6 +86,18 @@ class CellposeSAM(SegmentationNet):
     """Wraps a ``cellpose.vit.CPSAM``; tiles are fixed (position embeddings are not interpolated)."""
 
     family = "cpsam"
+    title = "Cellpose-SAM"
+    model_names = ("cpsam", "cpsam_v2")
+    download_url = "https://huggingface.co/mouseland/cellpose-sam/resolve/main/"
+    pads_missing_channels = False
+    cuda_precision = "bf16"  # as cellpose 4 runs it (fp16 risks overflow in the ViT)
+    has_attention = True
+    adapt_defaults = MappingProxyType({"lr": 1e-5, "l2sp": 1e-2})  # cellpose 4's fine-tuning lr
+    # the demo's 4-block ViT trains longer and adapts at 10× cellpose 4's fine-tuning lr (1e-5 is
+    # for the 300 M-parameter network, under which this one barely moves)
+    demo = DemoRecipe(source_iterations=800, source_lr=2e-3, adapt_lr=1e-4)
+    citation = ("Pachitariu, Rariden & Stringer (2025). Cellpose-SAM: superhuman generalization for "
+                "cellular segmentation. bioRxiv.", "10.1101/2025.04.28.651001")
     fixed_tile = True
 
     def __init__(self, net: nn.Module):
@@ -146,6 +159,17 @@ class CellposeSAM(SegmentationNet):
 
     def native_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.net.state_dict().items()}
+
+    @classmethod
+    def recognises(cls, keys) -> bool:
+        return ("W2" in keys and "encoder.patch_embed.proj.weight" in keys
+                and "encoder.cls_token" not in keys)
+
+    @classmethod
+    def build_demo(cls, tile: int, diam_mean: float, seed: int) -> CellposeSAM:
+        """A 4-block ViT, 8-pixel patches, the tile as its fixed input size. ``diam_mean`` is not
+        used: Cellpose-SAM's is fixed at cellpose 4's 30 pixels."""
+        return build_cpsam(embed_dim=64, depth=4, num_heads=4, out_chans=32, ps=8, bsize=tile, seed=seed)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], source: str = "<state dict>"):

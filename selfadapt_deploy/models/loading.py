@@ -1,4 +1,5 @@
-"""Resolve ``--model``: a weights file of either family, a Cellpose model name, or a run directory.
+"""Resolve ``--model``: a weights file of any family (``models/families.py``), a Cellpose model
+name, or a run directory.
 
 Loading is strict everywhere: an unknown file, a mistyped name or missing/mismatched keys is an
 error, never a silent fallback (cellpose 4 silently falls back to cpsam_v2 with strict=False).
@@ -6,7 +7,7 @@ error, never a silent fallback (cellpose 4 silently falls back to cpsam_v2 with 
 
 from __future__ import annotations
 
-import difflib
+import errno
 import os
 from pathlib import Path
 
@@ -15,20 +16,11 @@ import torch
 from selfadapt_deploy.errors import ModelLoadError
 from selfadapt_deploy.manifest import is_export_dir, read_manifest, verified_file
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.models.cpnet import CPnet
-from selfadapt_deploy.models.cpsam import CellposeSAM
+from selfadapt_deploy.models.families import closest_model_names, family_of_model_name, family_of_state
 
-CPSAM_URL = "https://huggingface.co/mouseland/cellpose-sam/resolve/main/"
-CP3_URL = "https://www.cellpose.org/models/"
-CPSAM_NAMES = ("cpsam", "cpsam_v2")
-# Cellpose 3 U-Net models: cyto/cyto2/cyto3/nuclei and the Cellpose 2.0 / 3.0 model zoo
-CPNET_NAMES = (
-    "cyto3", "cyto2", "cyto", "nuclei", "cyto2_cp3", "tissuenet_cp3", "livecell_cp3",
-    "yeast_PhC_cp3", "yeast_BF_cp3", "bact_phase_cp3", "bact_fluor_cp3", "deepbacs_cp3",
-    "neurips_cellpose_default", "neurips_grayscale_cyto2",
-    "CP", "CPx", "TN1", "TN2", "TN3", "LC1", "LC2", "LC3", "LC4",
-)
 RUN_MODEL_FILE = "model.pt"  # the selected model inside an adaptation run directory
+#: a failed download that is the local disk's fault, not the network's
+LOCAL_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM)
 
 
 def cellpose_model_dir() -> Path:
@@ -37,21 +29,9 @@ def cellpose_model_dir() -> Path:
     return Path(env) if env else Path.home() / ".cellpose" / "models"
 
 
-def cache_file_name(name: str) -> str:
-    """File name cellpose uses in its cache (cellpose 3 adds ``torch_0`` to three legacy models)."""
-    return f"{name}torch_0" if name in ("cyto", "cyto2", "nuclei") else name
-
-
 def detect_family(state: dict) -> str:
-    """'cpsam' or 'cpnet' from a state dict's keys; raises for anything else."""
-    keys = {k.removeprefix("module.") for k in state}
-    if "W2" in keys and "encoder.patch_embed.proj.weight" in keys:
-        return "cpsam"
-    if "output.2.weight" in keys and any(k.startswith("downsample.down.") for k in keys):
-        return "cpnet"
-    if "encoder.cls_token" in keys:
-        raise ModelLoadError("Cellpose-DINO (cpdino) weights are not supported by sa-deploy")
-    raise ModelLoadError("neither a Cellpose-SAM nor a Cellpose 3 U-Net state dict")
+    """The family name of a state dict, from its keys; raises for anything else."""
+    return family_of_state(state).family
 
 
 def load_plain(path: Path, what: str = "weights file") -> object:
@@ -71,34 +51,39 @@ def load_plain(path: Path, what: str = "weights file") -> object:
 
 
 def load_weights_file(path: Path) -> SegmentationNet:
-    """Load a ``torch.save``d state dict of either family, auto-detected from its keys."""
+    """Load a ``torch.save``d state dict of any family, recognised by its keys."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
     state = load_plain(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: expected a state dict of tensors (torch.save(net.state_dict()))")
     try:
-        family = detect_family(state)
+        cls = family_of_state(state)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
-    cls = CellposeSAM if family == "cpsam" else CPnet
     return cls.from_state_dict(state, source=str(path))
 
 
 def download_to_cache(name: str) -> Path:
     """Path of a named Cellpose model in cellpose's cache, downloading it when a network exists."""
-    fname = cache_file_name(name)
+    cls = family_of_model_name(name)
+    if cls is None:
+        raise ModelLoadError(f"'{name}' is not a released Cellpose model. {closest_model_names(name)}")
+    fname = cls.cache_file_name(name)
     target = cellpose_model_dir() / fname
     if target.is_file():
         return target
-    url = (CPSAM_URL if name in CPSAM_NAMES else CP3_URL) + fname
-    try:
-        from cellpose.utils import download_url_to_file
+    url = cls.download_url + fname
+    from cellpose.utils import download_url_to_file
 
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         download_url_to_file(url, os.fspath(target), progress=True)
-    except Exception as exc:  # URLError, socket errors, HTTP errors: all mean "not downloadable here"
+    except OSError as exc:  # URLError and socket/HTTP errors are OSErrors; so is a full disk
         target.unlink(missing_ok=True)
+        if exc.errno in LOCAL_ERRNOS:
+            raise ModelLoadError(f"model '{name}': could not write {target} ({exc}); free space or "
+                                 "set CELLPOSE_LOCAL_MODELS_PATH to a writable directory") from exc
         raise ModelLoadError(
             f"model '{name}' is not in cellpose's cache and could not be downloaded ({exc}). "
             f"Offline? Place the file '{fname}' (from {url}) at {target} "
@@ -110,7 +95,7 @@ def download_to_cache(name: str) -> Path:
 def load_model(spec: str | os.PathLike, device: torch.device | str = "cpu") -> SegmentationNet:
     """Resolve ``--model`` and return the network in eval mode on ``device``.
 
-    Accepts: a weights file of either family; a run directory holding ``model.pt``; an export
+    Accepts: a weights file of any family; a run directory holding ``model.pt``; an export
     directory (``sa-deploy export``; its weights, verified); a Cellpose model name (``cpsam``,
     ``cyto3``, …) from cellpose's cache, downloaded if possible.
     """
@@ -127,12 +112,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str = "cpu") -> S
         net = load_weights_file(path / RUN_MODEL_FILE)
     elif path.is_file():
         net = load_weights_file(path)
-    elif str(spec) in CPSAM_NAMES or str(spec) in CPNET_NAMES:
+    elif family_of_model_name(str(spec)) is not None:
         net = load_weights_file(download_to_cache(str(spec)))
     else:
-        known = CPSAM_NAMES + CPNET_NAMES
-        close = difflib.get_close_matches(str(spec), known, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else f" Known names: {', '.join(known)}."
         raise ModelLoadError(f"'{spec}' is neither a model file, a run directory nor a Cellpose "
-                             f"model name.{hint}")
+                             f"model name. {closest_model_names(str(spec))}")
     return net.to(device).eval()

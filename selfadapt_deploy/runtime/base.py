@@ -10,24 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a runner accepts (channels, tile geometry) and the cell scale its model expects."""
-
-    nchan: int  # exact channel count, or the maximum when ``fewer_channels_ok``
-    tile_size: int
-    fixed_tile: bool  # True: H = W = tile_size exactly; False: any multiple of 16
-    diam_mean: float  # images are rescaled by diam_mean / diameter
-    default_diameter: float  # the diameter assumed when the user gives none
-    fewer_channels_ok: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from selfadapt_deploy.models.base import ModelSpec
 
 
 @dataclass(frozen=True)

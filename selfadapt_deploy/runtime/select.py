@@ -16,7 +16,8 @@ import torch
 from selfadapt_deploy.errors import ArtifactError, SaDeployError
 from selfadapt_deploy.manifest import Manifest, is_export_dir, read_manifest, verified_file
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
 from selfadapt_deploy.runtime.graphs import check_precision
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
 from selfadapt_deploy.runtime.torch_runner import TorchRunner

@@ -16,7 +16,7 @@ import torch
 
 from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
 from selfadapt_deploy.runtime.graphs import check_precision, graph_module
 
 ATTENTIONS = ("auto", "sdpa", "native")
@@ -34,18 +34,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-#: ``auto`` precision on CUDA per family. Cellpose-SAM: bf16, as cellpose 4 runs it (fp16 risks
-#: overflow in the ViT). CPnet: fp16 — on an H100 it is faster than bf16 (2036 vs 1825 tiles/s,
-#: ../shared/GPU_FACTS.md), and its 10-bit mantissa keeps masks closer to fp32 (AP@0.5 agreement
-#: on the six real bbbc047 fields: fp16 0.992–1.0, bf16 0.977–1.0; the style vector stays fp32).
-AUTO_PRECISION_ON_CUDA = {"cpsam": "bf16", "cpnet": "fp16"}
-
-
-def resolve_precision(precision: str | None, device: torch.device | str, family: str = "cpsam") -> str:
-    """``auto`` (or None) → the family's reduced precision on CUDA (:data:`AUTO_PRECISION_ON_CUDA`),
+def resolve_precision(precision: str | None, device: torch.device | str,
+                      family: type[SegmentationNet] | SegmentationNet) -> str:
+    """``auto`` (or None) → the family's reduced precision on CUDA (its ``cuda_precision``),
     fp32 elsewhere (the CPU path stays exact). Any other name must be fp32, fp16 or bf16."""
     if precision in (None, "auto"):
-        return AUTO_PRECISION_ON_CUDA[family] if torch.device(device).type == "cuda" else "fp32"
+        return family.cuda_precision if torch.device(device).type == "cuda" else "fp32"
     check_precision(precision)
     return precision
 
@@ -58,12 +52,6 @@ def default_compile_cache() -> Path:
 def batch_bucket(n: int) -> int:
     """The compiled batch size that serves ``n`` tiles: the next power of two."""
     return 1 << (n - 1).bit_length()
-
-
-def spec_for(net: SegmentationNet) -> ModelSpec:
-    return ModelSpec(nchan=net.nchan, tile_size=net.tile_size, fixed_tile=net.fixed_tile,
-                     diam_mean=net.diam_mean, default_diameter=net.default_diameter,
-                     fewer_channels_ok=net.family == "cpsam")
 
 
 class TorchRunner(Runner):
@@ -81,14 +69,14 @@ class TorchRunner(Runner):
     def __init__(self, net: SegmentationNet, device: torch.device | str = "cpu",
                  precision: str | None = "fp32", graph: GraphIO = MODEL_GRAPH, compile: bool = False,
                  attention: str = "auto", compile_cache: Path | None = None):
-        super().__init__(spec_for(net), graph, device)
+        super().__init__(net.spec, graph, device)
         if attention not in ATTENTIONS:
             raise SaDeployError(f"--attention must be one of {', '.join(ATTENTIONS)}, got '{attention}'")
-        self.net, self.precision = net, resolve_precision(precision, self.device, net.family)
-        self.sdpa = net.family == "cpsam" and (attention == "sdpa" or (attention == "auto" and
-                                                                       self.device.type == "cuda"))
+        self.net, self.precision = net, resolve_precision(precision, self.device, net)
+        self.sdpa = net.has_attention and (attention == "sdpa" or (attention == "auto" and
+                                                                   self.device.type == "cuda"))
         # at reduced precision the graph holds its own cast copy: its layout can change freely
-        self.channels_last = (net.family == "cpnet" and self.device.type == "cuda"
+        self.channels_last = (net.channels_last_on_cuda and self.device.type == "cuda"
                               and self.precision != "fp32")
         self.compile, self.compile_cache = compile, compile_cache
         extras = [self.precision] + ["sdpa"] * self.sdpa + ["channels-last"] * self.channels_last

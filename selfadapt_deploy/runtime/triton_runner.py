@@ -14,7 +14,8 @@ import torch
 
 from selfadapt_deploy.errors import ServeError
 from selfadapt_deploy.export.triton_repo import SPEC_PARAMETER
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec, Runner
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, Runner
 from selfadapt_deploy.serving.client import TritonHTTPClient
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import ArtifactError, DeviceError, SaDeployError
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, ModelSpec, Runner
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
 
 REBUILD = "re-run `sa-deploy export ... --trt` on this machine"
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from selfadapt_deploy.errors import ServeError
 from selfadapt_deploy.export.triton_repo import model_config
-from selfadapt_deploy.runtime.base import MODEL_GRAPH, ModelSpec
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import MODEL_GRAPH
 from selfadapt_deploy.serving.models import IMAGE_INPUTS, SETTING_INPUTS
 
 INSTALL_HINT = ("pip install --no-deps 'nvidia-pytriton==0.7.0' (Linux x86-64; it ships tritonserver), "

@@ -31,7 +31,8 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import apply_percentiles, percentiles, subsample_steps
 from selfadapt_deploy.io.readers import select_channels
 from selfadapt_deploy.io.writers import atomic_path
-from selfadapt_deploy.runtime.base import ModelSpec, Runner
+from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.segment import SegmentParams, segment_images
 from selfadapt_deploy.wsi.output import OUT_FORMATS, final_band, write_bigtiff, write_ome_zarr
 from selfadapt_deploy.wsi.plan import TILE, Block, block_grid, default_halo
