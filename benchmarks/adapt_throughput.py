@@ -44,7 +44,7 @@ from selfadapt_deploy.trainer.augment import StrongAugment
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.ema import EMA
-from selfadapt_deploy.trainer.step import Adaptation, train_step
+from selfadapt_deploy.trainer.step import Adaptation, Backprop, train_step
 from selfadapt_deploy.trainer.teacher import teacher_predict
 
 
@@ -81,7 +81,8 @@ def time_steps(net: SegmentationNet, sampler: TileSampler, batched: bool, args) 
     state = Adaptation(student=net, teacher=EMA(net), optimizer=torch.optim.AdamW(params, lr=1e-5),
                        anchors=[p.detach().clone() for p in params], masks=ConfidenceMasks(),
                        augment=StrongAugment(), batched_teacher=batched,
-                       amp=torch.bfloat16 if cuda else None)  # the trainer's CUDA default
+                       # bf16 autocast on CUDA: the trainer's CUDA default
+                       backprop=Backprop(net.device, torch.bfloat16 if cuda else None))
     g = torch.Generator().manual_seed(0)
     times = []
     for step in range(args.warmup + args.steps):

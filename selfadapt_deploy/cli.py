@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from rich.markup import escape
 from rich.progress import (
@@ -20,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from selfadapt_deploy import __version__
 from selfadapt_deploy.cli_options import (
@@ -46,8 +49,23 @@ if TYPE_CHECKING:
     from selfadapt_deploy.batch import ImageResult
     from selfadapt_deploy.wsi.stream import StreamSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class ErrorBoundary(TyperGroup):
+    """The one place where a library error (:class:`SaDeployError`, whatever command raised it)
+    becomes one ``error:`` line on stderr and exit code 1; anything else stays a traceback (a bug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SaDeployError as exc:
+            raise fail(str(exc)) from None
+
+
+app = typer.Typer(cls=ErrorBoundary, add_completion=False, no_args_is_help=True,
                   help="Adapt Cellpose models without labels, export them, segment fast.")
+
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"sa-deploy {__version__}")
@@ -132,37 +150,31 @@ def segment(
         raise fail("give --model, or --triton URL to run the network on a Triton server")
     if triton is not None and dask is not None:
         raise fail("--triton runs the network on one server; drop --dask")
-    try:
-        params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
-                               cellprob_threshold=cellprob_threshold, min_size=min_size,
-                               niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
-                               tta=tta, integrator=integrator, pipeline=pipeline)
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
+                           cellprob_threshold=cellprob_threshold, min_size=min_size,
+                           niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
+                           tta=tta, integrator=integrator, pipeline=pipeline)
     picked = parse_channels(channels)
     torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
     settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
-    try:
-        images = expand_inputs(images)
-        in_memory, slides = split_inputs(images, series, stream or dask is not None, STREAM_ABOVE)
-        output_path(out, "x", out_format)  # a bad --out-format fails before any work
-        ensure_writable_dir(out)
-        # with --dask the workers run the network: here the model only describes itself (CPU)
-        dev = resolve_device("cpu" if dask and not in_memory else device)
-        resolve_integrator(integrator, dev)  # an unusable choice fails before any work
-        if triton is not None:
-            from selfadapt_deploy.runtime.triton_runner import TritonRunner
+    images = expand_inputs(images)
+    in_memory, slides = split_inputs(images, series, stream or dask is not None, STREAM_ABOVE)
+    output_path(out, "x", out_format)  # a bad --out-format fails before any work
+    ensure_writable_dir(out)
+    # with --dask the workers run the network: here the model only describes itself (CPU)
+    dev = resolve_device("cpu" if dask and not in_memory else device)
+    resolve_integrator(integrator, dev)  # an unusable choice fails before any work
+    if triton is not None:
+        from selfadapt_deploy.serving.triton_runner import TritonRunner
 
-            runner = TritonRunner(triton)
-            choice = f"network on the Triton server at {triton} (tile {runner.spec.tile_size})"
-        else:
-            runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
-                                         **torch_options)
-        use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
-        if in_memory or not dask:
-            runner.activate()  # a provider, engine or device that cannot run fails before any image
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+        runner = TritonRunner(triton)
+        choice = f"network on the Triton server at {triton} (tile {runner.spec.tile_size})"
+    else:
+        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
+                                     **torch_options)
+    use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
+    if in_memory or not dask:
+        runner.activate()  # a provider, engine or device that cannot run fails before any image
     console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
     job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
     runner_args = dict(model=model, runtime=runtime, device=device, precision=precision,
@@ -276,15 +288,12 @@ def export(
     from selfadapt_deploy import api
 
     picked = parse_channels(channels)
-    try:
-        with err_console.status("exporting ..."):
-            manifest = api.export(model, out, precision=precision, trt=trt, max_batch=max_batch,
-                                  opset=opset, engines_from=engines_from, validate_on=validate_on or [],
-                                  channels=picked, triton_repo=triton_repo,
-                                  bioimageio=bioimageio, authors=author or ["sa-deploy user"],
-                                  license=license, device=device, report=plain(console))
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    with err_console.status("exporting ..."):
+        manifest = api.export(model, out, precision=precision, trt=trt, max_batch=max_batch,
+                              opset=opset, engines_from=engines_from, validate_on=validate_on or [],
+                              channels=picked, triton_repo=triton_repo,
+                              bioimageio=bioimageio, authors=author or ["sa-deploy user"],
+                              license=license, device=device, report=plain(console))
     files = ", ".join(a.file for a in manifest.artifacts)
     console.print(f"exported {manifest.family} ({manifest.precision}) → {out}: {files}, manifest.json",
                   soft_wrap=True, highlight=False, markup=False)
@@ -332,15 +341,12 @@ def pseudo_label(
                     "and --batch-size ≥ 1")
     params = PseudoLabelParams(diameter or None, tile_overlap, batch_size)
     picked = parse_channels(channels)
-    try:
-        files = expand_inputs(images)
-        ensure_writable_dir(out)
-        runner, choice = open_runner(model, runtime, resolve_device(device), precision, TEACHER_GRAPH,
-                                     onnx_provider, compile=compile, attention=attention,
-                                     compile_cache=compile_cache)
-        runner.activate()
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    files = expand_inputs(images)
+    ensure_writable_dir(out)
+    runner, choice = open_runner(model, runtime, resolve_device(device), precision, TEACHER_GRAPH,
+                                 onnx_provider, compile=compile, attention=attention,
+                                 compile_cache=compile_cache)
+    runner.activate()
     console.print(f"teacher: {choice}", soft_wrap=True, highlight=False, markup=False)
 
     def output(name: str) -> Path:
@@ -368,10 +374,7 @@ def evaluate(
     """AP = TP/(TP+FP+FN) at IoU 0.5 / 0.75 / 0.9 (as cellpose.metrics.average_precision)."""
     from selfadapt_deploy.batch import evaluate_files, pooled
 
-    try:
-        results = evaluate_files(pred, gt)
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    results = evaluate_files(pred, gt)
     table = Table("image", *(f"AP@{t:g}" for t in results[0].thresholds), "TP/FP/FN@0.5")
     rows = [(str(p), r) for p, r in zip(pred, results, strict=True)]
     if len(results) > 1:
@@ -385,11 +388,8 @@ def evaluate(
         payload = {"thresholds": list(results[0].thresholds), "images": [
             {"pred": str(p), "gt": str(g), "ap": list(r.ap), "tp": list(r.tp), "fp": list(r.fp),
              "fn": list(r.fn)} for p, g, r in zip(pred, gt, results, strict=True)]}
-        try:
-            with atomic_path(json_out) as tmp:
-                tmp.write_text(json.dumps(payload, indent=2))
-        except SaDeployError as exc:
-            raise fail(str(exc)) from None
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
 
 
 # adaptation and serving commands live in cli_train and cli_serve (registered here, so
@@ -400,3 +400,13 @@ from selfadapt_deploy.cli_train import adapt, demo  # noqa: E402
 app.command()(adapt)
 app.command()(demo)
 app.command()(serve)
+
+
+def _unwrapped(doc: str) -> str:
+    """A docstring's paragraphs with their hard line breaks removed: ``--help`` wraps whole
+    sentences to the terminal instead of breaking them where the source file did."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _info in app.registered_commands:
+    _info.help = _unwrapped(_info.help or _info.callback.__doc__ or "")

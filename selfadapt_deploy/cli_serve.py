@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from selfadapt_deploy.cli_options import DeviceOpt, PrecisionOpt, RuntimeOpt, console, fail, plain
-from selfadapt_deploy.errors import SaDeployError
 
 
 def serve(
@@ -40,13 +39,10 @@ def serve(
         raise fail("--max-batch, --batch-size, --instances and --max-image-pixels must be ≥ 1")
     settings = ServeSettings(model, runtime, device, precision, max_batch, max_image_pixels,
                              batch_size, instances)
-    try:
-        # the model is opened here first, so a bad --model or --runtime fails before the server
-        runner, choice = open_runner(model, runtime, resolve_device(device), precision)
-        server = TritonServer(settings, runner.spec, Ports(host, http_port, grpc_port, metrics_port),
-                              tritonserver)
-        console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
-        code = serve_forever(server, plain(console))
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    # the model is opened here first, so a bad --model or --runtime fails before the server
+    runner, choice = open_runner(model, runtime, resolve_device(device), precision)
+    server = TritonServer(settings, runner.spec, Ports(host, http_port, grpc_port, metrics_port),
+                          tritonserver)
+    console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
+    code = serve_forever(server, plain(console))
     raise typer.Exit(code)

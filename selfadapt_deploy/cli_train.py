@@ -20,7 +20,6 @@ from selfadapt_deploy.cli_options import (
     parse_channels,
     plain,
 )
-from selfadapt_deploy.errors import SaDeployError
 
 
 def adapt(
@@ -135,8 +134,6 @@ def adapt(
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
                 compile_teacher=compile_teacher, method=method, labeled_fraction=labeled_fraction,
                 select=select, **common)
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
     finally:
         bar.stop()
     run = resume or out
@@ -162,24 +159,21 @@ def demo(
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
 
-    try:
-        config = DemoConfig.for_family(family, method=method)
-        dev = resolve_device(device)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-                      console=err_console) as bar:
-            train = bar.add_task("source training", total=config.source.iterations, loss="",
-                                 visible=False)
-            tune = bar.add_task(f"adapting ({method})", total=config.adapt.iterations, loss="",
-                                visible=False)
-            summary = run_demo(
-                out, config, dev, seed, report=plain(bar.console),
-                source_progress=lambda i, loss: bar.update(train, completed=i, visible=True,
-                                                           loss=f"loss {loss:.4f}"),
-                adapt_progress=lambda i, t: bar.update(tune, completed=i, visible=True,
-                                                       loss=f"loss {t['loss']:.4f}"))
-    except SaDeployError as exc:
-        raise fail(str(exc)) from None
+    config = DemoConfig.for_family(family, method=method)
+    dev = resolve_device(device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                  console=err_console) as bar:
+        train = bar.add_task("source training", total=config.source.iterations, loss="",
+                             visible=False)
+        tune = bar.add_task(f"adapting ({method})", total=config.adapt.iterations, loss="",
+                            visible=False)
+        summary = run_demo(
+            out, config, dev, seed, report=plain(bar.console),
+            source_progress=lambda i, loss: bar.update(train, completed=i, visible=True,
+                                                       loss=f"loss {loss:.4f}"),
+            adapt_progress=lambda i, t: bar.update(tune, completed=i, visible=True,
+                                                   loss=f"loss {t['loss']:.4f}"))
     table = Table("test images (labelled, never trained on)", "source model", "adapted model",
                   title="SelfAdapt demo: pooled AP")
     for row in summary.table():

@@ -358,3 +358,30 @@ def test_the_run_says_plainly_when_the_pretrained_model_is_deployed(tmp_path, tr
     assert "pretrained model is deployed" in selection["why"]
     table = list(csv.DictReader(open(tmp_path / "run" / "selection.csv")))
     assert [r["candidate"] for r in table] == ["iter_000000", "iter_000003", "iter_000006"]
+
+
+def test_vit_resume_is_bit_identical_and_the_callers_rng_is_left_alone(tmp_path):
+    """Cellpose-DINO's training forward draws its layer drop from torch's global RNG (as cellpose
+    does): adapt runs on a fork of it, seeded, saved in the checkpoint — a killed run resumes
+    bit-identically and the caller's random stream is untouched."""
+    from selfadapt_deploy.models.cpdino import build_cpdino
+
+    raw = [np.stack([render(random_labels((96, 96), 14, seed=s), seed=s, gamma=1.5)] * 3)
+           for s in range(3)]
+
+    def fresh():
+        train = TileSampler([prepare_image(im, 1.0) for im in raw[:2]], tile=64)
+        tiles = TileSampler([prepare_image(raw[2], 1.0)], tile=64).sample(2, torch.Generator())
+        val = Validation(images=[raw[2]], tiles=tiles, params=SegmentParams())
+        return build_cpdino(seed=0), train, val
+
+    torch.manual_seed(123)
+    adapt(*fresh(), tmp_path / "full", CONFIG)
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(123)))
+    with pytest.raises(KeyboardInterrupt):
+        adapt(*fresh(), tmp_path / "killed", CONFIG, progress=kill_at_step_4)
+    adapt(*fresh(), tmp_path / "killed", CONFIG, resume=True)
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)

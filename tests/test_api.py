@@ -95,3 +95,31 @@ def test_adapt_then_export_from_python(tmp_path, trained_cpnet_path):
     assert manifest.family == "cpnet"
     with api.Segmenter(tmp_path / "exp", runtime="onnx", device="cpu") as seg:
         assert seg.segment(cells(20)).shape == (120, 104)
+
+
+BAD_CONFIG = {"iterations": 0, "batch_size": 1.5, "lr": -1e-4, "l2sp": -1.0, "weight_decay": float("nan"),
+              "warmup_fraction": 1.0, "lambda_bal": -1.0, "ema_decay": 3.0, "ema_every": 0,
+              "eval_every": 0, "stop": "sometimes", "tau_fn": 0.0, "tau_emb": float("inf"),
+              "teacher_runtime": "tvm", "teacher_sync": 0, "teacher_precision": "int8", "amp": "fp8",
+              "method": "magic", "labeled_fraction": 5.0, "select": "bogus", "seed": -1}
+
+
+def test_every_checked_adapt_setting_has_a_bad_value_here():
+    from dataclasses import fields
+
+    from selfadapt_deploy.trainer.loop import CONFIG_RULES, AdaptConfig
+
+    assert set(BAD_CONFIG) == set(CONFIG_RULES)
+    unchecked = {f.name for f in fields(AdaptConfig)} - set(CONFIG_RULES)
+    assert all(isinstance(getattr(AdaptConfig(), n), bool | None) for n in unchecked), unchecked
+
+
+@pytest.mark.parametrize("field", sorted(BAD_CONFIG))
+def test_a_bad_adapt_setting_is_one_error_before_any_file(tmp_path, field):
+    """Refused by AdaptConfig itself, naming the option and the value, before the model is read
+    and before the run directory exists."""
+    value = BAD_CONFIG[field]
+    with pytest.raises(SaDeployError, match=rf"^--{field.replace('_', '-')} must be .*, got {value!r}$"):
+        api.adapt([tmp_path / "never-read.tif"], tmp_path / "no-model.pt", tmp_path / "run", device="cpu",
+                  **{field: value})
+    assert not (tmp_path / "run").exists()

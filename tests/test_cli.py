@@ -218,8 +218,28 @@ def test_adapt_end_to_end_and_resume(tmp_path, family, request):
     assert len(list((run / "snapshots").iterdir())) == 3
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "--resume" in again.output
-    resumed = runner.invoke(app, ["adapt", "--resume", str(run), "--device", "cpu"])
+    # interrupted after 3 of 4 steps (as a kill would), then resumed: the same model, bit for bit
+    import selfadapt_deploy.trainer.methods as methods
+
+    real_step, calls = methods.train_step, []
+
+    def killed_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    killed = tmp_path / "killed"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(methods, "train_step", killed_at_step_3)
+        interrupted = runner.invoke(app, [*args[:args.index("--out") + 1], str(killed),
+                                          *args[args.index("--out") + 2:]])
+    assert interrupted.exit_code != 0 and not (killed / "model.pt").exists()
+    resumed = runner.invoke(app, ["adapt", "--resume", str(killed), "--device", "cpu"])
     assert resumed.exit_code == 0, resumed.output
+    full, again_ = (torch.load(d / "model.pt", weights_only=True) for d in (run, killed))
+    assert all(torch.equal(full[k], again_[k]) for k in full)
+    assert (killed / "metrics.csv").read_text() == (run / "metrics.csv").read_text()
     seg = runner.invoke(app, ["segment", str(folder / "img0.tif"), "--model", str(run), "--out",
                               str(tmp_path / "masks"), "--device", "cpu"])
     assert seg.exit_code == 0, seg.output
@@ -273,3 +293,24 @@ def test_adapt_culpico_from_the_cli_with_labelled_source_images(tmp_path, weight
     assert summary["method"] == "culpico" and summary["labelled_per_batch"] == 1
     wrong = runner.invoke(app, [*base, "--out", str(tmp_path / "r2"), "--source", str(source)])
     assert wrong.exit_code == 1 and "belong to --method culpico" in wrong.output
+
+
+def test_help_summaries_are_whole_sentences():
+    """On a wide terminal every command's summary is one line ending its sentence — not broken
+    where the docstring's source line ended."""
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    rows = [line for line in result.output.splitlines() if line.startswith("│ ")
+            and line.split()[1] in {c.name or c.callback.__name__ for c in app.registered_commands}]
+    assert len(rows) == len(app.registered_commands)
+    assert all(row.rstrip(" │").endswith(".") for row in rows), rows
+
+
+def test_library_errors_become_one_line_in_one_place():
+    """The CLI's error boundary (cli.ErrorBoundary) is the only SaDeployError → exit-code
+    conversion, and it gives one ``error:`` line and exit code 1 for any command."""
+    root = Path(__file__).resolve().parents[1] / "selfadapt_deploy"
+    conversions = sum(p.read_text().count("raise fail(str(exc))") for p in root.glob("cli*.py"))
+    assert conversions == 1
+    result = runner.invoke(app, ["evaluate", "--pred", "nowhere", "--gt", "nowhere"])
+    assert result.exit_code == 1 and result.output.count("error:") == 1 and "Traceback" not in result.output

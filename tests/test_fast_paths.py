@@ -3,6 +3,8 @@ against the fp32 eager network (the same torch code a GPU runs)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,26 @@ def test_compiled_runner_equals_eager_and_compiles_once_per_batch_bucket(tiny_cp
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
     assert any((tmp_path / "cache").rglob("*"))  # kernels persisted for the next start
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(tmp_path / "cache")  # not left set
+
+
+def test_torch_runner_leaves_no_global_state_behind(tiny_cpnet, monkeypatch):
+    """fp32 is real fp32 while the runner runs (TF32 off, as cellpose.vit's import turns it on),
+    the caller's TF32 flags and the network's training mode are given back afterwards."""
+    seen = []
+    forward = tiny_cpnet.export_forward
+
+    def spy(x, sdpa=False):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return forward(x, sdpa)
+
+    monkeypatch.setattr(tiny_cpnet, "export_forward", spy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    tiny_cpnet.train()
+    with TorchRunner(tiny_cpnet) as runner:
+        assert not tiny_cpnet.training
+        runner.infer(torch.rand(1, 2, 64, 64))
+    assert seen == [(False, False)]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert tiny_cpnet.training

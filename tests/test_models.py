@@ -12,7 +12,7 @@ from selfadapt_deploy.errors import ModelLoadError
 from selfadapt_deploy.models import CellposeSAM, CPnet, detect_family, load_model
 
 
-@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam"])
+@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam", "tiny_cpdino"])
 def test_contract_shapes_and_embedding(family, request):
     net = request.getfixturevalue(family)
     x = torch.randn(2, 2, net.tile_size if net.fixed_tile else 48, net.tile_size if net.fixed_tile else 64)
@@ -23,7 +23,7 @@ def test_contract_shapes_and_embedding(family, request):
     torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
 
 
-@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam"])
+@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam", "tiny_cpdino"])
 def test_save_load_round_trip_detects_family(family, request, tmp_path):
     net = request.getfixturevalue(family)
     path = tmp_path / "w.pth"

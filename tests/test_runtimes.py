@@ -30,9 +30,50 @@ def runners(export_dir, graph=MODEL_GRAPH):
     return out
 
 
-@pytest.mark.parametrize("which", ["torch", "onnx"])
-def test_runner_contract(exported_cyto, which):
-    runner = dict(runners(exported_cyto))[which]
+class StandInTritonClient:
+    """A Triton server's ``network`` model as sa-deploy writes it (its config carries the model
+    spec), answered by onnxruntime on the exported graph instead of over HTTP."""
+
+    def __init__(self, export_dir):
+        import json
+
+        from selfadapt_deploy.export.triton_repo import SPEC_PARAMETER
+
+        self.runner = open_runner(export_dir, "onnx", "cpu")[0]
+        self.runner.activate()
+        spec = json.dumps(self.runner.spec.to_dict())
+        self.config_ = {"max_batch_size": 2, "parameters": {SPEC_PARAMETER: {"string_value": spec}}}
+
+    def config(self, model):
+        return self.config_
+
+    def infer(self, model, inputs, outputs):
+        (tiles,) = inputs.values()
+        assert len(tiles) <= self.config_["max_batch_size"]  # the runner splits at the server's max
+        return {outputs[0]: self.runner.infer(torch.from_numpy(tiles)).numpy()}
+
+    def close(self):
+        self.runner.deactivate()
+
+
+def contract_runner(which, export_dir, monkeypatch):
+    """The runner ``which`` for the contract test: real backends, Triton against a stand-in server."""
+    if which == "triton":
+        import selfadapt_deploy.serving.triton_runner as triton_runner
+
+        monkeypatch.setattr(triton_runner, "TritonHTTPClient", lambda url: StandInTritonClient(export_dir))
+        return triton_runner.TritonRunner("http://stand-in:8000")
+    if which == "tensorrt":
+        pytest.importorskip("tensorrt")
+        if not torch.cuda.is_available():
+            pytest.skip("TensorRT runs engines on CUDA only")
+        return open_runner(export_dir, "tensorrt", "cuda")[0]
+    return dict(runners(export_dir))[which]
+
+
+@pytest.mark.parametrize("which", ["torch", "onnx", "tensorrt", "triton"])
+def test_runner_contract(exported_cyto, which, monkeypatch):
+    runner = contract_runner(which, exported_cyto, monkeypatch)
     x = torch.rand(3, 2, 64, 96)
     with pytest.raises(RuntimeError, match="not active"):
         runner.infer(x)

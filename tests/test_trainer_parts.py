@@ -297,3 +297,29 @@ def test_the_cli_default_stop_rule_is_the_trainer_default():
 
     assert inspect.signature(adapt).parameters["stop"].default == DEFAULT_STOP
     assert DEFAULT_STOP in (*STOP_RULES, "none")
+
+
+@pytest.mark.parametrize("method", ["selfadapt", "culpico"])
+def test_every_method_backpropagates_through_one_backprop_and_checkpoints_its_scaler(tiny_cpnet,
+                                                                                      method):
+    """fp16 loss scaling is one object for every method (CULPICO's step had none), and its state
+    is in the method's checkpoint, so an fp16 resume continues with the same loss scale. On the
+    CPU autocast is off, so a CPU GradScaler stands in for CUDA's."""
+    from selfadapt_deploy.trainer.loop import AdaptConfig, build_method
+    from selfadapt_deploy.trainer.step import Backprop
+
+    assert Backprop(torch.device("cpu"), torch.float16).scaler is None  # no fp16 autocast on CPU
+    cfg = AdaptConfig(method=method).resolved(tiny_cpnet)
+    m = build_method(cfg, tiny_cpnet.train(), has_labelled=False)
+    backprop = m.state.backprop
+    backprop.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    before = [p.detach().clone() for o in m.optimizers for g in o.param_groups for p in g["params"]]
+    m.step(torch.rand(2, 2, 64, 64), 0, torch.Generator().manual_seed(0), None)
+    after = [p for o in m.optimizers for g in o.param_groups for p in g["params"]]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))  # every optimiser
+    assert backprop.scaler.get_scale() == 2.0**11  # the scaler ran the step (and grew once)
+    state = m.state_dict()
+    again = build_method(cfg, tiny_cpnet, has_labelled=False)
+    again.state.backprop.scaler = torch.amp.GradScaler("cpu")
+    again.load_state_dict(state)
+    assert again.state.backprop.scaler.get_scale() == 2.0**11

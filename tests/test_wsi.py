@@ -258,15 +258,31 @@ def test_segment_cli_streams_a_slide(tmp_path, slide):
     assert bad.exit_code == 1 and "--out-format must be one of" in bad.output
 
 
-def test_worker_plugin_opens_the_runner_once_on_the_workers_device():
+def test_worker_plugin_opens_the_runner_once_on_the_workers_device(monkeypatch, tmp_path):
+    """One open_runner call per worker, with "auto" resolved on the worker (its own device), and
+    one opened slide per (file, series) however many blocks read it."""
+    import tifffile
+
+    import selfadapt_deploy.runtime.select as select
+    import selfadapt_deploy.wsi.slide as slide_module
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.wsi.distributed import RunnerPlugin
 
+    opened, slides = [], []
+    real_open, real_slide = select.open_runner, slide_module.open_slide
+    monkeypatch.setattr(select, "open_runner", lambda **kw: opened.append(kw) or real_open(**kw))
+    monkeypatch.setattr(slide_module, "open_slide",
+                        lambda *a: slides.append(a) or real_slide(*a))
     model = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((64, 64), np.uint16))
     plugin = RunnerPlugin(dict(model=str(model), runtime="auto", device="auto", precision="auto"))
     plugin.setup()
     try:
+        assert len(opened) == 1 and opened[0]["device"] == resolve_device("auto")
         assert plugin.runner.is_active and plugin.runner.device == resolve_device("auto")
+        for _ in range(3):
+            assert plugin.slide(str(tmp_path / "s.tif"), None) is plugin.slide(str(tmp_path / "s.tif"), None)
+        assert len(slides) == 1 and len(opened) == 1
     finally:
         plugin.teardown()
     assert not plugin.runner.is_active

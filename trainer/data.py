@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 from selfadapt_deploy.segment import prepare_image
 
-__all__ = ["TileSampler", "prepare_image"]
+__all__ = ["TileSampler", "keeps_global_rng", "prepare_image"]
+
+P, R = ParamSpec("P"), TypeVar("R")
+
+
+def keeps_global_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` on a fork of torch's global RNG (CPU, and the current CUDA device's once CUDA is
+    in use): training seeds it for the draws we cannot hand a generator (cellpose's own ViT
+    layer drop), and the caller's random state is exactly as it was afterwards."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class TileSampler:

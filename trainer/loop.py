@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from selfadapt_deploy import __version__
 from selfadapt_deploy.batch import segment_arrays
@@ -27,25 +27,18 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.loading import load_plain
-from selfadapt_deploy.trainer.augment import StrongAugment
 from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
-from selfadapt_deploy.trainer.confidence import ConfidenceMasks
-from selfadapt_deploy.trainer.data import TileSampler
-from selfadapt_deploy.trainer.ema import EMA
-from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
+from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng
+from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, TEACHER_RUNTIMES, open_engine_teacher
 from selfadapt_deploy.trainer.methods import (
     METHODS,
-    Cooperative,
-    CulpicoMethod,
     Method,
-    SelfAdaptMethod,
-    perturbed_readout,
 )
 from selfadapt_deploy.trainer.pool import POOL, PredictionPool
 from selfadapt_deploy.trainer.schedule import lr_at
 from selfadapt_deploy.trainer.selection import RULES, SELECTIONS, StopRule, resolve_rule, snapshot_name
 from selfadapt_deploy.trainer.source import LabelledTiles
-from selfadapt_deploy.trainer.step import Adaptation
+from selfadapt_deploy.trainer.step import Backprop
 from selfadapt_deploy.trainer.stopping import DEFAULT_STOP, STOP_RULES, TAU_EMB, TAU_FN, monitors_for
 from selfadapt_deploy.trainer.validation import Validation, embed, evaluate_drift
 
@@ -59,6 +52,47 @@ CHECKPOINT, SNAPSHOTS, METRICS, RUN_JSON = "checkpoint.pt", "snapshots", "metric
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # --amp on CUDA
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _real(v: object, lo: float, hi: float = math.inf, open_lo: bool = False, open_hi: bool = True) -> bool:
+    """``v`` is a finite real number in the interval [lo, hi) (ends as flagged)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return False
+    return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+
+
+def _one_of(options) -> tuple:
+    return (lambda v: v in options, f"one of {', '.join(options)}")
+
+
+#: the rule of every checked AdaptConfig field: (test, what the error says it must be)
+CONFIG_RULES: dict[str, tuple] = {
+    "iterations": (_count, "an integer ≥ 1"),
+    "batch_size": (_count, "an integer ≥ 1"),
+    "lr": (lambda v: v is None or _real(v, 0, open_lo=True), "a number > 0 (or unset: the family default)"),
+    "l2sp": (lambda v: v is None or _real(v, 0), "a number ≥ 0 (or unset: the family default)"),
+    "weight_decay": (lambda v: _real(v, 0), "a number ≥ 0"),
+    "warmup_fraction": (lambda v: _real(v, 0, 1), "a number in [0, 1)"),
+    "lambda_bal": (lambda v: _real(v, 0), "a number ≥ 0"),
+    "ema_decay": (lambda v: _real(v, 0, 1, open_hi=False), "a number in [0, 1]"),
+    "ema_every": (_count, "an integer ≥ 1"),
+    "eval_every": (_count, "an integer ≥ 1"),
+    "stop": _one_of((*STOP_RULES, "none")),
+    "tau_fn": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
+    "tau_emb": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
+    "teacher_runtime": _one_of(TEACHER_RUNTIMES),
+    "teacher_sync": (_count, "an integer ≥ 1"),
+    "teacher_precision": _one_of(tuple(AMP_DTYPES)),
+    "amp": _one_of(tuple(AMP_DTYPES)),
+    "method": _one_of(METHODS),
+    "labeled_fraction": (lambda v: _real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
+    "select": _one_of(SELECTIONS),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer ≥ 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -103,18 +137,16 @@ class AdaptConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.stop not in (*STOP_RULES, "none"):
-            raise SaDeployError(f"--stop must be one of {', '.join(STOP_RULES)} or none, got '{self.stop}'")
-        if self.method not in ("selfadapt", "actis", "culpico"):
-            raise SaDeployError(f"--method must be selfadapt, actis or culpico, got '{self.method}'")
-        if self.teacher_runtime not in ("torch", "onnx", "tensorrt") or self.teacher_sync < 1 \
-                or self.teacher_precision not in AMP_DTYPES or self.amp not in AMP_DTYPES:
-            raise SaDeployError("--teacher-runtime must be torch, onnx or tensorrt, --teacher-sync ≥ 1, "
-                                "and --teacher-precision and --amp fp32, fp16 or bf16")
-        if self.select not in SELECTIONS:
-            raise SaDeployError(f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
-        if self.iterations < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise SaDeployError("--iterations, --batch-size and --eval-every must be ≥ 1")
+        """Every field checked against its rule (:data:`CONFIG_RULES`) before anything is read or
+        written: one error naming the option, what it must be and what it got."""
+        for name, (ok, wanted) in CONFIG_RULES.items():
+            value = getattr(self, name)
+            try:
+                valid = bool(ok(value))
+            except TypeError:  # a value of the wrong type (API callers)
+                valid = False
+            if not valid:
+                raise SaDeployError(f"--{name.replace('_', '-')} must be {wanted}, got {value!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -159,37 +191,12 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 def build_method(cfg: AdaptConfig, student: SegmentationNet, has_labelled: bool,
                  partner: SegmentationNet | None = None) -> Method:
     """The method ``cfg.method`` over ``student`` (CULPICO: and its partner network — ``partner``,
-    or ``student`` with a perturbed read-out)."""
-    if cfg.method not in METHODS:
-        raise SaDeployError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
-    cuda = student.device.type == "cuda"
-    augment = StrongAugment() if cfg.augment else None
-
-    def trainable(net: nn.Module) -> list[torch.Tensor]:
-        return [p for p in net.parameters() if p.requires_grad]
-
-    def optimizer(net: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    if cfg.method == "culpico":
-        net_b = (partner or perturbed_readout(student, seed=cfg.seed)).to(student.device)
-        return CulpicoMethod(Cooperative(
-            net_a=student, net_b=net_b, optimizer_a=optimizer(student), optimizer_b=optimizer(net_b),
-            anchors_a=[p.detach().clone() for p in trainable(student)],
-            anchors_b=[p.detach().clone() for p in trainable(net_b)], augment=augment,
-            lambda_l2sp=cfg.l2sp, amp=AMP_DTYPES[cfg.amp]))
-    state = Adaptation(student=student, teacher=EMA(student, cfg.ema_decay), optimizer=optimizer(student),
-                       anchors=[p.detach().clone() for p in trainable(student)],
-                       masks=ConfidenceMasks(use_prob_mask=cfg.prob_mask, use_flow_mask=cfg.flow_mask),
-                       augment=augment, lambda_bal=cfg.lambda_bal, lambda_l2sp=cfg.l2sp,
-                       ema_every=cfg.ema_every, amp=AMP_DTYPES[cfg.amp],
-                       scaler=torch.amp.GradScaler("cuda") if cuda and cfg.amp == "fp16" else None,
-                       batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
-    if cfg.compile_teacher:
-        state.compiled_teacher = torch.compile(state.teacher.module)
-    return SelfAdaptMethod(state, "actis" if has_labelled else "selfadapt")
+    or ``student`` with a perturbed read-out), built by its factory in :data:`METHODS`."""
+    return METHODS[cfg.method](cfg, student, has_labelled, partner,
+                               Backprop(student.device, AMP_DTYPES[cfg.amp]))
 
 
+@keeps_global_rng
 def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Path,
           config: AdaptConfig, resume: bool = False,
           progress: Callable[[int, dict], None] | None = None,
@@ -216,6 +223,10 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         for m, s in zip(monitors, ckpt["monitors"], strict=True):
             m.load_state_dict(s)
         g.set_state(ckpt["generator"])
+        if "torch_rng" in ckpt:  # the global stream (ViT layer drop) continues where it stopped
+            torch.set_rng_state(ckpt["torch_rng"])
+        if "cuda_rng" in ckpt and student.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], student.device)
         rows, start, stopped, reason = ckpt["rows"], ckpt["step"], ckpt["stopped"], ckpt["reason"]
         seconds_before, eval_seconds = ckpt["seconds"], ckpt.get("eval_seconds", [])
         val.reference_embedding = ckpt["ref_embedding"]
@@ -225,11 +236,15 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
         val.reference_masks = segment_arrays(method.deployed, val.images, val.params)
         val.reference_embedding = embed(method.deployed, val.tiles)
 
+    def cuda_rng() -> dict:
+        return {"cuda_rng": torch.cuda.get_rng_state(student.device)} if student.device.type == "cuda" else {}
+
     def checkpoint(step: int) -> None:
         with atomic_path(out / CHECKPOINT) as tmp:
             torch.save({**method.state_dict(),
                         "monitors": [m.state_dict() for m in monitors],
-                        "generator": g.get_state(), "rows": rows, "step": step, "stopped": stopped,
+                        "generator": g.get_state(), "torch_rng": torch.get_rng_state(), **cuda_rng(),
+                        "rows": rows, "step": step, "stopped": stopped,
                         "reason": reason, "ref_masks": _tensors(val.reference_masks),
                         "previous_masks": _tensors(val.previous_masks),
                         "seconds": seconds_before + time.perf_counter() - tic,
@@ -257,13 +272,13 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     step = start
     engine = None
     if cfg.teacher_runtime != "torch":
-        if not isinstance(method, SelfAdaptMethod):
+        if not method.has_teacher:
             raise SaDeployError(f"--teacher-runtime {cfg.teacher_runtime} serves SelfAdapt's EMA teacher; "
                                 f"{method.name} has none")
         engine = open_engine_teacher(method.deployed, cfg.teacher_runtime, cfg.teacher_precision,
                                      out / ENGINE_DIR, student.device, cfg.teacher_sync,
                                      cfg.batch_size)
-        method.state.pseudo_labeler = engine
+        method.use_pseudo_labeler(engine)
     try:
         while step < cfg.iterations and not stopped:
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.iterations)
@@ -291,8 +306,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     summary = {"selected": selection["candidate"], "selected_iteration": selection["iteration"],
                "stopped_early": stopped, "stop_reason": reason,
                "method": method.name, "labelled_per_batch": n_labelled,
-               "deployed": "network A (started from the pretrained model)" if method.name == "culpico"
-               else "the EMA teacher",
+               "deployed": method.deployed_description,
                "selection": selection,
                "iterations_run": step, "config": asdict(cfg), "family": student.family,
                "seconds": seconds_before + time.perf_counter() - tic,

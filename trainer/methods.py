@@ -14,6 +14,7 @@ step; the loop owns data, schedule, evaluation, snapshots, checkpoints, stopping
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.tiling import d4_transform
 from selfadapt_deploy.trainer.augment import StrongAugment, random_d4
+from selfadapt_deploy.trainer.confidence import ConfidenceMasks
+from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import l2sp_penalty
 from selfadapt_deploy.trainer.source import cellpose_loss
-from selfadapt_deploy.trainer.step import Adaptation, mixed_precision, train_step
-
-METHODS = ("selfadapt", "actis", "culpico")
+from selfadapt_deploy.trainer.step import Adaptation, Backprop, train_step
+from selfadapt_deploy.trainer.teacher import PseudoLabeler
 
 
 class Method(Protocol):
@@ -36,6 +39,8 @@ class Method(Protocol):
 
     name: str
     optimizers: list[torch.optim.Optimizer]
+    deployed_description: str  # which network is deployed, in run.json's words
+    has_teacher: bool  # an EMA teacher whose pseudo-labels an exported graph can serve
 
     @property
     def deployed(self) -> SegmentationNet: ...  # evaluated, snapshotted and selected
@@ -51,9 +56,16 @@ class Method(Protocol):
 class SelfAdaptMethod:
     """SelfAdapt / ACTIS over an :class:`Adaptation`; the EMA teacher is deployed."""
 
+    deployed_description = "the EMA teacher"
+    has_teacher = True
+
     def __init__(self, state: Adaptation, name: str = "selfadapt"):
         self.state, self.name = state, name
         self.optimizers = [state.optimizer]
+
+    def use_pseudo_labeler(self, labeler: PseudoLabeler) -> None:
+        """Pseudo-labels from ``labeler`` (the teacher's exported graph) instead of torch's."""
+        self.state.pseudo_labeler = labeler
 
     @property
     def deployed(self) -> SegmentationNet:
@@ -66,7 +78,7 @@ class SelfAdaptMethod:
         s = self.state
         return {"student": s.student.state_dict(), "teacher": s.teacher.module.state_dict(),
                 "optimizer": s.optimizer.state_dict(), "anchors": s.anchors,
-                "masks": s.masks.state_dict()}
+                "masks": s.masks.state_dict(), "backprop": s.backprop.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.state
@@ -75,6 +87,7 @@ class SelfAdaptMethod:
         s.optimizer.load_state_dict(state["optimizer"])
         s.anchors[:] = state["anchors"]
         s.masks.load_state_dict(state["masks"])
+        s.backprop.load_state_dict(state.get("backprop", {}))
 
 
 def cooperative_weight(p_a: torch.Tensor, p_b: torch.Tensor) -> torch.Tensor:
@@ -123,10 +136,14 @@ class Cooperative:
     anchors_b: list[torch.Tensor]
     augment: StrongAugment | None
     lambda_l2sp: float = 1e-2
-    amp: torch.dtype | None = None
+    backprop: Backprop | None = None  # None: fp32
+
+    def __post_init__(self) -> None:
+        if self.backprop is None:
+            self.backprop = Backprop(self.net_a.device)
 
     def autocast(self):
-        return mixed_precision(self.net_a.device, self.amp)
+        return self.backprop.autocast()
 
 
 def cooperative_step(c: Cooperative, x: torch.Tensor, step: int, g: torch.Generator,
@@ -158,11 +175,8 @@ def cooperative_step(c: Cooperative, x: torch.Tensor, step: int, g: torch.Genera
             terms[f"loss_sup_{name}"] = sup
         terms[f"loss_l2sp_{name}"] = l2sp
         losses.append(loss)
-    for optimizer in (c.optimizer_a, c.optimizer_b):
-        optimizer.zero_grad(set_to_none=True)
-    (losses[0] + losses[1]).backward()  # the two graphs are separate: each net gets its own loss
-    for optimizer in (c.optimizer_a, c.optimizer_b):
-        optimizer.step()
+    # the two graphs are separate: each net gets its own loss's gradients
+    c.backprop.step(losses[0] + losses[1], [c.optimizer_a, c.optimizer_b])
     with torch.no_grad():
         p_a, p_b = torch.sigmoid(y_a[:n, 2].float()), torch.sigmoid(y_b[:n, 2].float())
         agreement = cooperative_weight(p_a, p_b)
@@ -174,6 +188,8 @@ class CulpicoMethod:
     """CULPICO over a :class:`Cooperative`; network A (started from θ0) is deployed."""
 
     name = "culpico"
+    deployed_description = "network A (started from the pretrained model)"
+    has_teacher = False
 
     def __init__(self, state: Cooperative):
         self.state = state
@@ -190,7 +206,7 @@ class CulpicoMethod:
         s = self.state
         return {"net_a": s.net_a.state_dict(), "net_b": s.net_b.state_dict(),
                 "optimizer_a": s.optimizer_a.state_dict(), "optimizer_b": s.optimizer_b.state_dict(),
-                "anchors_a": s.anchors_a, "anchors_b": s.anchors_b}
+                "anchors_a": s.anchors_a, "anchors_b": s.anchors_b, "backprop": s.backprop.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.state
@@ -198,5 +214,52 @@ class CulpicoMethod:
         s.net_b.load_state_dict(state["net_b"])
         s.optimizer_a.load_state_dict(state["optimizer_a"])
         s.optimizer_b.load_state_dict(state["optimizer_b"])
+        s.backprop.load_state_dict(state.get("backprop", {}))
         s.anchors_a[:] = state["anchors_a"]
         s.anchors_b[:] = state["anchors_b"]
+
+    def use_pseudo_labeler(self, labeler: PseudoLabeler) -> None:
+        raise SaDeployError("CULPICO has no EMA teacher whose pseudo-labels a graph could serve")
+
+
+def _trainable(net: nn.Module) -> list[torch.Tensor]:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def _adamw(cfg, net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_trainable(net), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_selfadapt(cfg, student: SegmentationNet, has_labelled: bool,
+                    partner: SegmentationNet | None, backprop: Backprop) -> SelfAdaptMethod:
+    """SelfAdapt, or ACTIS when labelled target tiles join the batches (``has_labelled``)."""
+    cuda = student.device.type == "cuda"
+    state = Adaptation(student=student, teacher=EMA(student, cfg.ema_decay), optimizer=_adamw(cfg, student),
+                       anchors=[p.detach().clone() for p in _trainable(student)],
+                       masks=ConfidenceMasks(use_prob_mask=cfg.prob_mask, use_flow_mask=cfg.flow_mask),
+                       augment=StrongAugment() if cfg.augment else None, lambda_bal=cfg.lambda_bal,
+                       lambda_l2sp=cfg.l2sp, ema_every=cfg.ema_every, backprop=backprop,
+                       batched_teacher=cuda if cfg.batched_teacher is None else cfg.batched_teacher)
+    if cfg.compile_teacher:
+        state.compiled_teacher = torch.compile(state.teacher.module)
+    return SelfAdaptMethod(state, "actis" if has_labelled else "selfadapt")
+
+
+def build_culpico(cfg, student: SegmentationNet, has_labelled: bool,
+                  partner: SegmentationNet | None, backprop: Backprop) -> CulpicoMethod:
+    """CULPICO over ``student`` and ``partner`` (or ``student`` with its read-out perturbed)."""
+    net_b = (partner or perturbed_readout(student, seed=cfg.seed)).to(student.device)
+    return CulpicoMethod(Cooperative(
+        net_a=student, net_b=net_b, optimizer_a=_adamw(cfg, student), optimizer_b=_adamw(cfg, net_b),
+        anchors_a=[p.detach().clone() for p in _trainable(student)],
+        anchors_b=[p.detach().clone() for p in _trainable(net_b)],
+        augment=StrongAugment() if cfg.augment else None, lambda_l2sp=cfg.l2sp, backprop=backprop))
+
+
+#: every adaptation method, by ``--method`` name: its factory
+#: (AdaptConfig, student, has labelled tiles, partner network, Backprop) → Method
+METHODS: dict[str, Callable[..., Method]] = {
+    "selfadapt": build_selfadapt,
+    "actis": build_selfadapt,  # ACTIS is SelfAdapt with labelled target tiles in every batch
+    "culpico": build_culpico,
+}

@@ -19,7 +19,7 @@ from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.postprocess.flow_qc import masks_to_flows
 from selfadapt_deploy.tiling import d4_transform
 from selfadapt_deploy.trainer.augment import random_d4
-from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng, prepare_image
 from selfadapt_deploy.trainer.schedule import lr_at
 
 
@@ -67,6 +67,7 @@ class SourceConfig:
     seed: int = 0
 
 
+@keeps_global_rng
 def train_source(net: SegmentationNet, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                  config: SourceConfig = SourceConfig(),
                  progress: Callable[[int, float], None] | None = None) -> list[float]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,45 @@ from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
 from selfadapt_deploy.trainer.source import cellpose_loss
 from selfadapt_deploy.trainer.teacher import PseudoLabeler, teacher_predict
+
+
+@dataclass
+class Backprop:
+    """Autocast, backward and optimiser step, as every method runs them: under fp16 autocast on
+    CUDA the loss is scaled (``GradScaler``), and the scaler's state goes into the checkpoint with
+    :meth:`state_dict`, so an fp16 run resumes exactly. bf16 and fp32 need no scaling."""
+
+    device: torch.device
+    amp: torch.dtype | None = None  # autocast dtype on CUDA; None: fp32
+    scaler: torch.amp.GradScaler | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.amp is torch.float16 and torch.device(self.device).type == "cuda":
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self):
+        return mixed_precision(torch.device(self.device), self.amp)
+
+    def step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Gradients of ``loss`` (scaled if needed), then every optimiser's step."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:  # older checkpoints have none
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @dataclass
@@ -30,14 +70,17 @@ class Adaptation:
     lambda_bal: float = 0.5
     lambda_l2sp: float = 1e-2
     ema_every: int = 1
-    amp: torch.dtype | None = None  # autocast dtype on CUDA (bf16 by default); None: fp32
-    scaler: torch.amp.GradScaler | None = None  # loss scaling, needed with fp16 autocast only
+    backprop: Backprop | None = None  # None: fp32 (autocast and loss scaling: Backprop)
     batched_teacher: bool = True  # False: one teacher forward per D4 view (benchmarks only)
     pseudo_labeler: PseudoLabeler | None = None  # None: the torch EMA teacher itself
     compiled_teacher: torch.nn.Module | None = None  # torch.compile of the EMA module, if asked
 
+    def __post_init__(self) -> None:
+        if self.backprop is None:
+            self.backprop = Backprop(self.student.device)
+
     def autocast(self):
-        return mixed_precision(self.student.device, self.amp)
+        return self.backprop.autocast()
 
 
 def mixed_precision(device: torch.device, dtype: torch.dtype | None):
@@ -92,15 +135,8 @@ def train_step(state: Adaptation, x: torch.Tensor, step: int, g: torch.Generator
         loss_sup = cellpose_loss(y_labelled.float(), labelled[1].to(device))
         loss = loss + loss_sup
         extra_terms["loss_sup"] = loss_sup
-    # (5) AdamW step (decoupled weight decay), with loss scaling under CUDA AMP
-    state.optimizer.zero_grad(set_to_none=True)
-    if state.scaler is not None:
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    else:
-        loss.backward()
-        state.optimizer.step()
+    # (5) AdamW step (decoupled weight decay), with loss scaling under CUDA fp16 autocast
+    state.backprop.step(loss, [state.optimizer])
     # (6) teacher ← EMA of the student, in place
     if (step + 1) % state.ema_every == 0:
         state.teacher.update_(student, step)

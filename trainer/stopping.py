@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.metrics import iou_matrix, relabel_sequential, true_positives
-from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.models.base import ModelSpec, evaluating
 from selfadapt_deploy.postprocess import flows_to_masks
 from selfadapt_deploy.postprocess.flow_qc import flow_errors
 from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
@@ -81,8 +81,8 @@ def flow_error(segs: Sequence[Segmentation], spec: ModelSpec, params: SegmentPar
 def tta_spread(net: torch.nn.Module, tiles: torch.Tensor) -> float:
     """Mean standard deviation of the flows across the 8 D4 views, over pixels the ensemble calls
     cells (probability > 0.5): how much the network disagrees with itself under flips/rotations."""
-    net.eval()
-    out = teacher_predict(net, tiles.to(next(net.parameters()).device))
+    with evaluating(net):
+        out = teacher_predict(net, tiles.to(next(net.parameters()).device))
     cells = out.prob > 0.5
     return float(out.flows_std.mean(dim=1)[cells].mean()) if bool(cells.any()) else math.nan
 

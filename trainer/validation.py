@@ -10,7 +10,7 @@ import torch
 
 from selfadapt_deploy.batch import pooled, segment_arrays, segment_results
 from selfadapt_deploy.metrics import average_precision
-from selfadapt_deploy.models.base import SegmentationNet
+from selfadapt_deploy.models.base import SegmentationNet, evaluating
 from selfadapt_deploy.segment import Segmentation, SegmentParams
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.perturb import dropout_disagreement
@@ -47,8 +47,8 @@ class Validation:
 
 @torch.no_grad()
 def embed(net: SegmentationNet, tiles: torch.Tensor) -> torch.Tensor:
-    net.eval()
-    return net.embed(tiles.to(net.device)).float().cpu()
+    with evaluating(net):
+        return net.embed(tiles.to(net.device)).float().cpu()
 
 
 def evaluate_drift(net: SegmentationNet, val: Validation, snapshot: bool = True,

@@ -8,8 +8,9 @@ up. No code outside ``models/`` compares family names.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -166,6 +167,17 @@ class SegmentationNet(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+@contextlib.contextmanager
+def evaluating(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode for the block; its previous mode (the caller's) is given back."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -11,7 +11,10 @@ cast, the input is cast on entry and every output is float32 on exit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -29,6 +32,33 @@ def check_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise SaDeployError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     return PRECISIONS[precision]
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 means fp32 on CUDA too, as in our onnxruntime and TensorRT runners: TF32 matmuls and
+    convolutions off (importing ``cellpose.vit`` turns TF32 matmuls on process-wide); the
+    caller's flags are restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextlib.contextmanager
+def scoped_env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the duration of the block only."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 class ModelGraph(nn.Module):

@@ -9,6 +9,7 @@ batch reuses a compiled graph instead of compiling another) and a persistent com
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
-from selfadapt_deploy.runtime.graphs import check_precision, graph_module
+from selfadapt_deploy.runtime.graphs import check_precision, exact_fp32, graph_module, scoped_env
 
 ATTENTIONS = ("auto", "sdpa", "native")
 
@@ -83,6 +84,7 @@ class TorchRunner(Runner):
         self.name = f"torch ({', '.join(extras + ['compiled'] * compile)})"
 
     def activate_impl(self) -> None:
+        self.was_training = self.net.training  # the caller's mode, given back on deactivate
         self.net.to(self.device).eval()
         module = graph_module(self.net, self.graph, self.precision, self.sdpa)
         if self.channels_last:
@@ -90,12 +92,13 @@ class TorchRunner(Runner):
         if self.compile:
             cache = self.compile_cache or default_compile_cache()
             cache.mkdir(parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it compiles
+            self.compile_cache = cache
             module = torch.compile(module, dynamic=False)
         self.module = module
 
     def deactivate_impl(self) -> None:
         del self.module
+        self.net.train(self.was_training)
 
     @torch.inference_mode()
     def run_impl(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,5 +110,9 @@ class TorchRunner(Runner):
             x = padded
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        outputs = self.module(x)
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(exact_fp32())
+            if self.compile:  # inductor reads its cache directory when it compiles: this call
+                scope.enter_context(scoped_env("TORCHINDUCTOR_CACHE_DIR", str(self.compile_cache)))
+            outputs = self.module(x)
         return {name: y[:n].contiguous() for name, y in zip(self.graph.output_names, outputs, strict=True)}

@@ -10,8 +10,7 @@ processes, one thread each.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.wsi.plan import Block
@@ -66,22 +65,22 @@ class RunnerPlugin(_WorkerPlugin):
         return self.slides[key]
 
 
-def block_task(work: str, block: dict) -> dict:
-    """One block on a worker, with the worker's runner and slide."""
-    import json
+#: runs one planned block: (work directory, block, the worker's runner, slide opener) → result
+BlockExecutor = Callable[[str, Block, object, Callable[[str, int | None], object]], dict]
 
+
+def block_task(work: str, block: dict, execute: BlockExecutor) -> dict:
+    """One block on a worker, with the worker's runner and slides, by the streamer's executor."""
     from distributed import get_worker
 
-    from selfadapt_deploy.wsi.stream import Plan, run_block
-
     plugin = get_worker().plugins[PLUGIN]
-    plan = Plan(**json.loads((Path(work) / "plan.json").read_text()))
-    slide = plugin.slide(plan.slide["source"], plan.series)
-    return run_block(plan, Block(**block), plugin.runner, slide)
+    return execute(work, Block(**block), plugin.runner, plugin.slide)
 
 
-def run_blocks_on_dask(address: str, plan, blocks: list[Block], runner_args: dict) -> Iterator[dict]:
-    """Results of ``blocks`` as workers finish them (a failed block re-raises its error here)."""
+def run_blocks_on_dask(address: str, work: str, blocks: list[Block], runner_args: dict,
+                       execute: BlockExecutor) -> Iterator[dict]:
+    """Results of ``blocks`` as workers finish them (a failed block re-raises its error here).
+    ``execute`` (the streamer's, handed in: this module knows nothing of plans) runs one block."""
     distributed = _distributed()
     cluster = None
     if address.startswith("local:"):
@@ -101,7 +100,7 @@ def run_blocks_on_dask(address: str, plan, blocks: list[Block], runner_args: dic
         raise SaDeployError(f"--dask {address}: cannot reach the scheduler ({exc})") from exc
     try:
         client.register_plugin(RunnerPlugin(runner_args), name=PLUGIN)
-        futures = [client.submit(block_task, plan.work, block.to_dict(), pure=False,
+        futures = [client.submit(block_task, work, block.to_dict(), execute, pure=False,
                                  key=f"block-{block.key}") for block in blocks]
         for future in distributed.as_completed(futures):
             yield future.result()

@@ -176,6 +176,14 @@ def run_block(plan: Plan, block: Block, runner: Runner, slide: Slide) -> dict:
     return {"block": block.key, "objects": int(masks.max(initial=0)), "cut": len(cut), "seconds": seconds}
 
 
+def run_planned_block(work: str, block: Block, runner: Runner,
+                      slide_for: Callable[[str, int | None], Slide]) -> dict:
+    """``run_block`` where only the work directory is known (a dask worker): the plan is read
+    from its ``plan.json``, the slide opened (or reused) by ``slide_for(path, series)``."""
+    plan = Plan(**json.loads((Path(work) / "plan.json").read_text()))
+    return run_block(plan, block, runner, slide_for(plan.slide["source"], plan.series))
+
+
 def _done(plan: Plan) -> set[str]:
     return {p.stem for p in (Path(plan.work) / "blocks").glob("*.npz")}
 
@@ -285,7 +293,8 @@ def segment_slide(path: Path, runner: Runner, out_dir: Path, params: SegmentPara
         if settings.dask:
             from selfadapt_deploy.wsi.distributed import run_blocks_on_dask
 
-            results = run_blocks_on_dask(settings.dask, plan, todo, runner_args or {})
+            results = run_blocks_on_dask(settings.dask, plan.work, todo, runner_args or {},
+                                         run_planned_block)
         else:
             results = (run_block(plan, block, runner, slide) for block in todo)
         for k, result in enumerate(results, start=1):
