@@ -100,6 +100,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
     (iterations, lr, stop, method, ...); ``labeled`` implies ``method="actis"``."""
     from selfadapt_deploy.trainer.loop import AdaptConfig
+    from selfadapt_deploy.trainer.run import RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
 
     out = check_new_dir(Path(out), f"--out or --resume {out}")
@@ -112,37 +113,30 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     if config.method == "actis" and not labeled:
         raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
     resolve_rule(config.select, bool(val_labeled))  # a rule that needs labels refuses before any work
-    return _run(device, report, progress, images=[str(p) for p in images], model=str(model),
-                out=out, config=config, diameter=diameter or None,
-                channels=list(channels) if channels is not None else None,
-                channel_axis=channel_axis, series=series, val_images=[str(p) for p in val],
-                val_fraction=val_fraction, keep_snapshots=keep_snapshots, labeled=list(labeled),
-                val_labeled=list(val_labeled), source=list(source), model2=model2)
+    inputs = RunInputs(images=images, model=model, config=config, diameter=diameter or None,
+                       channels=channels, channel_axis=channel_axis, series=series, val_images=val,
+                       val_fraction=val_fraction, keep_snapshots=keep_snapshots, labeled=labeled,
+                       val_labeled=val_labeled, source=source, model2=model2)
+    return _run(inputs, out, False, device, report, progress)
 
 
 def resume(run: str | Path, *, device: str = "auto", report: Callable[[str], None] = print,
            progress: Callable[[int, dict], None] | None = None) -> dict:
     """Continue the interrupted adaptation run ``run`` with the settings it was started with."""
-    from selfadapt_deploy.trainer.run import resume_settings
+    from selfadapt_deploy.trainer.run import RunInputs
 
-    s = resume_settings(Path(run))
-    return _run(device, report, progress, images=s["images"], model=s["model"], out=Path(run),
-                config=s["config"], diameter=s["diameter"], channels=s["channels"],
-                channel_axis=s["channel_axis"], series=s["series"], val_images=s["val_images"],
-                val_fraction=s["val_fraction"], keep_snapshots=s["keep_snapshots"], resume=True,
-                labeled=s.get("labeled", []), val_labeled=s.get("val_labeled", []),
-                source=s.get("source", []), model2=s.get("model2"))
+    return _run(RunInputs.load(Path(run)), Path(run), True, device, report, progress)
 
 
-def _run(device: str, report: Callable[[str], None], progress: Callable[[int, dict], None] | None,
-         **kwargs: Any) -> dict:
+def _run(inputs, out: Path, resume: bool, device: str, report: Callable[[str], None],
+         progress: Callable[[int, dict], None] | None) -> dict:
     from selfadapt_deploy.trainer.run import run_adapt
 
-    if kwargs["config"].teacher_runtime == "tensorrt":  # fail before any work without it
+    if inputs.config.teacher_runtime == "tensorrt":  # fail before any work without it
         from selfadapt_deploy.runtime.trt_runner import import_tensorrt
 
         import_tensorrt()
-    return run_adapt(device=resolve_device(device), report=report, progress=progress, **kwargs)
+    return run_adapt(inputs, out, resolve_device(device), resume, report, progress)
 
 
 def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,

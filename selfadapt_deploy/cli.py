@@ -159,6 +159,10 @@ def segment(
     settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
     images = expand_inputs(images)
     in_memory, slides = split_inputs(images, series, stream or dask is not None, STREAM_ABOVE)
+    if slides and channel_axis is not None:  # the block reader takes axes from the file only
+        raise fail(f"--channel-axis applies to images read whole, but {slides[0][0]} streams block by "
+                   "block, with the axes its own metadata records; drop --channel-axis (or record the "
+                   "axes in the file)")
     output_path(out, "x", out_format)  # a bad --out-format fails before any work
     ensure_writable_dir(out)
     # with --dask the workers run the network: here the model only describes itself (CPU)

@@ -101,7 +101,7 @@ def adapt(
     from rich.progress import TaskProgressColumn
 
     from selfadapt_deploy import api
-    from selfadapt_deploy.trainer.run import resume_settings
+    from selfadapt_deploy.trainer.run import RunInputs
 
     if resume is None and (not images or model is None or out is None):
         raise fail("give IMAGES, --model and --out (or --resume RUN)")
@@ -119,7 +119,7 @@ def adapt(
     common = dict(device=device, report=plain(err_console), progress=progress)
     try:
         if resume is not None:
-            bar.update(task, total=resume_settings(resume)["config"].iterations)
+            bar.update(task, total=RunInputs.load(resume).config.iterations)
             summary = api.resume(resume, **common)
         else:
             bar.update(task, total=iterations)

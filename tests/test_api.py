@@ -123,3 +123,31 @@ def test_a_bad_adapt_setting_is_one_error_before_any_file(tmp_path, field):
         api.adapt([tmp_path / "never-read.tif"], tmp_path / "no-model.pt", tmp_path / "run", device="cpu",
                   **{field: value})
     assert not (tmp_path / "run").exists()
+
+
+def test_run_inputs_round_trip_and_older_runs_resume(tmp_path, trained_cpnet_path):
+    """settings.json is RunInputs' asdict; a run written before the ACTIS/CULPICO inputs existed
+    (the keys earlier versions wrote, in their order) still resumes; an unknown key is refused."""
+    import json
+
+    from selfadapt_deploy.trainer.run import SETTINGS, RunInputs
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"a{k}.tif", cells(10 + k))
+    run = tmp_path / "run"
+    api.adapt([folder], trained_cpnet_path, run, device="cpu", iterations=2, eval_every=1,
+              batch_size=2, stop="none")
+    inputs = RunInputs.load(run)
+    assert inputs.images == (str(folder),) and inputs.config.iterations == 2 and inputs.labeled == ()
+    saved = json.loads((run / SETTINGS).read_text())
+    old = {k: saved[k] for k in ("images", "model", "diameter", "channels", "channel_axis", "series",
+                                 "val_images", "val_fraction", "keep_snapshots", "config")}
+    (run / SETTINGS).write_text(json.dumps(old, indent=2))
+    assert RunInputs.load(run) == inputs
+    summary = api.resume(run, device="cpu")
+    assert summary["iterations_run"] == 2
+    (run / SETTINGS).write_text(json.dumps({**old, "colour": "blue"}))
+    with pytest.raises(SaDeployError, match="unknown settings colour"):
+        api.resume(run, device="cpu")

@@ -256,6 +256,9 @@ def test_segment_cli_streams_a_slide(tmp_path, slide):
     assert "skipped" in again.output
     bad = CliRunner().invoke(app, [*args[:-2], "--out-format", "png"])
     assert bad.exit_code == 1 and "--out-format must be one of" in bad.output
+    axis = CliRunner().invoke(app, [*args, "--channel-axis", "0", "--out", str(tmp_path / "axis")])
+    assert axis.exit_code == 1 and "--channel-axis applies to images read whole" in axis.output
+    assert not (tmp_path / "axis").exists()  # refused loudly, before any work — never ignored
 
 
 def test_worker_plugin_opens_the_runner_once_on_the_workers_device(monkeypatch, tmp_path):

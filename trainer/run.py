@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,20 +29,69 @@ from selfadapt_deploy.trainer.source import LabelledTiles
 SETTINGS = "settings.json"
 
 
-def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
-              device: torch.device, diameter: float | None = None,
-              channels: list[int] | None = None, channel_axis: int | None = None,
-              series: int | None = None, val_images: Sequence[str] = (),
-              val_fraction: float = 0.2, keep_snapshots: bool = True, resume: bool = False,
+@dataclass(frozen=True)
+class RunInputs:
+    """What an adaptation run is started on: saved as ``settings.json`` (``asdict``) before training
+    starts and read back with ``cls(**data)`` by ``--resume``, so a run needs nothing else. Runs
+    written before a field existed resume with its default."""
+
+    images: tuple[str, ...]
+    model: str
+    config: AdaptConfig
+    diameter: float | None = None
+    channels: tuple[int, ...] | None = None
+    channel_axis: int | None = None
+    series: int | None = None
+    val_images: tuple[str, ...] = ()
+    val_fraction: float = 0.2
+    keep_snapshots: bool = True
+    labeled: tuple[str, ...] = ()  # ACTIS: labelled target images (folders or file pairs)
+    val_labeled: tuple[str, ...] = ()  # held-out labelled images that score every candidate
+    source: tuple[str, ...] = ()  # CULPICO: labelled source images
+    model2: str | None = None  # CULPICO: its second network
+
+    def __post_init__(self) -> None:
+        """Sequences from callers and JSON become tuples (paths as strings), so the inputs are
+        frozen and ``asdict`` writes them as plain JSON lists."""
+        for name in ("images", "val_images", "labeled", "val_labeled", "source"):
+            object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "model", str(self.model))
+        if self.model2 is not None:
+            object.__setattr__(self, "model2", str(self.model2))
+
+    def save(self, run: Path) -> None:
+        with atomic_path(Path(run) / SETTINGS) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run: Path) -> RunInputs:
+        """The inputs a run was started with (for ``--resume``)."""
+        path = Path(run) / SETTINGS
+        if not path.is_file():
+            raise SaDeployError(f"{run}: not an adaptation run directory (no {SETTINGS})")
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise SaDeployError(f"{path}: unknown settings {', '.join(unknown)} (written by a newer "
+                                "sa-deploy?)")
+        return cls(**{**data, "config": AdaptConfig(**data["config"])})
+
+
+def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool = False,
               report: Callable[[str], None] = print,
-              progress: Callable[[int, dict], None] | None = None,
-              labeled: Sequence[str] = (), val_labeled: Sequence[str] = (),
-              source: Sequence[str] = (), model2: str | None = None) -> dict:
-    """Adapt ``model`` to ``images`` — without labels (SelfAdapt), with a few labelled target
-    images in every batch (ACTIS, ``labeled``), or with two cooperating networks (CULPICO,
-    ``config.method``; ``model2`` its second network, ``source`` its labelled source images);
-    ``val_labeled`` images score every snapshot by AP. Results in the run directory ``out``."""
+              progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Adapt ``inputs.model`` to ``inputs.images`` — without labels (SelfAdapt), with a few
+    labelled target images in every batch (ACTIS, ``labeled``), or with two cooperating networks
+    (CULPICO, ``config.method``; ``model2`` its second network, ``source`` its labelled source
+    images); ``val_labeled`` images score every snapshot by AP. Results in the run directory ``out``."""
     out = Path(out)
+    images, model, config, diameter = inputs.images, inputs.model, inputs.config, inputs.diameter
+    channels = list(inputs.channels) if inputs.channels is not None else None
+    channel_axis, series, val_images = inputs.channel_axis, inputs.series, inputs.val_images
+    labeled, val_labeled, source, model2 = (inputs.labeled, inputs.val_labeled, inputs.source,
+                                            inputs.model2)
     culpico = config.method == "culpico"
     if culpico and labeled:
         raise SaDeployError("CULPICO learns from labelled *source* images (--source); --labeled gives "
@@ -66,7 +115,7 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     if held_out:
         train_idx, val = list(range(len(data))), held_out
     else:
-        train_idx, val_idx = split_indices(len(data), val_fraction, config.seed)
+        train_idx, val_idx = split_indices(len(data), inputs.val_fraction, config.seed)
         val = [data[i] for i in val_idx]
     rescale = net.diam_mean / (diameter or net.default_diameter)
     tile = net.tile_size
@@ -78,14 +127,7 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
         labelled = LabelledTiles([prepare_image(im, rescale) for im, _ in labelled_pairs],
                                  [labels_at_scale(lab, rescale) for _, lab in labelled_pairs], tile)
     if not resume:
-        with atomic_path(out / SETTINGS) as tmp:
-            tmp.write_text(json.dumps({
-                "images": [str(p) for p in images], "model": str(model), "diameter": diameter,
-                "channels": channels, "channel_axis": channel_axis, "series": series,
-                "val_images": [str(p) for p in val_images], "val_fraction": val_fraction,
-                "keep_snapshots": keep_snapshots, "labeled": list(labeled),
-                "val_labeled": list(val_labeled), "source": list(source), "model2": model2,
-                "config": asdict(config)}, indent=2))
+        inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
            + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"
               if labelled_pairs else "")
@@ -96,20 +138,10 @@ def run_adapt(images: Sequence[str], model: str, out: Path, config: AdaptConfig,
     cfg = summary["config"]
     plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
                 summary["selected_iteration"], out / SELECTION_CSV)
-    if not keep_snapshots:  # model.pt is a copy of the selected candidate; its file stays too
+    if not inputs.keep_snapshots:  # model.pt is a copy of the selected candidate; its file stays too
         keep = f"{summary['selected']}.pt"
         for snap in [*(out / SNAPSHOTS).iterdir(), *(out / AVERAGES_DIR).glob("*.pt")]:
             if snap.name != keep:
                 snap.unlink()
         shutil.rmtree(out / POOL, ignore_errors=True)
     return summary
-
-
-def resume_settings(run: Path) -> dict:
-    """The settings a run was started with (for ``--resume``)."""
-    path = Path(run) / SETTINGS
-    if not path.is_file():
-        raise SaDeployError(f"{run}: not an adaptation run directory (no {SETTINGS})")
-    settings = json.loads(path.read_text())
-    settings["config"] = AdaptConfig(**settings["config"])
-    return settings
