@@ -93,30 +93,34 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
           diameter: float | None = None, channels: Sequence[int] | None = None,
           channel_axis: int | None = None, series: int | None = None,
           val: Sequence[str | Path] = (), val_fraction: float = 0.2, keep_snapshots: bool = True,
-          labeled: Sequence[str] = (), val_labeled: Sequence[str] = (), source: Sequence[str] = (),
+          labelled: Sequence[str] = (), val_labelled: Sequence[str] = (), source: Sequence[str] = (),
           model2: str | None = None, device: str = "auto", report: Callable[[str], None] = print,
           progress: Callable[[int, dict], None] | None = None, **options: Any) -> dict:
     """Adapt ``model`` to ``images`` into the new run directory ``out``; returns the run summary
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
-    (iterations, lr, stop, method, ...); ``labeled`` implies ``method="actis"``."""
-    from selfadapt_deploy.trainer.loop import AdaptConfig
+    (iterations, lr, stop, method, ...); ``labelled`` implies ``method="actis"``. The older
+    spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too."""
+    from selfadapt_deploy.trainer.loop import AdaptConfig, respelled
     from selfadapt_deploy.trainer.run import RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
 
     out = check_new_dir(Path(out), f"--out or --resume {out}")
-    if labeled and options.get("method", "selfadapt") == "selfadapt":
+    options = respelled(options)
+    labelled = options.pop("labelled", labelled)
+    val_labelled = options.pop("val_labelled", val_labelled)
+    if labelled and options.get("method", "selfadapt") == "selfadapt":
         options["method"] = "actis"
     try:
         config = AdaptConfig(**options)
     except TypeError as exc:  # an unknown option
         raise SaDeployError(f"adapt: {exc}") from None
-    if config.method == "actis" and not labeled:
-        raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
-    resolve_rule(config.select, bool(val_labeled))  # a rule that needs labels refuses before any work
+    if config.method == "actis" and not labelled:
+        raise SaDeployError("--method actis adapts with labelled target images: give --labelled")
+    resolve_rule(config.select, bool(val_labelled))  # a rule that needs labels refuses before any work
     inputs = RunInputs(images=images, model=model, config=config, diameter=diameter or None,
                        channels=channels, channel_axis=channel_axis, series=series, val_images=val,
-                       val_fraction=val_fraction, keep_snapshots=keep_snapshots, labeled=labeled,
-                       val_labeled=val_labeled, source=source, model2=model2)
+                       val_fraction=val_fraction, keep_snapshots=keep_snapshots, labelled=labelled,
+                       val_labelled=val_labelled, source=source, model2=model2)
     return _run(inputs, out, False, device, report, progress)
 
 

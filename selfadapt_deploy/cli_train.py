@@ -68,22 +68,24 @@ def adapt(
     compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
                                                   "steps compile).")] = False,
     method: Annotated[str, typer.Option(help="selfadapt (label-free), actis (labelled target tiles in "
-                                        "every batch; implied by --labeled) or culpico (two "
+                                        "every batch; implied by --labelled) or culpico (two "
                                         "cooperating networks).")] = "selfadapt",
     model2: Annotated[str | None, typer.Option(help="CULPICO: its second network (same family); "
                                                "default: the model with a perturbed read-out.")] = None,
     source: Annotated[list[str] | None, typer.Option(help="CULPICO: labelled source images (a folder of "
                                                      "<stem>.tif + <stem>_masks.tif, or IMAGE=MASKS); "
                                                      "without them it runs source-free.")] = None,
-    labeled: Annotated[list[str] | None, typer.Option(help="Labelled target images for ACTIS: a folder "
-                                                      "of <stem>.tif + <stem>_masks.tif, or "
-                                                      "IMAGE=MASKS (repeatable).")] = None,
-    labeled_fraction: Annotated[float, typer.Option(help="ACTIS: share of each batch from labelled "
-                                                    "tiles (at least one).")] = 0.25,
-    val_labeled: Annotated[list[str] | None, typer.Option(help="Held-out labelled images (same forms): "
-                                                          "AP@0.5 of every snapshot.")] = None,
+    labelled: Annotated[list[str] | None, typer.Option(
+        "--labelled", "--labeled", help="Labelled target images for ACTIS: a folder of <stem>.tif + "
+        "<stem>_masks.tif, or IMAGE=MASKS (repeatable).")] = None,
+    labelled_fraction: Annotated[float, typer.Option(
+        "--labelled-fraction", "--labeled-fraction",
+        help="ACTIS: share of each batch from labelled tiles (at least one).")] = 0.25,
+    val_labelled: Annotated[list[str] | None, typer.Option(
+        "--val-labelled", "--val-labeled",
+        help="Held-out labelled images (same forms): AP@0.5 of every snapshot.")] = None,
     select: Annotated[str, typer.Option(help="Deployed candidate (θ0, a snapshot or a weight average): "
-                                        "auto (labelled with --val-labeled, else label-free), "
+                                        "auto (labelled with --val-labelled, else label-free), "
                                         "label-free (the label-free default), guarded-flow, "
                                         "guarded-dropout, consensus, consensus-anchored, "
                                         "consensus-averages, dropout, swa, "
@@ -126,13 +128,13 @@ def adapt(
             summary = api.adapt(
                 images, model, out, diameter=diameter or None, channels=parse_channels(channels),
                 channel_axis=channel_axis, series=series, val=val or [], val_fraction=val_fraction,
-                keep_snapshots=keep_snapshots, labeled=labeled or [], val_labeled=val_labeled or [],
+                keep_snapshots=keep_snapshots, labelled=labelled or [], val_labelled=val_labelled or [],
                 source=source or [], model2=model2, iterations=iterations, batch_size=batch_size,
                 lr=lr or None, l2sp=None if l2sp < 0 else l2sp, ema_every=ema_every,
                 eval_every=eval_every, stop=stop, prob_mask=prob_mask, flow_mask=flow_mask,
                 augment=augment, seed=seed, teacher_runtime=teacher_runtime,
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
-                compile_teacher=compile_teacher, method=method, labeled_fraction=labeled_fraction,
+                compile_teacher=compile_teacher, method=method, labelled_fraction=labelled_fraction,
                 select=select, **common)
     finally:
         bar.stop()

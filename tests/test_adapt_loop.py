@@ -227,12 +227,12 @@ def test_actis_without_labelled_tiles_is_selfadapt_and_needs_them_when_asked(tmp
     adapt(net, train, val, tmp_path / "plain", CONFIG)
     net, train, val = setup(trained_cpnet_path)
     summary = adapt(net, train, val, tmp_path / "fraction", AdaptConfig(**{**CONFIG.__dict__,
-                                                                         "labeled_fraction": 0.5}))
+                                                                         "labelled_fraction": 0.5}))
     assert summary["method"] == "selfadapt" and summary["labelled_per_batch"] == 0
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "fraction" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SaDeployError, match="give --labeled"):
+    with pytest.raises(SaDeployError, match="give --labelled"):
         adapt(net, train, val, tmp_path / "x", AdaptConfig(**{**CONFIG.__dict__, "method": "actis"}))
 
 

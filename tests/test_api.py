@@ -101,7 +101,7 @@ BAD_CONFIG = {"iterations": 0, "batch_size": 1.5, "lr": -1e-4, "l2sp": -1.0, "we
               "warmup_fraction": 1.0, "lambda_bal": -1.0, "ema_decay": 3.0, "ema_every": 0,
               "eval_every": 0, "stop": "sometimes", "tau_fn": 0.0, "tau_emb": float("inf"),
               "teacher_runtime": "tvm", "teacher_sync": 0, "teacher_precision": "int8", "amp": "fp8",
-              "method": "magic", "labeled_fraction": 5.0, "select": "bogus", "seed": -1}
+              "method": "magic", "labelled_fraction": 5.0, "select": "bogus", "seed": -1}
 
 
 def test_every_checked_adapt_setting_has_a_bad_value_here():
@@ -140,10 +140,12 @@ def test_run_inputs_round_trip_and_older_runs_resume(tmp_path, trained_cpnet_pat
     api.adapt([folder], trained_cpnet_path, run, device="cpu", iterations=2, eval_every=1,
               batch_size=2, stop="none")
     inputs = RunInputs.load(run)
-    assert inputs.images == (str(folder),) and inputs.config.iterations == 2 and inputs.labeled == ()
+    assert inputs.images == (str(folder),) and inputs.config.iterations == 2 and inputs.labelled == ()
     saved = json.loads((run / SETTINGS).read_text())
     old = {k: saved[k] for k in ("images", "model", "diameter", "channels", "channel_axis", "series",
                                  "val_images", "val_fraction", "keep_snapshots", "config")}
+    old["config"] = {("labeled_fraction" if k == "labelled_fraction" else k): v  # the old spelling
+                     for k, v in old["config"].items()}
     (run / SETTINGS).write_text(json.dumps(old, indent=2))
     assert RunInputs.load(run) == inputs
     summary = api.resume(run, device="cpu")

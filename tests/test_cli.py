@@ -257,7 +257,8 @@ def test_adapt_with_labelled_target_images_runs_actis_resumes_and_exports(tmp_pa
         tifffile.imwrite(d / "a_masks.tif", labels.astype(np.uint16))
     run = tmp_path / "run"
     result = runner.invoke(app, ["adapt", str(folder), "--model", str(weights), "--out", str(run),
-                                 "--labeled", str(labelled), "--val-labeled", str(held_out),
+                                 # one spelling, the older one still accepted as an alias
+                                 "--labelled", str(labelled), "--val-labeled", str(held_out),
                                  "--iterations", "4", "--batch-size", "2", "--eval-every", "2",
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output

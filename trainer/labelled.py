@@ -27,7 +27,7 @@ def find_pairs(specs: Sequence[str]) -> list[tuple[Path, Path]]:
             continue
         folder = Path(spec)
         if not folder.is_dir():
-            raise SaDeployError(f"--labeled {spec}: give a folder of <stem>.tif + <stem>_masks.tif "
+            raise SaDeployError(f"--labelled {spec}: give a folder of <stem>.tif + <stem>_masks.tif "
                                 "pairs, or IMAGE=MASKS")
         found = 0
         for image in expand_inputs([folder]):

@@ -89,10 +89,20 @@ CONFIG_RULES: dict[str, tuple] = {
     "teacher_precision": _one_of(tuple(AMP_DTYPES)),
     "amp": _one_of(tuple(AMP_DTYPES)),
     "method": _one_of(METHODS),
-    "labeled_fraction": (lambda v: _real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
+    "labelled_fraction": (lambda v: _real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
     "select": _one_of(SELECTIONS),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer ≥ 0"),
 }
+
+
+#: older spellings still accepted (settings of earlier runs, API keywords): old → current
+SPELLING_ALIASES = {"labeled_fraction": "labelled_fraction", "labeled": "labelled",
+                    "val_labeled": "val_labelled"}
+
+
+def respelled(data: dict) -> dict:
+    """``data`` with older spellings of setting names (:data:`SPELLING_ALIASES`) replaced."""
+    return {SPELLING_ALIASES.get(k, k): v for k, v in data.items()}
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class AdaptConfig:
     compile_teacher: bool = False  # torch.compile the EMA teacher's forward (tracks EMA updates)
     # selfadapt (label-free) | actis (every batch also holds labelled target tiles; implied by them)
     method: str = "selfadapt"
-    labeled_fraction: float = 0.25  # ACTIS: share of each batch taken from labelled tiles (≥ 1 tile)
+    labelled_fraction: float = 0.25  # ACTIS: share of each batch taken from labelled tiles (≥ 1 tile)
     # which candidate is deployed (trainer/selection.py): auto (labelled when held-out labelled
     # images are given, else the label-free default) | label-free (that default) | a rule's name
     select: str = "auto"
@@ -164,12 +174,12 @@ def labelled_per_batch(cfg: AdaptConfig, labelled: LabelledTiles | None) -> int:
     """ACTIS: labelled tiles per batch — round(fraction × batch), at least one of each kind."""
     if labelled is None:
         if cfg.method == "actis":
-            raise SaDeployError("--method actis adapts with labelled target images: give --labeled")
+            raise SaDeployError("--method actis adapts with labelled target images: give --labelled")
         return 0
-    if not 0 < cfg.labeled_fraction < 1 or cfg.batch_size < 2:
-        raise SaDeployError("ACTIS needs 0 < --labeled-fraction < 1 and --batch-size ≥ 2 (every batch "
+    if not 0 < cfg.labelled_fraction < 1 or cfg.batch_size < 2:
+        raise SaDeployError("ACTIS needs 0 < --labelled-fraction < 1 and --batch-size ≥ 2 (every batch "
                             "holds labelled and unlabelled tiles)")
-    return min(cfg.batch_size - 1, max(1, round(cfg.labeled_fraction * cfg.batch_size)))
+    return min(cfg.batch_size - 1, max(1, round(cfg.labelled_fraction * cfg.batch_size)))
 
 
 def _tensors(masks: list[np.ndarray]) -> list[torch.Tensor]:

@@ -21,7 +21,14 @@ from selfadapt_deploy.models import load_model
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
-from selfadapt_deploy.trainer.loop import SNAPSHOTS, AdaptConfig, Validation, adapt, split_indices
+from selfadapt_deploy.trainer.loop import (
+    SNAPSHOTS,
+    AdaptConfig,
+    Validation,
+    adapt,
+    respelled,
+    split_indices,
+)
 from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
@@ -45,15 +52,15 @@ class RunInputs:
     val_images: tuple[str, ...] = ()
     val_fraction: float = 0.2
     keep_snapshots: bool = True
-    labeled: tuple[str, ...] = ()  # ACTIS: labelled target images (folders or file pairs)
-    val_labeled: tuple[str, ...] = ()  # held-out labelled images that score every candidate
+    labelled: tuple[str, ...] = ()  # ACTIS: labelled target images (folders or file pairs)
+    val_labelled: tuple[str, ...] = ()  # held-out labelled images that score every candidate
     source: tuple[str, ...] = ()  # CULPICO: labelled source images
     model2: str | None = None  # CULPICO: its second network
 
     def __post_init__(self) -> None:
         """Sequences from callers and JSON become tuples (paths as strings), so the inputs are
         frozen and ``asdict`` writes them as plain JSON lists."""
-        for name in ("images", "val_images", "labeled", "val_labeled", "source"):
+        for name in ("images", "val_images", "labelled", "val_labelled", "source"):
             object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -71,30 +78,30 @@ class RunInputs:
         path = Path(run) / SETTINGS
         if not path.is_file():
             raise SaDeployError(f"{run}: not an adaptation run directory (no {SETTINGS})")
-        data = json.loads(path.read_text())
+        data = respelled(json.loads(path.read_text()))
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(data) - known):
             raise SaDeployError(f"{path}: unknown settings {', '.join(unknown)} (written by a newer "
                                 "sa-deploy?)")
-        return cls(**{**data, "config": AdaptConfig(**data["config"])})
+        return cls(**{**data, "config": AdaptConfig(**respelled(data["config"]))})
 
 
 def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool = False,
               report: Callable[[str], None] = print,
               progress: Callable[[int, dict], None] | None = None) -> dict:
     """Adapt ``inputs.model`` to ``inputs.images`` — without labels (SelfAdapt), with a few
-    labelled target images in every batch (ACTIS, ``labeled``), or with two cooperating networks
+    labelled target images in every batch (ACTIS, ``labelled``), or with two cooperating networks
     (CULPICO, ``config.method``; ``model2`` its second network, ``source`` its labelled source
-    images); ``val_labeled`` images score every snapshot by AP. Results in the run directory ``out``."""
+    images); ``val_labelled`` images score every snapshot by AP. Results in the run directory ``out``."""
     out = Path(out)
     images, model, config, diameter = inputs.images, inputs.model, inputs.config, inputs.diameter
     channels = list(inputs.channels) if inputs.channels is not None else None
     channel_axis, series, val_images = inputs.channel_axis, inputs.series, inputs.val_images
-    labeled, val_labeled, source, model2 = (inputs.labeled, inputs.val_labeled, inputs.source,
+    labelled, val_labelled, source, model2 = (inputs.labelled, inputs.val_labelled, inputs.source,
                                             inputs.model2)
     culpico = config.method == "culpico"
-    if culpico and labeled:
-        raise SaDeployError("CULPICO learns from labelled *source* images (--source); --labeled gives "
+    if culpico and labelled:
+        raise SaDeployError("CULPICO learns from labelled *source* images (--source); --labelled gives "
                             "ACTIS its labelled target images")
     if (source or model2) and not culpico:
         raise SaDeployError("--source and --model2 belong to --method culpico")
@@ -104,9 +111,9 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
         raise SaDeployError(f"--model2 {model2} is a {partner.family} with {partner.nchan} channels; "
                             f"CULPICO's two networks must match {model} ({net.family}, {net.nchan})")
     pad = net.pads_missing_channels
-    labelled_pairs = read_pairs(find_pairs(source if culpico else labeled), net.nchan, pad, channels,
+    labelled_pairs = read_pairs(find_pairs(source if culpico else labelled), net.nchan, pad, channels,
                                 channel_axis, series, report)
-    val_pairs = read_pairs(find_pairs(val_labeled), net.nchan, pad, channels, channel_axis, series,
+    val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series,
                            report)
     data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
     held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
@@ -122,10 +129,10 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
     validation = Validation.from_images(val, rescale, tile, diameter)
     validation.labelled = val_pairs
-    labelled = None
+    tiles = None
     if labelled_pairs:
-        labelled = LabelledTiles([prepare_image(im, rescale) for im, _ in labelled_pairs],
-                                 [labels_at_scale(lab, rescale) for _, lab in labelled_pairs], tile)
+        tiles = LabelledTiles([prepare_image(im, rescale) for im, _ in labelled_pairs],
+                              [labels_at_scale(lab, rescale) for _, lab in labelled_pairs], tile)
     if not resume:
         inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
@@ -134,7 +141,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
            + (f", {len(val_pairs)} held-out labelled" if val_pairs else "")
            + f", rescale {rescale:.3f}, tiles {tile}×{tile}")
     summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
-                    labelled=labelled, partner=partner)
+                    labelled=tiles, partner=partner)
     cfg = summary["config"]
     plot_curves(out / "metrics.csv", out / "curves.png", cfg["tau_fn"], cfg["tau_emb"],
                 summary["selected_iteration"], out / SELECTION_CSV)

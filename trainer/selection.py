@@ -173,7 +173,7 @@ RULES: dict[str, Rule] = {
     "stop": Rule("what the --stop rule selects (the paper's: the last snapshot before a threshold)",
                  lambda rows, stop: _stop(rows, stop)),
     "last": Rule("the last snapshot", lambda rows, _s: snapshots(rows)[-1]),
-    "labelled": Rule("best AP@0.5 on the held-out labelled images (--val-labeled)",
+    "labelled": Rule("best AP@0.5 on the held-out labelled images (--val-labelled)",
                      lambda rows, _s: best_row(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
@@ -192,7 +192,7 @@ def resolve_rule(select: str, has_labelled: bool) -> str:
         return "labelled" if has_labelled else DEFAULT_LABEL_FREE
     rule = DEFAULT_LABEL_FREE if select == "label-free" else select
     if RULES[rule].labelled and not has_labelled:
-        raise SaDeployError(f"--select {rule} needs held-out labelled images (--val-labeled)")
+        raise SaDeployError(f"--select {rule} needs held-out labelled images (--val-labelled)")
     return rule
 
 
