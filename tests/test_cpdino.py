@@ -233,3 +233,45 @@ def test_state_dict_round_trip():
     assert again.diam_mean == pytest.approx(17.0) and again.tile_size == 96
     assert CellposeDINO.recognises(set(net.native_state_dict()))
     assert not CellposeDINO.recognises({"W2", "encoder.patch_embed.proj.weight", "encoder.pos_embed"})
+
+
+def test_cpdino_runs_everywhere_a_family_does(tmp_path):
+    """A Cellpose-DINO weights file through the commands: segment with TTA, pseudo-label, ACTIS
+    and CULPICO adaptation, export with a bioimage.io package (validated by bioimageio.spec)."""
+    import tifffile
+    from typer.testing import CliRunner
+
+    from selfadapt_deploy.cli import app
+    from selfadapt_deploy.synthetic import random_labels, render
+
+    runner = CliRunner()
+    weights = tmp_path / "dino.pt"
+    build_cpdino(seed=0).save(weights)
+    images, pairs = tmp_path / "images", tmp_path / "labelled"
+    images.mkdir(), pairs.mkdir()
+    for seed in range(3):
+        labels = random_labels((80, 96), 10, seed=seed)
+        tifffile.imwrite(images / f"a{seed}.tif", (render(labels, seed=seed) * 1000).astype(np.uint16))
+    tifffile.imwrite(pairs / "b.tif", (render(labels, seed=9) * 1000).astype(np.uint16))
+    tifffile.imwrite(pairs / "b_masks.tif", labels.astype(np.uint16))
+    cpu = ["--device", "cpu"]
+    seg = runner.invoke(app, ["segment", str(images / "a0.tif"), "--model", str(weights), "--out",
+                              str(tmp_path / "masks"), "--tta", *cpu])
+    assert seg.exit_code == 0, seg.output
+    assert "model: cpdino" in seg.output and (tmp_path / "masks" / "a0_masks.tif").is_file()
+    pseudo = runner.invoke(app, ["pseudo-label", str(images / "a0.tif"), "--model", str(weights),
+                                 "--out", str(tmp_path / "pseudo"), *cpu])
+    assert pseudo.exit_code == 0, pseudo.output
+    assert (tmp_path / "pseudo" / "a0_pseudo.npz").is_file()
+    short = ["--iterations", "2", "--batch-size", "2", "--eval-every", "1", *cpu]
+    for method, extra in (("actis", ["--labelled", str(pairs)]), ("culpico", ["--source", str(pairs)])):
+        run = runner.invoke(app, ["adapt", str(images), "--model", str(weights), "--out",
+                                  str(tmp_path / method), "--method", method, *extra, *short])
+        assert run.exit_code == 0, run.output
+        assert json.loads((tmp_path / method / "run.json").read_text())["family"] == "cpdino"
+    pytest.importorskip("bioimageio.spec")
+    exported = runner.invoke(app, ["export", str(tmp_path / "actis"), "--out", str(tmp_path / "export"),
+                                   "--bioimageio", str(tmp_path / "pkg"), "--author", "A. B."])
+    assert exported.exit_code == 0, exported.output
+    assert "validated by bioimageio.spec" in exported.output
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["family"] == "cpdino"
