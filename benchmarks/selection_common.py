@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfadapt_deploy.batch import pooled, segment_results
-from selfadapt_deploy.metrics import average_precision
+from selfadapt_deploy.metrics import average_precision, pooled
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.segment import SegmentParams
+from selfadapt_deploy.segment import SegmentParams, segment_results
 from selfadapt_deploy.trainer.averaging import AVERAGES, SWA, recompute_batchnorm
 from selfadapt_deploy.trainer.candidates import build_average, consensus_params, score_consensus
 from selfadapt_deploy.trainer.perturb import DROPOUT_RATE, dropout_disagreement

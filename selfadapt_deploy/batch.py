@@ -14,16 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
 from selfadapt_deploy.errors import ImageReadError, SaDeployError
-from selfadapt_deploy.io.readers import Image, image_stem, read_images, select_channels
+from selfadapt_deploy.io.readers import Image, image_stem, read_images, read_label_image, select_channels
 from selfadapt_deploy.io.writers import write_flows, write_masks
 from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_precision
-from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import Runner
-from selfadapt_deploy.runtime.torch_runner import TorchRunner
 from selfadapt_deploy.segment import (
     Segmentation,
     SegmentParams,
@@ -219,34 +216,6 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
                          channel_axis, series, grouping)
 
 
-def read_label_image(path: Path) -> np.ndarray:
-    """A 2-D integer label image (squeezing singleton axes)."""
-    if not Path(path).is_file():
-        raise ImageReadError(f"{path}: no such file")
-    try:
-        arr = np.squeeze(tifffile.imread(path))
-    except Exception as exc:  # tifffile raises several types for unreadable files
-        raise ImageReadError(f"{path}: not a readable TIFF label image ({exc})") from exc
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
-        raise ImageReadError(f"{path}: expected a 2-D non-negative integer label image, got "
-                             f"{arr.dtype} {arr.shape}")
-    return arr
-
-
-def segment_results(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
-                    attention: str = "auto") -> list[Segmentation]:
-    """Segmentations (masks and network output) of in-memory C×Y×X images, with ``net`` on its own
-    device (post-processing batched over images of one size); ``attention`` as for TorchRunner."""
-    with TorchRunner(net, net.device, attention=attention) as runner:
-        return segment_images(runner, list(images), params, net.device)
-
-
-def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
-                   attention: str = "auto") -> list[np.ndarray]:
-    """Label images of in-memory C×Y×X images (:func:`segment_results`' masks)."""
-    return [seg.masks for seg in segment_results(net, images, params, attention)]
-
-
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],
                    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> list[APResult]:
     """AP per (prediction, ground truth) pair, in order."""
@@ -260,12 +229,3 @@ def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],
             raise SaDeployError(f"{pred_path} {pred.shape} and {gt_path} {gt.shape} differ in shape")
         results.append(average_precision(gt, pred, thresholds))
     return results
-
-
-def pooled(results: Sequence[APResult]) -> APResult:
-    """Totals over images: AP from summed TP/FP/FN (cellpose reports per-image; this adds them)."""
-    def total(counts: list[tuple[int, ...]]) -> list[int]:
-        return [sum(c) for c in zip(*counts, strict=True)]
-
-    return APResult.from_counts(results[0].thresholds, total([r.tp for r in results]),
-                                total([r.fp for r in results]), total([r.fn for r in results]))

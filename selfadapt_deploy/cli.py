@@ -376,7 +376,8 @@ def evaluate(
                                                   "JSON file.")] = None,
 ):
     """AP = TP/(TP+FP+FN) at IoU 0.5 / 0.75 / 0.9 (as cellpose.metrics.average_precision)."""
-    from selfadapt_deploy.batch import evaluate_files, pooled
+    from selfadapt_deploy.batch import evaluate_files
+    from selfadapt_deploy.metrics import pooled
 
     results = evaluate_files(pred, gt)
     table = Table("image", *(f"AP@{t:g}" for t in results[0].thresholds), "TP/FP/FN@0.5")

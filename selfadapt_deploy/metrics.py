@@ -7,6 +7,7 @@ silently inflate FN (or FP) on label images with gaps in their ids.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import fastremap
@@ -73,3 +74,12 @@ def average_precision(gt: np.ndarray, pred: np.ndarray,
     fp = [n_pred - t for t in tp]
     fn = [n_gt - t for t in tp]
     return APResult.from_counts(thresholds, tp, fp, fn)
+
+
+def pooled(results: Sequence[APResult]) -> APResult:
+    """Totals over images: AP from summed TP/FP/FN (cellpose reports per-image; this adds them)."""
+    def total(counts: list[tuple[int, ...]]) -> list[int]:
+        return [sum(c) for c in zip(*counts, strict=True)]
+
+    return APResult.from_counts(results[0].thresholds, total([r.tp for r in results]),
+                                total([r.fp for r in results]), total([r.fn for r in results]))

@@ -12,6 +12,7 @@ stay there; only the label image comes back (the default on CUDA).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
-from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.tiling import (
@@ -293,3 +294,19 @@ def segment_image(runner: Runner, img: np.ndarray, params: SegmentParams = Segme
                   device: torch.device | str = "cpu") -> Segmentation:
     """Segment one C×Y×X image whose channels are already those the network expects."""
     return segment_images(runner, [img], params, device)[0]
+
+
+def segment_results(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
+                    attention: str = "auto") -> list[Segmentation]:
+    """Segmentations (masks and network output) of in-memory C×Y×X images, with ``net`` on its own
+    device (post-processing batched over images of one size); ``attention`` as for TorchRunner."""
+    from selfadapt_deploy.runtime.torch_runner import TorchRunner  # the torch backend, on demand
+
+    with TorchRunner(net, net.device, attention=attention) as runner:
+        return segment_images(runner, list(images), params, net.device)
+
+
+def segment_arrays(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
+                   attention: str = "auto") -> list[np.ndarray]:
+    """Label images of in-memory C×Y×X images (:func:`segment_results`' masks)."""
+    return [seg.masks for seg in segment_results(net, images, params, attention)]

@@ -215,7 +215,7 @@ def test_dropout_disagreement_is_deterministic_for_a_seed(trained_cpnet_path):
     images = [np.stack([render(random_labels((96, 96), 14, seed=s), seed=s, gamma=1.5),
                         np.zeros((96, 96), np.float32)]) for s in (0, 1)]
     params = SegmentParams()
-    from selfadapt_deploy.batch import segment_arrays
+    from selfadapt_deploy.segment import segment_arrays
 
     masks = segment_arrays(net, images, params)
     first = dropout_disagreement(net, images, masks, params, rate=0.3, seed=1)

@@ -24,13 +24,12 @@ import numpy as np
 import tifffile
 import torch
 
-from selfadapt_deploy.batch import pooled, segment_arrays
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path, write_masks
-from selfadapt_deploy.metrics import APResult, average_precision
+from selfadapt_deploy.metrics import APResult, average_precision, pooled
 from selfadapt_deploy.models import FAMILIES, load_model
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.segment import SegmentParams
+from selfadapt_deploy.segment import SegmentParams, segment_arrays
 from selfadapt_deploy.synthetic import SOURCE, TARGET, Domain
 from selfadapt_deploy.trainer.candidates import SELECTION_CSV
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image

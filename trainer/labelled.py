@@ -9,9 +9,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from selfadapt_deploy.batch import read_label_image
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.readers import expand_inputs, image_stem, is_image_file, read_network_images
+from selfadapt_deploy.io.readers import (
+    expand_inputs,
+    image_stem,
+    is_image_file,
+    read_label_image,
+    read_network_images,
+)
 
 MASK_SUFFIX = "_masks"
 

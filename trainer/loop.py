@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from selfadapt_deploy import __version__
-from selfadapt_deploy.batch import segment_arrays
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.loading import load_plain
+from selfadapt_deploy.segment import segment_arrays
 from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
 from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng
 from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, TEACHER_RUNTIMES, open_engine_teacher
@@ -214,117 +214,151 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     """Run (or resume) an adaptation — SelfAdapt; ACTIS with ``labelled`` target tiles in every
     batch; CULPICO (``config.method``) with ``partner`` as its second network and ``labelled``
     as its labelled source tiles — and return the run summary also written to ``run.json``."""
-    cfg = config.resolved(student)
-    n_labelled = labelled_per_batch(cfg, labelled)
-    rule = resolve_rule(cfg.select, bool(val.labelled))
-    pool = PredictionPool(out / POOL, len(val.images))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SNAPSHOTS).mkdir(exist_ok=True)
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    method = build_method(cfg, student, n_labelled > 0, partner)
-    monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
-    rows: list[dict] = []
-    eval_seconds: list[float] = []
-    start, stopped, reason, seconds_before = 0, False, "", 0.0
-    if resume and (out / CHECKPOINT).is_file():
-        ckpt = load_plain(out / CHECKPOINT, "checkpoint")
-        method.load_state_dict(ckpt)
-        for m, s in zip(monitors, ckpt["monitors"], strict=True):
-            m.load_state_dict(s)
-        g.set_state(ckpt["generator"])
-        if "torch_rng" in ckpt:  # the global stream (ViT layer drop) continues where it stopped
-            torch.set_rng_state(ckpt["torch_rng"])
-        if "cuda_rng" in ckpt and student.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], student.device)
-        rows, start, stopped, reason = ckpt["rows"], ckpt["step"], ckpt["stopped"], ckpt["reason"]
-        seconds_before, eval_seconds = ckpt["seconds"], ckpt.get("eval_seconds", [])
-        val.reference_embedding = ckpt["ref_embedding"]
-        val.reference_masks = [m.numpy() for m in ckpt["ref_masks"]]
-        val.previous_masks = [m.numpy() for m in ckpt["previous_masks"]]
-    else:
-        val.reference_masks = segment_arrays(method.deployed, val.images, val.params)
-        val.reference_embedding = embed(method.deployed, val.tiles)
+    run = Run(config.resolved(student), student, train, val, Path(out), labelled, partner, progress)
+    run.restore(resume)
+    if run.step == 0:
+        run.evaluate()
+        run.checkpoint()
+    run.train()
+    return run.select()
 
-    def cuda_rng() -> dict:
-        return {"cuda_rng": torch.cuda.get_rng_state(student.device)} if student.device.type == "cuda" else {}
 
-    def checkpoint(step: int) -> None:
-        with atomic_path(out / CHECKPOINT) as tmp:
-            torch.save({**method.state_dict(),
-                        "monitors": [m.state_dict() for m in monitors],
-                        "generator": g.get_state(), "torch_rng": torch.get_rng_state(), **cuda_rng(),
-                        "rows": rows, "step": step, "stopped": stopped,
-                        "reason": reason, "ref_masks": _tensors(val.reference_masks),
-                        "previous_masks": _tensors(val.previous_masks),
-                        "seconds": seconds_before + time.perf_counter() - tic,
-                        "eval_seconds": eval_seconds, "ref_embedding": val.reference_embedding}, tmp)
-        _write_metrics(out / METRICS, rows)
+class Run:
+    """One adaptation run's state and its phases — restore (from ``checkpoint.pt``), train,
+    evaluate (snapshot, label-free signals, stopping rules), select (the ``--select`` rule,
+    ``run.json``) — which :func:`adapt` runs in that order."""
 
-    def evaluate(step: int) -> None:
-        nonlocal stopped, reason
-        t0 = time.perf_counter()
-        method.deployed.save(out / SNAPSHOTS / f"{snapshot_name(step)}.pt")
-        drift, segs = evaluate_drift(method.deployed, val, dropout=RULES[rule].dropout)
-        pool.add(snapshot_name(step), segs)  # the predictions the evaluation made anyway
-        rows.append({"iteration": step, **drift})
-        eval_seconds.append(time.perf_counter() - t0)  # to run.json, not metrics.csv: not reproducible
-        for m in monitors:
-            should_stop, why = m.update(drift, step)
+    def __init__(self, cfg: AdaptConfig, student: SegmentationNet, train: TileSampler,
+                 val: Validation, out: Path, labelled: LabelledTiles | None,
+                 partner: SegmentationNet | None, progress: Callable[[int, dict], None] | None):
+        self.cfg, self.student, self.data, self.val, self.out = cfg, student, train, val, out
+        self.labelled, self.progress = labelled, progress
+        self.n_labelled = labelled_per_batch(cfg, labelled)
+        self.rule = resolve_rule(cfg.select, bool(val.labelled))
+        self.pool = PredictionPool(out / POOL, len(val.images))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SNAPSHOTS).mkdir(exist_ok=True)
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the global stream (a ViT's layer drop); adapt forks it
+        self.method = build_method(cfg, student, self.n_labelled > 0, partner)
+        self.monitors = monitors_for(cfg.stop, cfg.tau_fn, cfg.tau_emb)
+        self.rows: list[dict] = []
+        self.eval_seconds: list[float] = []
+        self.step, self.stopped, self.reason, self.seconds_before = 0, False, "", 0.0
+        self.tic = time.perf_counter()
+
+    def restore(self, resume: bool) -> None:
+        """Everything ``checkpoint`` saved, when resuming one; else θ0's reference masks and
+        embedding (the label-free signals measure drift from them)."""
+        val, device = self.val, self.student.device
+        if resume and (self.out / CHECKPOINT).is_file():
+            ckpt = load_plain(self.out / CHECKPOINT, "checkpoint")
+            self.method.load_state_dict(ckpt)
+            for m, s in zip(self.monitors, ckpt["monitors"], strict=True):
+                m.load_state_dict(s)
+            self.g.set_state(ckpt["generator"])
+            if "torch_rng" in ckpt:  # the global stream (ViT layer drop) continues where it stopped
+                torch.set_rng_state(ckpt["torch_rng"])
+            if "cuda_rng" in ckpt and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+            self.rows, self.step = ckpt["rows"], ckpt["step"]
+            self.stopped, self.reason = ckpt["stopped"], ckpt["reason"]
+            self.seconds_before, self.eval_seconds = ckpt["seconds"], ckpt.get("eval_seconds", [])
+            val.reference_embedding = ckpt["ref_embedding"]
+            val.reference_masks = [m.numpy() for m in ckpt["ref_masks"]]
+            val.previous_masks = [m.numpy() for m in ckpt["previous_masks"]]
+        else:
+            val.reference_masks = segment_arrays(self.method.deployed, val.images, val.params)
+            val.reference_embedding = embed(self.method.deployed, val.tiles)
+        self.tic = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.tic
+
+    def checkpoint(self) -> None:
+        """Everything needed to resume at ``self.step``, atomically; and ``metrics.csv``."""
+        device, val = self.student.device, self.val
+        cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save({**self.method.state_dict(),
+                        "monitors": [m.state_dict() for m in self.monitors],
+                        "generator": self.g.get_state(), "torch_rng": torch.get_rng_state(), **cuda_rng,
+                        "rows": self.rows, "step": self.step, "stopped": self.stopped,
+                        "reason": self.reason, "ref_masks": _tensors(val.reference_masks),
+                        "previous_masks": _tensors(val.previous_masks), "seconds": self.seconds(),
+                        "eval_seconds": self.eval_seconds, "ref_embedding": val.reference_embedding}, tmp)
+        _write_metrics(self.out / METRICS, self.rows)
+
+    def evaluate(self) -> None:
+        """Snapshot the deployed network, measure the label-free signals (its predictions go to
+        the pool), and let the stopping rules see them."""
+        t0, name = time.perf_counter(), snapshot_name(self.step)
+        deployed = self.method.deployed
+        deployed.save(self.out / SNAPSHOTS / f"{name}.pt")
+        drift, segs = evaluate_drift(deployed, self.val, dropout=RULES[self.rule].dropout)
+        self.pool.add(name, segs)  # the predictions the evaluation made anyway
+        self.rows.append({"iteration": self.step, **drift})
+        self.eval_seconds.append(time.perf_counter() - t0)  # to run.json, not metrics.csv: not reproducible
+        for m in self.monitors:
+            should_stop, why = m.update(drift, self.step)
             # the label-free criteria are always logged; they end the run unless labels select
-            if should_stop and not stopped and rule != "labelled":
-                stopped, reason = True, why
+            if should_stop and not self.stopped and self.rule != "labelled":
+                self.stopped, self.reason = True, why
 
-    tic = time.perf_counter()
-    if start == 0:
-        evaluate(0)
-        checkpoint(0)
-    step = start
-    engine = None
-    if cfg.teacher_runtime != "torch":
-        if not method.has_teacher:
-            raise SaDeployError(f"--teacher-runtime {cfg.teacher_runtime} serves SelfAdapt's EMA teacher; "
-                                f"{method.name} has none")
-        engine = open_engine_teacher(method.deployed, cfg.teacher_runtime, cfg.teacher_precision,
-                                     out / ENGINE_DIR, student.device, cfg.teacher_sync,
-                                     cfg.batch_size)
-        method.use_pseudo_labeler(engine)
-    try:
-        while step < cfg.iterations and not stopped:
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.iterations)
-            for optimizer in method.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            x = train.sample(cfg.batch_size - n_labelled, g)
-            terms = method.step(x, step, g, labelled.sample(n_labelled, g) if n_labelled else None)
-            step += 1
-            rows.append({"iteration": step, "lr": lr, **terms})
-            if progress is not None:
-                progress(step, terms)
-            if step % cfg.eval_every == 0 or step == cfg.iterations:
-                evaluate(step)
-                checkpoint(step)
-    finally:
-        if engine is not None:
-            engine.close()
-    evaluated = [r for r in rows if "d_emb" in r]
-    selection = select_candidate(rule, evaluated, val, pool, out, out / SNAPSHOTS, method.deployed,
-                                 cfg.warmup_steps, StopRule(cfg.stop, cfg.tau_fn, cfg.tau_emb))
-    if rule == "stop":
-        selection["why"] += (f"; {reason}" if stopped else "; the run ended without stopping: "
-                             + "; ".join(m.summary() for m in monitors) if monitors else "")
-    summary = {"selected": selection["candidate"], "selected_iteration": selection["iteration"],
-               "stopped_early": stopped, "stop_reason": reason,
-               "method": method.name, "labelled_per_batch": n_labelled,
-               "deployed": method.deployed_description,
-               "selection": selection,
-               "iterations_run": step, "config": asdict(cfg), "family": student.family,
-               "seconds": seconds_before + time.perf_counter() - tic,
-               "seconds_per_evaluation": sum(eval_seconds) / max(1, len(eval_seconds)),
-               "sa_deploy": __version__, "torch": torch.__version__}
-    with atomic_path(out / RUN_JSON) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    return summary
+    def train(self) -> None:
+        """Steps until ``iterations`` or a stopping rule; evaluation and checkpoint every
+        ``eval_every`` steps (and at the last)."""
+        cfg, method = self.cfg, self.method
+        engine = None
+        if cfg.teacher_runtime != "torch":
+            if not method.has_teacher:
+                raise SaDeployError(f"--teacher-runtime {cfg.teacher_runtime} serves SelfAdapt's EMA "
+                                    f"teacher; {method.name} has none")
+            engine = open_engine_teacher(method.deployed, cfg.teacher_runtime, cfg.teacher_precision,
+                                         self.out / ENGINE_DIR, self.student.device, cfg.teacher_sync,
+                                         cfg.batch_size)
+            method.use_pseudo_labeler(engine)
+        n = self.n_labelled
+        try:
+            while self.step < cfg.iterations and not self.stopped:
+                lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.iterations)
+                for optimizer in method.optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                x = self.data.sample(cfg.batch_size - n, self.g)
+                terms = method.step(x, self.step, self.g, self.labelled.sample(n, self.g) if n else None)
+                self.step += 1
+                self.rows.append({"iteration": self.step, "lr": lr, **terms})
+                if self.progress is not None:
+                    self.progress(self.step, terms)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.iterations:
+                    self.evaluate()
+                    self.checkpoint()
+        finally:
+            if engine is not None:
+                engine.close()
+
+    def select(self) -> dict:
+        """The ``--select`` rule over every candidate → ``model.pt``; the summary → ``run.json``."""
+        cfg, method = self.cfg, self.method
+        evaluated = [r for r in self.rows if "d_emb" in r]
+        selection = select_candidate(self.rule, evaluated, self.val, self.pool, self.out,
+                                     self.out / SNAPSHOTS, method.deployed, cfg.warmup_steps,
+                                     StopRule(cfg.stop, cfg.tau_fn, cfg.tau_emb))
+        if self.rule == "stop":
+            selection["why"] += (f"; {self.reason}" if self.stopped else "; the run ended without stopping: "
+                                 + "; ".join(m.summary() for m in self.monitors) if self.monitors else "")
+        summary = {"selected": selection["candidate"], "selected_iteration": selection["iteration"],
+                   "stopped_early": self.stopped, "stop_reason": self.reason,
+                   "method": method.name, "labelled_per_batch": self.n_labelled,
+                   "deployed": method.deployed_description, "selection": selection,
+                   "iterations_run": self.step, "config": asdict(cfg), "family": self.student.family,
+                   "seconds": self.seconds(),
+                   "seconds_per_evaluation": sum(self.eval_seconds) / max(1, len(self.eval_seconds)),
+                   "sa_deploy": __version__, "torch": torch.__version__}
+        with atomic_path(self.out / RUN_JSON) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

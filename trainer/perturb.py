@@ -16,9 +16,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from selfadapt_deploy.batch import segment_arrays
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.segment import SegmentParams
+from selfadapt_deploy.segment import SegmentParams, segment_arrays
 from selfadapt_deploy.trainer.stopping import mask_agreement
 
 DROPOUT_RATE = 0.2  # CRank ranks with rates 0.05–0.4; 0.1–0.3 kept its ranking stable

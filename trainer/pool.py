@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from selfadapt_deploy.batch import pooled
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
-from selfadapt_deploy.metrics import APResult, average_precision
+from selfadapt_deploy.metrics import APResult, average_precision, pooled
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
 from selfadapt_deploy.segment import Segmentation
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from selfadapt_deploy.batch import pooled, segment_arrays, segment_results
-from selfadapt_deploy.metrics import average_precision
+from selfadapt_deploy.metrics import average_precision, pooled
 from selfadapt_deploy.models.base import SegmentationNet, evaluating
-from selfadapt_deploy.segment import Segmentation, SegmentParams
+from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_arrays, segment_results
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.perturb import dropout_disagreement
 from selfadapt_deploy.trainer.stopping import (

@@ -201,3 +201,17 @@ def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, chan
         except SaDeployError as exc:
             report(f"skipped: {exc}")
     return images
+
+
+def read_label_image(path: Path) -> np.ndarray:
+    """A 2-D integer label image (squeezing singleton axes)."""
+    if not Path(path).is_file():
+        raise ImageReadError(f"{path}: no such file")
+    try:
+        arr = np.squeeze(tifffile.imread(path))
+    except Exception as exc:  # tifffile raises several types for unreadable files
+        raise ImageReadError(f"{path}: not a readable TIFF label image ({exc})") from exc
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
+        raise ImageReadError(f"{path}: expected a 2-D non-negative integer label image, got "
+                             f"{arr.dtype} {arr.shape}")
+    return arr
