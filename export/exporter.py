@@ -131,19 +131,26 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
 
 def _validate_onnx(onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO, precision: str,
                    tiles: list[torch.Tensor]) -> Validation:
-    """onnxruntime (CPU) against torch. Only a reduced-precision graph for which the CPU provider
-    has no kernels (onnxruntime's NOT_IMPLEMENTED: bfloat16) is recorded as not validated, with the
-    reason (console and manifest) — TensorRT validates its engine; any other failure fails the export."""
+    """onnxruntime against torch: fp32 graphs on the CPU provider; fp16/bf16 graphs on the CUDA
+    provider when this machine has one (its kernels are the ones a GPU deployment runs), else the
+    CPU provider. Only a reduced-precision graph for which the provider has no kernels
+    (onnxruntime's NOT_IMPLEMENTED: bfloat16 on the CPU) is recorded as not validated, with the
+    reason (console and manifest) — TensorRT validates its engine; any other failure fails the export.
+    **The CUDA path is written, not run**: these machines' GPU session has no onnxruntime-gpu."""
+    import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-    runner = OrtRunner(onnx_bytes, net.spec, graph, "cpu")
+    gpu = (precision != "fp32" and torch.cuda.is_available()
+           and "CUDAExecutionProvider" in ort.get_available_providers())
+    runner = OrtRunner(onnx_bytes, net.spec, graph, "cuda" if gpu else "cpu")
     try:
         runner.activate()
     except OrtNotImplemented as exc:
         if precision == "fp32":
             raise
-        return Validation("skipped", reason=f"onnxruntime's CPU provider cannot run this {precision} "
-                                            f"graph ({str(exc).splitlines()[0][:200]})")
+        provider = "CUDA" if gpu else "CPU"
+        return Validation("skipped", reason=f"onnxruntime's {provider} provider cannot run this "
+                                            f"{precision} graph ({str(exc).splitlines()[0][:200]})")
     try:
         return validate_runner(runner, net, graph, precision, tiles, f"{graph.name}.onnx")
     finally:
