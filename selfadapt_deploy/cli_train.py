@@ -20,6 +20,7 @@ from selfadapt_deploy.cli_options import (
     parse_channels,
     plain,
 )
+from selfadapt_deploy.trainer.config import ADAPT_DEFAULTS as D  # torch-free: --help stays fast
 
 
 def adapt(
@@ -32,44 +33,44 @@ def adapt(
                                                 "(its settings are reused).")] = None,
     diameter: Annotated[float, typer.Option(help="Cell diameter in pixels; 0 = the model's "
                                             "default, as in segment.")] = 0.0,
-    iterations: Annotated[int, typer.Option(help="Optimisation steps.")] = 150,
-    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = 4,
+    iterations: Annotated[int, typer.Option(help="Optimisation steps.")] = D["iterations"],
+    batch_size: Annotated[int, typer.Option(help="Tiles per step.")] = D["batch_size"],
     lr: Annotated[float, typer.Option(help="Peak learning rate; 0 = family default (CPnet 1e-4, "
                                       "Cellpose-SAM 1e-5).")] = 0.0,
     l2sp: Annotated[float, typer.Option(help="λ of the L2-SP pull towards the pretrained weights; "
                                         "-1 = family default (1e-2).")] = -1.0,
-    ema_every: Annotated[int, typer.Option(help="Update the EMA teacher every N steps.")] = 1,
+    ema_every: Annotated[int, typer.Option(help="Update the EMA teacher every N steps.")] = D["ema_every"],
     eval_every: Annotated[int, typer.Option(help="Evaluate stopping metrics and snapshot every K "
-                                            "steps.")] = 25,
+                                            "steps.")] = D["eval_every"],
     stop: Annotated[str, typer.Option(help="End the run early by a label-free criterion: flow (no "
                                       "lower flow error for 4 evaluations), fn, emb, both (the "
                                       "paper's thresholds) or none (the whole budget; --select "
                                       "chooses among every snapshot).")
-                    ] = "none",  # stopping.DEFAULT_STOP (tested; torch stays unimported for --help)
+                    ] = D["stop"],
     val_fraction: Annotated[float, typer.Option(help="Share of the images held out for "
                                                 "stopping.")] = 0.2,
     val: Annotated[list[Path] | None, typer.Option(help="Held-out images for stopping (instead of "
                                                    "a split).")] = None,
     keep_snapshots: Annotated[bool, typer.Option(help="Keep every snapshot for manual "
                                                  "choice.")] = True,
-    prob_mask: Annotated[bool, typer.Option(help="Confidence mask on cell probability.")] = True,
-    flow_mask: Annotated[bool, typer.Option(help="Confidence mask on flows.")] = True,
-    augment: Annotated[bool, typer.Option(help="Strong student augmentation.")] = True,
+    prob_mask: Annotated[bool, typer.Option(help="Confidence mask on cell probability.")] = D["prob_mask"],
+    flow_mask: Annotated[bool, typer.Option(help="Confidence mask on flows.")] = D["flow_mask"],
+    augment: Annotated[bool, typer.Option(help="Strong student augmentation.")] = D["augment"],
     teacher_runtime: Annotated[str, typer.Option(help="Teacher pseudo-labels from torch, or from its "
                                                  "exported TTA graph in onnx (onnxruntime) or "
-                                                 "tensorrt.")] = "torch",
+                                                 "tensorrt.")] = D["teacher_runtime"],
     teacher_sync: Annotated[int, typer.Option(help="Push the EMA teacher's weights into the onnx / "
-                                              "tensorrt teacher every N steps.")] = 10,
+                                              "tensorrt teacher every N steps.")] = D["teacher_sync"],
     teacher_precision: Annotated[str, typer.Option(help="Precision of the exported teacher graph: "
-                                                   "fp32, fp16 or bf16.")] = "fp32",
+                                                   "fp32, fp16 or bf16.")] = D["teacher_precision"],
     amp: Annotated[str, typer.Option(help="Mixed precision of teacher and student on CUDA: bf16 "
                                      "(autocast), fp16 (autocast + loss scaling) or fp32. The "
-                                     "CPU runs fp32.")] = "bf16",
+                                     "CPU runs fp32.")] = D["amp"],
     compile_teacher: Annotated[bool, typer.Option(help="torch.compile the torch teacher (first "
-                                                  "steps compile).")] = False,
+                                                  "steps compile).")] = D["compile_teacher"],
     method: Annotated[str, typer.Option(help="selfadapt (label-free), actis (labelled target tiles in "
                                         "every batch; implied by --labelled) or culpico (two "
-                                        "cooperating networks).")] = "selfadapt",
+                                        "cooperating networks).")] = D["method"],
     model2: Annotated[str | None, typer.Option(help="CULPICO: its second network (same family); "
                                                "default: the model with a perturbed read-out.")] = None,
     source: Annotated[list[str] | None, typer.Option(help="CULPICO: labelled source images (a folder of "
@@ -80,7 +81,7 @@ def adapt(
         "<stem>_masks.tif, or IMAGE=MASKS (repeatable).")] = None,
     labelled_fraction: Annotated[float, typer.Option(
         "--labelled-fraction", "--labeled-fraction",
-        help="ACTIS: share of each batch from labelled tiles (at least one).")] = 0.25,
+        help="ACTIS: share of each batch from labelled tiles (at least one).")] = D["labelled_fraction"],
     val_labelled: Annotated[list[str] | None, typer.Option(
         "--val-labelled", "--val-labeled",
         help="Held-out labelled images (same forms): AP@0.5 of every snapshot.")] = None,
@@ -91,8 +92,8 @@ def adapt(
                                         "consensus-averages, dropout, swa, "
                                         "wise-0.25, wise-0.50, wise-0.75, stop (what --stop selects), "
                                         "last or labelled. README: Choosing the snapshot without "
-                                        "labels.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+                                        "labels.")] = D["select"],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = D["seed"],
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
     channel_axis: ChannelAxisOpt = None,

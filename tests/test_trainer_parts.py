@@ -14,9 +14,8 @@ from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 from selfadapt_deploy.trainer.ema import EMA
 from selfadapt_deploy.trainer.losses import cellprob_loss, flow_loss, l2sp_penalty
 from selfadapt_deploy.trainer.schedule import lr_at
+from selfadapt_deploy.trainer.stop_rules import STOP_RULES
 from selfadapt_deploy.trainer.stopping import (
-    DEFAULT_STOP,
-    STOP_RULES,
     BestMonitor,
     ThresholdMonitor,
     fn_rate,
@@ -292,10 +291,17 @@ def test_source_targets_and_loss_match_cellpose_training():
     torch.testing.assert_close(cellpose_loss(y, torch.from_numpy(ours[None])), expected)
 
 
-def test_the_cli_default_stop_rule_is_the_trainer_default():
+def test_the_cli_adapt_defaults_are_the_configs():
+    """Every `sa-deploy adapt` option that is an AdaptConfig field defaults to the dataclass's
+    default (lr/l2sp: the CLI's "family default" sentinels), read from it — not a second copy."""
     from selfadapt_deploy.cli_train import adapt
+    from selfadapt_deploy.trainer.config import ADAPT_DEFAULTS, DEFAULT_STOP
 
-    assert inspect.signature(adapt).parameters["stop"].default == DEFAULT_STOP
+    cli = {name: p.default for name, p in inspect.signature(adapt).parameters.items()}
+    shared = set(cli) & set(ADAPT_DEFAULTS) - {"lr", "l2sp"}
+    assert len(shared) >= 15
+    assert {n: cli[n] for n in shared} == {n: ADAPT_DEFAULTS[n] for n in shared}
+    assert (cli["lr"], cli["l2sp"]) == (0.0, -1.0) and ADAPT_DEFAULTS["lr"] is ADAPT_DEFAULTS["l2sp"] is None
     assert DEFAULT_STOP in (*STOP_RULES, "none")
 
 

@@ -19,14 +19,8 @@ from dataclasses import dataclass
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.trainer.averaging import AVERAGES, SWA
-from selfadapt_deploy.trainer.stopping import (
-    FLOW_MIN_DELTA,
-    TAU_EMB,
-    TAU_FN,
-    Monitor,
-    monitors_for,
-    selected_iteration,
-)
+from selfadapt_deploy.trainer.stop_rules import TAU_EMB, TAU_FN
+from selfadapt_deploy.trainer.stopping import FLOW_MIN_DELTA, Monitor, monitors_for, selected_iteration
 
 THETA0 = "iter_000000"
 Row = dict  # one candidate: "candidate", "iteration" (None for averages), signals…

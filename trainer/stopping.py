@@ -31,10 +31,9 @@ from selfadapt_deploy.models.base import ModelSpec, evaluating
 from selfadapt_deploy.postprocess import flows_to_masks
 from selfadapt_deploy.postprocess.flow_qc import flow_errors
 from selfadapt_deploy.segment import Segmentation, SegmentParams, mask_params, rescale_factor
+from selfadapt_deploy.trainer.stop_rules import TAU_EMB, TAU_FN
 from selfadapt_deploy.trainer.teacher import teacher_predict
 
-TAU_FN = 0.05
-TAU_EMB = 0.5
 FLOW_MIN_DELTA = 0.02  # a flow error counts as better when at least 2 % lower (--stop flow, guards)
 
 
@@ -179,8 +178,6 @@ class BestMonitor:
 
 
 Monitor = ThresholdMonitor | BestMonitor
-STOP_RULES = ("fn", "emb", "both", "flow")  # --stop choices besides none
-DEFAULT_STOP = "none"  # the whole budget; the guarded selection protects θ0 (README)
 
 
 def monitors_for(stop: str, tau_fn: float = TAU_FN, tau_emb: float = TAU_EMB) -> list[Monitor]:

@@ -1,0 +1,149 @@
+"""Settings of an adaptation run (``AdaptConfig``), their validation rules and their defaults.
+
+Torch-free on import: the CLI builds ``sa-deploy adapt``'s option defaults from
+:data:`ADAPT_DEFAULTS` (the dataclass's own field defaults) without importing torch, so ``--help``
+stays fast and the defaults exist once. The choices (methods, stopping and selection rules, teacher
+runtimes, precisions) are checked against their registries when a config is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.trainer.stop_rules import DEFAULT_STOP, STOP_RULES, TAU_EMB, TAU_FN
+
+if TYPE_CHECKING:
+    from selfadapt_deploy.models.base import SegmentationNet
+
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _real(v: object, lo: float, hi: float = math.inf, open_lo: bool = False, open_hi: bool = True) -> bool:
+    """``v`` is a finite real number in the interval [lo, hi) (ends as flagged)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return False
+    return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+
+
+def _one_of(options) -> tuple:
+    return (lambda v: v in options, f"one of {', '.join(options)}")
+
+
+def config_rules() -> dict[str, tuple]:
+    """The rule of every checked AdaptConfig field: (test, what the error says it must be). Choices
+    come from their registries, imported here (not at module import: this module stays torch-free,
+    so the CLI reads the defaults below without importing torch)."""
+    from selfadapt_deploy.runtime.graphs import PRECISIONS
+    from selfadapt_deploy.trainer.engine_teacher import TEACHER_RUNTIMES
+    from selfadapt_deploy.trainer.methods import METHODS
+    from selfadapt_deploy.trainer.selection import SELECTIONS
+
+    return {
+        "iterations": (_count, "an integer ≥ 1"),
+        "batch_size": (_count, "an integer ≥ 1"),
+        "lr": (lambda v: v is None or _real(v, 0, open_lo=True),
+               "a number > 0 (or unset: the family default)"),
+        "l2sp": (lambda v: v is None or _real(v, 0), "a number ≥ 0 (or unset: the family default)"),
+        "weight_decay": (lambda v: _real(v, 0), "a number ≥ 0"),
+        "warmup_fraction": (lambda v: _real(v, 0, 1), "a number in [0, 1)"),
+        "lambda_bal": (lambda v: _real(v, 0), "a number ≥ 0"),
+        "ema_decay": (lambda v: _real(v, 0, 1, open_hi=False), "a number in [0, 1]"),
+        "ema_every": (_count, "an integer ≥ 1"),
+        "eval_every": (_count, "an integer ≥ 1"),
+        "stop": _one_of((*STOP_RULES, "none")),
+        "tau_fn": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
+        "tau_emb": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
+        "teacher_runtime": _one_of(TEACHER_RUNTIMES),
+        "teacher_sync": (_count, "an integer ≥ 1"),
+        "teacher_precision": _one_of(tuple(PRECISIONS)),
+        "amp": _one_of(tuple(PRECISIONS)),
+        "method": _one_of(METHODS),
+        "labelled_fraction": (lambda v: _real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
+        "select": _one_of(SELECTIONS),
+        "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer ≥ 0"),
+    }
+
+
+#: older spellings still accepted (settings of earlier runs, API keywords): old → current
+SPELLING_ALIASES = {"labeled_fraction": "labelled_fraction", "labeled": "labelled",
+                    "val_labeled": "val_labelled"}
+
+
+def respelled(data: dict) -> dict:
+    """``data`` with older spellings of setting names (:data:`SPELLING_ALIASES`) replaced."""
+    return {SPELLING_ALIASES.get(k, k): v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Settings of one adaptation run (defaults: the paper's, scaled to CPU budgets)."""
+
+    iterations: int = 150  # optimisation steps (paper: 25 000)
+    batch_size: int = 4  # tiles per step (paper: 8)
+    lr: float | None = None  # None → the family default
+    l2sp: float | None = None  # λ_L2SP; None → the family default
+    weight_decay: float = 1e-3  # AdamW
+    warmup_fraction: float = 0.1  # linear warm-up, then cosine
+    lambda_bal: float = 0.5
+    ema_decay: float = 0.99
+    ema_every: int = 1
+    eval_every: int = 25  # K: stopping metrics and snapshots
+    stop: str = DEFAULT_STOP  # flow | fn | emb | both | none (trainer/stopping.py)
+    tau_fn: float = TAU_FN
+    tau_emb: float = TAU_EMB
+    prob_mask: bool = True
+    flow_mask: bool = True
+    augment: bool = True
+    # teacher TTA: the 8 views in one forward (the method) or one forward per view (same numbers).
+    # None = batched on CUDA, per view on CPU, where one 8×-larger batch measured 1.5–2× slower
+    # (benchmarks/adapt_throughput.py).
+    batched_teacher: bool | None = None
+    # where the teacher's pseudo-labels come from: the torch EMA module, or its exported TTA graph
+    # in onnxruntime / TensorRT with the EMA's weights pushed in every teacher_sync steps
+    teacher_runtime: str = "torch"
+    teacher_sync: int = 10
+    teacher_precision: str = "fp32"  # of the exported teacher graph (onnx / tensorrt only)
+    # mixed precision of teacher and student on CUDA: bf16 autocast (fp16 risks overflow in
+    # Cellpose-SAM's ViT and needs loss scaling), fp16, or fp32; the CPU always runs fp32
+    amp: str = "bf16"
+    compile_teacher: bool = False  # torch.compile the EMA teacher's forward (tracks EMA updates)
+    # selfadapt (label-free) | actis (every batch also holds labelled target tiles; implied by them)
+    method: str = "selfadapt"
+    labelled_fraction: float = 0.25  # ACTIS: share of each batch taken from labelled tiles (≥ 1 tile)
+    # which candidate is deployed (trainer/selection.py): auto (labelled when held-out labelled
+    # images are given, else the label-free default) | label-free (that default) | a rule's name
+    select: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Every field checked against its rule (:func:`config_rules`) before anything is read or
+        written: one error naming the option, what it must be and what it got."""
+        for name, (ok, wanted) in config_rules().items():
+            value = getattr(self, name)
+            try:
+                valid = bool(ok(value))
+            except TypeError:  # a value of the wrong type (API callers)
+                valid = False
+            if not valid:
+                raise SaDeployError(f"--{name.replace('_', '-')} must be {wanted}, got {value!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear learning-rate warm-up (SWA averages the snapshots after them)."""
+        return max(1, int(self.warmup_fraction * self.iterations))
+
+    def resolved(self, family: type[SegmentationNet] | SegmentationNet) -> AdaptConfig:
+        """lr and l2sp left unset take the family's ``adapt_defaults``."""
+        d = family.adapt_defaults
+        return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
+                              "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp})
+
+
+#: every AdaptConfig field's default, for the CLI's option defaults (no second copy)
+ADAPT_DEFAULTS = {f.name: f.default for f in fields(AdaptConfig) if f.default is not MISSING}
