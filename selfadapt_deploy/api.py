@@ -1,7 +1,8 @@
 """The Python API: segment arrays, adapt and export from your own code, with the CLI's options.
 
-``sa-deploy segment`` / ``adapt`` / ``export`` are thin layers over these functions (files,
-progress bars and exit codes are theirs); errors are :class:`~selfadapt_deploy.errors.SaDeployError`
+``sa-deploy segment`` / ``adapt`` / ``export`` are thin layers over these functions
+(:func:`segment_paths`, :func:`adapt`, :func:`export`; progress bars and exit codes are theirs);
+errors are :class:`~selfadapt_deploy.errors.SaDeployError`
 with the same one-line messages.
 
 >>> from selfadapt_deploy.api import Segmenter
@@ -11,7 +12,7 @@ with the same one-line messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import image_from_array, select_channels
 from selfadapt_deploy.io.writers import check_new_dir, label_dtype
+from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.runtime.torch_runner import resolve_device
 from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
@@ -87,6 +89,85 @@ class Segmenter:
         """Labels of one image (0 = background), exactly what ``sa-deploy segment`` writes for it.
         ``settings``: :class:`SegmentParams` fields (diameter, flow_threshold, ...)."""
         return self.segment_many([image], channels, channel_axis, **settings)[0].masks
+
+
+def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str | Path | None = None,
+                  runner: tuple[Runner, str] | None = None, device: str = "auto",
+                  runtime: str = "auto", precision: str = "auto", onnx_provider: str = "auto",
+                  compile: bool = False, attention: str = "auto", compile_cache: Path | None = None,
+                  channels: Sequence[int] | None = None, channel_axis: int | None = None,
+                  series: int | None = None, save_flows: bool = False, overwrite: bool = False,
+                  stream: bool = False, block_size: int = 2048, halo: int = 0,
+                  out_format: str = "tiff", resume: bool = False, dask: str | None = None,
+                  block_progress: Callable[[Path, int, int], None] | None = None,
+                  **settings: Any) -> Iterator[tuple]:
+    """``sa-deploy segment``: label image files (and folders of them) into ``out``. Images that fit
+    in memory go through the batched pipeline; larger ones (any with ``stream``, and OME-Zarr)
+    stream block by block, on this machine or dask workers (``dask``). Every option is checked
+    before any work. ``model`` opens a runner as :class:`Segmenter` does; ``runner`` is an
+    already made (runner, description) instead (``segment --triton``). ``settings``:
+    :class:`SegmentParams` fields. Yields, in order: ``("model", description, device)``; one
+    ``("slide", path, summary | SaDeployError)`` per streamed slide (``block_progress(path, done,
+    total)`` as its blocks finish); ``("images", n)``; one ``("image", ImageResult)`` per image read
+    whole (a failed image is a result, the others go on)."""
+    from selfadapt_deploy.batch import SegmentJob, segment_files
+    from selfadapt_deploy.io.readers import expand_inputs
+    from selfadapt_deploy.io.writers import ensure_writable_dir
+    from selfadapt_deploy.postprocess.integrate import resolve_integrator
+    from selfadapt_deploy.segment import use_device_pipeline
+    from selfadapt_deploy.wsi import segment_slide
+    from selfadapt_deploy.wsi.slide import split_inputs
+    from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
+
+    if (model is None) == (runner is None):
+        raise SaDeployError("give --model, or --triton URL to run the network on a Triton server")
+    if runner is not None and dask is not None:
+        raise SaDeployError("--triton runs the network on one server; drop --dask")
+    out = Path(out)
+    params = Segmenter._params(SegmentParams(), settings)
+    picked = list(channels) if channels is not None else None
+    stream_settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
+    in_memory, slides = split_inputs(expand_inputs([Path(p) for p in images]), series,
+                                     stream or dask is not None, STREAM_ABOVE)
+    if slides and channel_axis is not None:  # the block reader takes axes from the file only
+        raise SaDeployError(f"--channel-axis applies to images read whole, but {slides[0][0]} "
+                            "streams block by block, with the axes its own metadata records; drop "
+                            "--channel-axis (or record the axes in the file)")
+    output_path(out, "x", out_format)  # a bad --out-format fails before any work
+    ensure_writable_dir(out)
+    # with dask the workers run the network: here the model only describes itself (CPU)
+    dev = resolve_device("cpu" if dask and not in_memory else device)
+    resolve_integrator(params.integrator, dev)  # an unusable choice fails before any work
+    torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
+    if runner is None:
+        runner = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
+                             **torch_options)
+    the_runner, description = runner
+    use_device_pipeline(params, the_runner.device)  # a bad --pipeline fails here too
+    if in_memory or not dask:
+        the_runner.activate()  # a provider, engine or device that cannot run fails before any image
+    runner_args = dict(model=model, runtime=runtime, device=device, precision=precision,
+                       onnx_provider=onnx_provider, **torch_options)
+    try:
+        yield "model", description, dev
+        for path, index in slides:
+            def progress(done: int, total: int, _result: dict, path: Path = path) -> None:
+                if block_progress is not None:
+                    block_progress(path, done, total)
+
+            try:
+                summary = segment_slide(path, the_runner, out, params, stream_settings, index, picked,
+                                        runner_args, progress)
+            except SaDeployError as exc:
+                summary = exc
+            yield "slide", path, summary
+        yield "images", len(in_memory)
+        if in_memory:
+            job = SegmentJob(the_runner, out, params, dev, picked, save_flows, overwrite)
+            for result in segment_files(in_memory, job, channel_axis, series):
+                yield "image", result
+    finally:
+        the_runner.deactivate()
 
 
 def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,

@@ -47,7 +47,6 @@ from selfadapt_deploy.errors import SaDeployError
 
 if TYPE_CHECKING:
     from selfadapt_deploy.batch import ImageResult
-    from selfadapt_deploy.wsi.stream import StreamSettings
 
 
 class ErrorBoundary(TyperGroup):
@@ -136,62 +135,41 @@ def segment(
 ):
     """Segment images with a Cellpose-family model (cellpose 4.2's pipeline); slides larger than
     memory stream block by block."""
-    from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs
-    from selfadapt_deploy.io.writers import ensure_writable_dir
-    from selfadapt_deploy.postprocess.integrate import resolve_integrator
-    from selfadapt_deploy.runtime import resolve_device
-    from selfadapt_deploy.runtime.select import open_runner
-    from selfadapt_deploy.segment import SegmentParams, use_device_pipeline
-    from selfadapt_deploy.wsi.slide import split_inputs
-    from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
+    from selfadapt_deploy import api
 
-    if (model is None) == (triton is None):
-        raise fail("give --model, or --triton URL to run the network on a Triton server")
-    if triton is not None and dask is not None:
-        raise fail("--triton runs the network on one server; drop --dask")
-    params = SegmentParams(diameter=diameter or None, flow_threshold=flow_threshold,
-                           cellprob_threshold=cellprob_threshold, min_size=min_size,
-                           niter=niter or None, tile_overlap=tile_overlap, batch_size=batch_size,
-                           tta=tta, integrator=integrator, pipeline=pipeline)
-    picked = parse_channels(channels)
-    torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
-    settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
-    images = expand_inputs(images)
-    in_memory, slides = split_inputs(images, series, stream or dask is not None, STREAM_ABOVE)
-    if slides and channel_axis is not None:  # the block reader takes axes from the file only
-        raise fail(f"--channel-axis applies to images read whole, but {slides[0][0]} streams block by "
-                   "block, with the axes its own metadata records; drop --channel-axis (or record the "
-                   "axes in the file)")
-    output_path(out, "x", out_format)  # a bad --out-format fails before any work
-    ensure_writable_dir(out)
-    # with --dask the workers run the network: here the model only describes itself (CPU)
-    dev = resolve_device("cpu" if dask and not in_memory else device)
-    resolve_integrator(integrator, dev)  # an unusable choice fails before any work
+    runner = None
     if triton is not None:
         from selfadapt_deploy.serving.triton_runner import TritonRunner
 
-        runner = TritonRunner(triton)
-        choice = f"network on the Triton server at {triton} (tile {runner.spec.tile_size})"
-    else:
-        runner, choice = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
-                                     **torch_options)
-    use_device_pipeline(params, runner.device)  # a bad --pipeline fails here too
-    if in_memory or not dask:
-        runner.activate()  # a provider, engine or device that cannot run fails before any image
+        triton_runner = TritonRunner(triton)
+        runner = (triton_runner, f"network on the Triton server at {triton} (tile "
+                                 f"{triton_runner.spec.tile_size})")
+    bars = _SlideBars()
+    events = api.segment_paths(
+        images, out, model=model, runner=runner, device=device, runtime=runtime, precision=precision,
+        onnx_provider=onnx_provider, compile=compile, attention=attention, compile_cache=compile_cache,
+        channels=parse_channels(channels), channel_axis=channel_axis, series=series,
+        save_flows=save_flows, overwrite=overwrite, stream=stream, block_size=block_size, halo=halo,
+        out_format=out_format, resume=resume, dask=dask, block_progress=bars.update,
+        diameter=diameter or None, flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold, min_size=min_size, niter=niter or None,
+        tile_overlap=tile_overlap, batch_size=batch_size, tta=tta, integrator=integrator,
+        pipeline=pipeline)
+    _, choice, dev = next(events)  # every option checked, the model opened
     console.print(f"model: {choice}", soft_wrap=True, highlight=False, markup=False)
-    job = SegmentJob(runner, out, params, dev, picked, save_flows, overwrite)
-    runner_args = dict(model=model, runtime=runtime, device=device, precision=precision,
-                       onnx_provider=onnx_provider, **torch_options)
+    failed = 0
     try:
-        failed = _stream_slides(slides, runner, out, params, settings, picked, runner_args)
-        if in_memory:
-            _report_each(segment_files(in_memory, job, channel_axis, series), len(in_memory),
-                         "segmenting", "masks", out)
+        for event in events:
+            if event[0] == "slide":
+                bars.close()
+                failed += _report_slide(*event[1:])
+            elif event[0] == "images" and event[1]:
+                _report_each((e[1] for e in events), event[1], "segmenting", "masks", out)
         if failed:
             raise typer.Exit(code=1)
     finally:
-        runner.deactivate()
+        bars.close()
+        events.close()
         if dev.type == "cuda":  # what a run at this --batch-size needs, to size it on other GPUs
             import torch
 
@@ -199,39 +177,43 @@ def segment(
             console.print(f"peak GPU memory: {peak:.2f} GiB at --batch-size {batch_size}")
 
 
-def _stream_slides(slides: list, runner, out: Path, params, settings: StreamSettings, channels,
-                   runner_args: dict) -> int:
-    """Stream each slide with a progress bar over its blocks; returns how many failed."""
-    from selfadapt_deploy.wsi import segment_slide
+class _SlideBars:
+    """One block progress bar for the slide being streamed, opened at its first report."""
 
-    failed = 0
-    for path, index in slides:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
-            task = bar.add_task(f"{path.name} blocks", total=None)
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
 
-            def progress(done: int, total: int, _result: dict, task=task, bar=bar) -> None:
-                bar.update(task, completed=done, total=total)
+    def update(self, path: Path, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
+            self.bar.start()
+            self.task = self.bar.add_task(f"{path.name} blocks", total=total)
+        self.bar.update(self.task, completed=done, total=total)
 
-            try:
-                summary = segment_slide(path, runner, out, params, settings, index, channels,
-                                        runner_args, progress)
-            except SaDeployError as exc:
-                bar.console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                failed += 1
-                continue
-        if summary["status"] == "skipped":
-            console.print(f"{path.name}: skipped ({summary['output']} exists; --overwrite to redo)",
-                          markup=False, highlight=False)
-            continue
-        for warning in summary["warnings"]:
-            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-        b = summary["blocks"]
-        console.print(f"{path.name}: done, {summary['objects']} masks → {summary['output']} ({b['total']} "
-                      f"blocks, {b['resumed']} resumed; {summary['seconds']['total']:.1f} s, peak RSS "
-                      f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB)", markup=False, highlight=False,
-                      soft_wrap=True)
-    return failed
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _report_slide(path: Path, summary: dict | SaDeployError) -> int:
+    """One streamed slide's outcome on the console; 1 if it failed."""
+    if isinstance(summary, SaDeployError):
+        err_console.print(f"[bold red]error:[/] {escape(str(summary))}", highlight=False, soft_wrap=True)
+        return 1
+    if summary["status"] == "skipped":
+        console.print(f"{path.name}: skipped ({summary['output']} exists; --overwrite to redo)",
+                      markup=False, highlight=False)
+        return 0
+    for warning in summary["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    b = summary["blocks"]
+    console.print(f"{path.name}: done, {summary['objects']} masks → {summary['output']} ({b['total']} "
+                  f"blocks, {b['resumed']} resumed; {summary['seconds']['total']:.1f} s, peak RSS "
+                  f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB)", markup=False, highlight=False,
+                  soft_wrap=True)
+    return 0
 
 
 def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: str, out: Path) -> None:
