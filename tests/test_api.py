@@ -153,3 +153,28 @@ def test_run_inputs_round_trip_and_older_runs_resume(tmp_path, trained_cpnet_pat
     (run / SETTINGS).write_text(json.dumps({**old, "colour": "blue"}))
     with pytest.raises(SaDeployError, match="unknown settings colour"):
         api.resume(run, device="cpu")
+
+
+def test_segment_paths_is_what_the_cli_runs(tmp_path, trained_cpnet_path):
+    """The CLI's segment is this one call: the same masks on disk, its events in order, bad
+    options refused before any output."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        tifffile.imwrite(folder / f"a{k}.tif", cells(30 + k))
+    events = list(api.segment_paths([folder], tmp_path / "api", model=trained_cpnet_path, device="cpu",
+                                    channels=[0], diameter=None))
+    assert [e[0] for e in events] == ["model", "images", "image", "image"]
+    assert events[1][1] == 2 and {e[1].status for e in events[2:]} == {"done"}
+    result = CliRunner().invoke(app, ["segment", str(folder), "--model", str(trained_cpnet_path),
+                                      "--out", str(tmp_path / "cli"), "--device", "cpu", "--channels", "0"])
+    assert result.exit_code == 0, result.output
+    for k in range(2):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "api" / f"a{k}_masks.tif"),
+                                      tifffile.imread(tmp_path / "cli" / f"a{k}_masks.tif"))
+    with pytest.raises(SaDeployError, match="give --model, or --triton"):
+        next(api.segment_paths([folder], tmp_path / "none"))
+    with pytest.raises(SaDeployError, match="unknown segmentation settings"):
+        next(api.segment_paths([folder], tmp_path / "bad", model=trained_cpnet_path, device="cpu",
+                               flow_treshold=0.4))
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
