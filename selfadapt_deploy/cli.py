@@ -314,7 +314,6 @@ def pseudo_label(
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.runtime import TEACHER_GRAPH, resolve_device
     from selfadapt_deploy.runtime.select import open_runner
-    from selfadapt_deploy.tiling import MAX_OVERLAP, MIN_OVERLAP
     from selfadapt_deploy.trainer.pseudo_label import (
         PSEUDO_SUFFIX,
         PseudoLabelParams,
@@ -322,9 +321,6 @@ def pseudo_label(
         write_pseudo_labels,
     )
 
-    if not MIN_OVERLAP <= tile_overlap <= MAX_OVERLAP or diameter < 0 or batch_size < 1:
-        raise fail(f"--tile-overlap must be in [{MIN_OVERLAP}, {MAX_OVERLAP}], --diameter ≥ 0 "
-                    "and --batch-size ≥ 1")
     params = PseudoLabelParams(diameter or None, tile_overlap, batch_size)
     picked = parse_channels(channels)
     files = expand_inputs(images)

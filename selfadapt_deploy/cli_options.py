@@ -49,12 +49,17 @@ def plain(target: Console):
 
 
 def parse_channels(text: str | None) -> list[int] | None:
+    """``--channels`` text → indices, checked by the one channel rule (``io.readers``) before any work."""
+    from selfadapt_deploy.io.readers import check_channels
+
     if text is None:
         return None
     try:
-        return [int(c) for c in text.split(",") if c.strip()]
+        channels = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
         raise fail(f"--channels '{text}' is not a comma-separated list of channel indices "
                     "(e.g. 0 or 1,0)") from None
+    check_channels(channels)  # a SaDeployError: the CLI's error boundary turns it into one line
+    return channels
 
 

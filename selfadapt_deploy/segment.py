@@ -24,6 +24,7 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image, normalize_tensor
 from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks_batch, flows_to_masks_on_device
+from selfadapt_deploy.rules import check_fields, count, one_of, real
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.tiling import (
     D4,
@@ -37,7 +38,26 @@ from selfadapt_deploy.tiling import (
 )
 
 DEFAULT_NITER = 200  # cellpose scales it by 1/rescale when niter is not given
+MAX_NITER = 100_000  # flow integration steps; cellpose's default is 200 / rescale
 PIPELINES = ("auto", "host", "device")
+#: the largest image the in-memory pipeline makes at the network's scale (16384² pixels); a
+#: diameter that would rescale an image past it is refused, naming the size it would need
+MAX_RESCALED_PIXELS = 2**28
+
+#: the rule of every SegmentParams field (``rules.check_fields``)
+SEGMENT_RULES = {
+    "diameter": (lambda v: v is None or real(v, 0), "a number ≥ 0 in pixels (0: the model's default)"),
+    "flow_threshold": (lambda v: real(v, 0), "a number ≥ 0 (0 turns flow QC off)"),
+    "cellprob_threshold": (real, "a finite number (a logit)"),
+    "min_size": (lambda v: count(v, 0), "an integer ≥ 0 in pixels (0 keeps every mask)"),
+    "max_size_fraction": (lambda v: real(v, 0, open_lo=True), "a number > 0"),
+    "niter": (lambda v: v is None or (count(v, 0) and v <= MAX_NITER),
+              f"an integer in 0..{MAX_NITER} (0: 200 / rescale, as cellpose)"),
+    "tile_overlap": (lambda v: real(v, MIN_OVERLAP, MAX_OVERLAP, open_hi=False),
+                     f"between {MIN_OVERLAP} and {MAX_OVERLAP}"),
+    "batch_size": (count, "an integer ≥ 1"),
+    "pipeline": one_of(PIPELINES),
+}
 
 
 @dataclass(frozen=True)
@@ -58,16 +78,9 @@ class SegmentParams:
     pipeline: str = "auto"  # auto (device on CUDA, host elsewhere) | host | device
 
     def __post_init__(self) -> None:
-        if not MIN_OVERLAP <= self.tile_overlap <= MAX_OVERLAP:
-            raise SaDeployError(f"--tile-overlap must be between {MIN_OVERLAP} and {MAX_OVERLAP}, "
-                                f"got {self.tile_overlap}")
-        if (self.diameter or 0) < 0 or (self.niter or 0) < 0 or self.batch_size < 1:
-            raise SaDeployError("--diameter and --niter must be ≥ 0 and --batch-size ≥ 1")
-        if not self.flow_threshold >= 0:  # also refuses NaN
-            raise SaDeployError(f"--flow-threshold must be ≥ 0 (0 turns flow QC off), got "
-                                f"{self.flow_threshold}")
-        if not self.max_size_fraction > 0:  # above 1 keeps every mask (the slide streamer uses that)
-            raise SaDeployError(f"max_size_fraction must be > 0, got {self.max_size_fraction}")
+        """Every setting checked against its rule (:data:`SEGMENT_RULES`): one error naming the
+        option, what it must be and the value. max_size_fraction above 1 keeps every mask."""
+        check_fields(self, SEGMENT_RULES)
 
 
 @dataclass
@@ -120,9 +133,24 @@ def rescale_factor(spec: ModelSpec, diameter: float | None) -> float:
     return spec.diam_mean / (diameter or spec.default_diameter)
 
 
+def rescaled_size(ly: int, lx: int, rescale: float, diameter: float | None) -> tuple[int, int]:
+    """A Y×X image's size at the network's scale; a diameter that would shrink it below a pixel
+    or grow it past :data:`MAX_RESCALED_PIXELS` is one error naming the size it would need."""
+    ry, rx = int(ly * rescale), int(lx * rescale)
+    if min(ry, rx) < 1:
+        raise SaDeployError(f"--diameter {diameter:g} is too large for a {ly}×{lx} image "
+                            f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
+    if ry * rx > MAX_RESCALED_PIXELS:
+        raise SaDeployError(f"--diameter {diameter:g} would rescale a {ly}×{lx} image {rescale:.3g}× to "
+                            f"{ry}×{rx} pixels, above the {MAX_RESCALED_PIXELS} (16384²) the "
+                            "pipeline makes at the network's scale; pass the cells' diameter in pixels")
+    return ry, rx
+
+
 def tiles_per_image(spec: ModelSpec, shape: tuple[int, int], params: SegmentParams) -> int:
     """How many network tiles a Y×X image takes at these settings (after the rescale)."""
     rescale = rescale_factor(spec, params.diameter)
+    # a count only (grouping, never raises): a size the pipeline refuses is refused per image
     ly, lx = (max(1, int(n * rescale)) for n in shape) if rescale != 1.0 else shape
     return count_tiles(ly, lx, spec.tile_size, params.tile_overlap, spec.fixed_tile)
 
@@ -165,11 +193,7 @@ def predict_images(predict: Predict, spec: ModelSpec, imgs: list[Image], diamete
     for img in imgs:
         ly, lx = img.shape[1:]
         if rescale != 1.0:
-            ry, rx = int(ly * rescale), int(lx * rescale)
-            if min(ry, rx) < 1:
-                raise SaDeployError(f"--diameter {diameter:g} is too large for a {ly}×{lx} image "
-                                    f"(it would shrink to {ry}×{rx}); pass the cells' diameter in pixels")
-            img = resize_chw(img, ry, rx)
+            img = resize_chw(img, *rescaled_size(ly, lx, rescale, diameter))
         # each image goes to the runner's device once; tiles, network and blending stay there
         resized.append(torch.from_numpy(img).to(device) if isinstance(img, np.ndarray) else img.to(device))
     ys = predict_tiled_many(predict, resized, spec.tile_size, tile_overlap, batch_size, fixed_tile)
@@ -214,8 +238,6 @@ def mask_params(params: SegmentParams, rescale: float) -> MaskParams:
 
 def use_device_pipeline(params: SegmentParams, device: torch.device) -> bool:
     """Whether ``params.pipeline`` means the device-resident pipeline on ``device``."""
-    if params.pipeline not in PIPELINES:
-        raise SaDeployError(f"--pipeline must be one of {', '.join(PIPELINES)}, got '{params.pipeline}'")
     return params.pipeline == "device" or (params.pipeline == "auto" and device.type == "cuda")
 
 

@@ -55,7 +55,7 @@ def test_segmenter_channel_layouts_and_per_call_settings(trained_cpnet_path):
 @pytest.mark.parametrize("call, message", [
     (lambda s: s.segment(np.full((64, 64), np.nan, np.float32)), "NaN"),
     (lambda s: s.segment(np.zeros((2, 3, 64, 64))), "expected Y×X"),
-    (lambda s: s.segment(np.zeros((64, 64)), flow_threshold=-1), "--flow-threshold must be ≥ 0"),
+    (lambda s: s.segment(np.zeros((64, 64)), flow_threshold=-1), "--flow-threshold must be a number ≥ 0"),
     (lambda s: s.segment(np.zeros((64, 64)), treshold=1), "unknown segmentation settings"),
     (lambda s: s.segment(np.zeros((4, 64, 64))), "choose them with --channels"),
 ])

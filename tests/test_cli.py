@@ -85,8 +85,19 @@ def test_segment_multiseries_writes_one_mask_per_series(tmp_path, weights):
     (["--pipeline", "gpu"], "--pipeline must be one of"),
     (["--precision", "int8"], "--precision must be one of"),
     (["--attention", "flash"], "--attention must be one of"),
-    (["--flow-threshold", "-0.1"], "--flow-threshold must be ≥ 0"),
+    (["--flow-threshold", "-0.1"], "--flow-threshold must be a number ≥ 0"),
     (["--model", "RANDOM"], "not a readable PyTorch weights file"),
+    # every bad value names the flag and the value (issue 22, items 5, 6, 7, 8)
+    (["--diameter", "nan"], "--diameter must be a number ≥ 0 in pixels (0: the model's default), got nan"),
+    (["--diameter", "-5"], "--diameter must be a number ≥ 0 in pixels (0: the model's default), got -5.0"),
+    (["--cellprob-threshold", "nan"], "--cellprob-threshold must be a finite number (a logit), got nan"),
+    (["--cellprob-threshold", "inf"], "--cellprob-threshold must be a finite number (a logit), got inf"),
+    (["--min-size", "-5"], "--min-size must be an integer ≥ 0 in pixels (0 keeps every mask), got -5"),
+    (["--batch-size", "0"], "--batch-size must be an integer ≥ 1, got 0"),
+    (["--niter", "-1"], "--niter must be an integer in 0..100000"),
+    (["--niter", "1000000000"], "--niter must be an integer in 0..100000"),
+    (["--channels", ""], "--channels names no channel"),
+    (["--channels", "0,0"], "for a greyscale image write --channels 0"),
 ])
 def test_bad_arguments_fail_with_one_clear_line(tmp_path, weights, args, message):
     image = write_image(tmp_path / "a.tif")
@@ -315,3 +326,18 @@ def test_library_errors_become_one_line_in_one_place():
     assert conversions == 1
     result = runner.invoke(app, ["evaluate", "--pred", "nowhere", "--gt", "nowhere"])
     assert result.exit_code == 1 and result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+def test_a_diameter_that_would_rescale_past_the_limit_is_refused_per_image(tmp_path, weights):
+    """--diameter 0.001 would rescale a 96×80 image ~17000× (OpenCV would try to allocate TBs):
+    one line per image naming the flag, the value and the size, exit code 1, nothing written."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        write_image(folder / f"a{k}.tif", seed=k)
+    result = runner.invoke(app, ["segment", str(folder), "--model", str(weights), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", "--diameter", "0.001"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.count("--diameter 0.001 would rescale a 96×80 image") == 2
+    assert "16384²" in result.output and "0 done" in result.output
+    assert not list((tmp_path / "out").glob("*_masks.tif"))

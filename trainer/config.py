@@ -8,31 +8,15 @@ runtimes, precisions) are checked against their registries when a config is made
 
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.rules import check_fields, count, one_of, real
 from selfadapt_deploy.trainer.stop_rules import DEFAULT_STOP, STOP_RULES, TAU_EMB, TAU_FN
 
 if TYPE_CHECKING:
     from selfadapt_deploy.models.base import SegmentationNet
 
-
-
-def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _real(v: object, lo: float, hi: float = math.inf, open_lo: bool = False, open_hi: bool = True) -> bool:
-    """``v`` is a finite real number in the interval [lo, hi) (ends as flagged)."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return False
-    return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
-
-
-def _one_of(options) -> tuple:
-    return (lambda v: v in options, f"one of {', '.join(options)}")
 
 
 def config_rules() -> dict[str, tuple]:
@@ -45,28 +29,28 @@ def config_rules() -> dict[str, tuple]:
     from selfadapt_deploy.trainer.selection import SELECTIONS
 
     return {
-        "iterations": (_count, "an integer ≥ 1"),
-        "batch_size": (_count, "an integer ≥ 1"),
-        "lr": (lambda v: v is None or _real(v, 0, open_lo=True),
+        "iterations": (count, "an integer ≥ 1"),
+        "batch_size": (count, "an integer ≥ 1"),
+        "lr": (lambda v: v is None or real(v, 0, open_lo=True),
                "a number > 0 (or unset: the family default)"),
-        "l2sp": (lambda v: v is None or _real(v, 0), "a number ≥ 0 (or unset: the family default)"),
-        "weight_decay": (lambda v: _real(v, 0), "a number ≥ 0"),
-        "warmup_fraction": (lambda v: _real(v, 0, 1), "a number in [0, 1)"),
-        "lambda_bal": (lambda v: _real(v, 0), "a number ≥ 0"),
-        "ema_decay": (lambda v: _real(v, 0, 1, open_hi=False), "a number in [0, 1]"),
-        "ema_every": (_count, "an integer ≥ 1"),
-        "eval_every": (_count, "an integer ≥ 1"),
-        "stop": _one_of((*STOP_RULES, "none")),
-        "tau_fn": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
-        "tau_emb": (lambda v: _real(v, 0, open_lo=True), "a number > 0"),
-        "teacher_runtime": _one_of(TEACHER_RUNTIMES),
-        "teacher_sync": (_count, "an integer ≥ 1"),
-        "teacher_precision": _one_of(tuple(PRECISIONS)),
-        "amp": _one_of(tuple(PRECISIONS)),
-        "method": _one_of(METHODS),
-        "labelled_fraction": (lambda v: _real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
-        "select": _one_of(SELECTIONS),
-        "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer ≥ 0"),
+        "l2sp": (lambda v: v is None or real(v, 0), "a number ≥ 0 (or unset: the family default)"),
+        "weight_decay": (lambda v: real(v, 0), "a number ≥ 0"),
+        "warmup_fraction": (lambda v: real(v, 0, 1), "a number in [0, 1)"),
+        "lambda_bal": (lambda v: real(v, 0), "a number ≥ 0"),
+        "ema_decay": (lambda v: real(v, 0, 1, open_hi=False), "a number in [0, 1]"),
+        "ema_every": (count, "an integer ≥ 1"),
+        "eval_every": (count, "an integer ≥ 1"),
+        "stop": one_of((*STOP_RULES, "none")),
+        "tau_fn": (lambda v: real(v, 0, open_lo=True), "a number > 0"),
+        "tau_emb": (lambda v: real(v, 0, open_lo=True), "a number > 0"),
+        "teacher_runtime": one_of(TEACHER_RUNTIMES),
+        "teacher_sync": (count, "an integer ≥ 1"),
+        "teacher_precision": one_of(tuple(PRECISIONS)),
+        "amp": one_of(tuple(PRECISIONS)),
+        "method": one_of(METHODS),
+        "labelled_fraction": (lambda v: real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
+        "select": one_of(SELECTIONS),
+        "seed": (lambda v: count(v, 0), "an integer ≥ 0"),
     }
 
 
@@ -124,14 +108,7 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         """Every field checked against its rule (:func:`config_rules`) before anything is read or
         written: one error naming the option, what it must be and what it got."""
-        for name, (ok, wanted) in config_rules().items():
-            value = getattr(self, name)
-            try:
-                valid = bool(ok(value))
-            except TypeError:  # a value of the wrong type (API callers)
-                valid = False
-            if not valid:
-                raise SaDeployError(f"--{name.replace('_', '-')} must be {wanted}, got {value!r}")
+        check_fields(self, config_rules())
 
     @property
     def warmup_steps(self) -> int:

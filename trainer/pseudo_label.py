@@ -25,8 +25,9 @@ import torch
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
 from selfadapt_deploy.io.writers import atomic_path
+from selfadapt_deploy.rules import check_fields
 from selfadapt_deploy.runtime.base import TEACHER_GRAPH, Runner
-from selfadapt_deploy.segment import predict_image
+from selfadapt_deploy.segment import SEGMENT_RULES, predict_image
 from selfadapt_deploy.trainer.confidence import ConfidenceMasks
 
 PSEUDO_SUFFIX = "_pseudo.npz"
@@ -34,9 +35,14 @@ PSEUDO_SUFFIX = "_pseudo.npz"
 
 @dataclass(frozen=True)
 class PseudoLabelParams:
+    """``sa-deploy pseudo-label``'s settings, checked by segment's rules for the same options."""
+
     diameter: float | None = None  # None → the model's default, as in segment
     tile_overlap: float = 0.1
     batch_size: int = 8  # tiles per teacher call (each tile is 8 views inside the graph)
+
+    def __post_init__(self) -> None:
+        check_fields(self, {name: SEGMENT_RULES[name] for name in ("diameter", "tile_overlap", "batch_size")})
 
 
 def pseudo_label_image(runner: Runner, img: np.ndarray,

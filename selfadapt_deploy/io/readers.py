@@ -166,6 +166,22 @@ def read_images(path: str | Path, channel_axis: int | None = None,
                          f"({', '.join(TIFF_SUFFIXES)}) and {', '.join(PLAIN_SUFFIXES)}")
 
 
+def check_channels(channels: Sequence[int] | None) -> None:
+    """``--channels`` names at least one channel, each once and ≥ 0. Cellpose 3's ``0,0`` (greyscale,
+    empty second channel) is written ``0`` here: missing channels are zero-padded."""
+    if channels is None:
+        return
+    if not channels:
+        raise SaDeployError("--channels names no channel; give e.g. 0 (greyscale) or 1,0, or leave "
+                            "it out to use the image's channels")
+    if any(c < 0 for c in channels):
+        raise SaDeployError(f"--channels {','.join(map(str, channels))}: channel indices are ≥ 0")
+    if len(set(channels)) < len(channels):
+        raise SaDeployError(f"--channels {','.join(map(str, channels))} names a channel twice; for a "
+                            "greyscale image write --channels 0 (the model's other channels are "
+                            "zero-filled, as cellpose 3's 0,0)")
+
+
 def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
                     where: str, pad: bool = True) -> np.ndarray:
     """Pick the channels the network sees, in order; zero-pad up to ``nchan``.
@@ -173,6 +189,7 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
     A single-channel image on a 2-channel CPnet becomes [image, zeros] — cellpose 3's
     ``channels=[0, 0]``. More image channels than the network takes must be chosen explicitly.
     """
+    check_channels(channels)
     if channels is not None:
         bad = [c for c in channels if not 0 <= c < img.shape[0]]
         if bad:
