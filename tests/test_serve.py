@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,3 +212,71 @@ def test_plain_json_requests_work_as_with_curl(server):
     expected = client.infer("segment", {"image": image[..., None]}, ["labels"])["labels"]
     client.close()
     np.testing.assert_array_equal(np.array(labels["data"]).reshape(image.shape), expected)
+
+
+def _start_serve(weights, ports) -> tuple[subprocess.Popen, TritonHTTPClient]:
+    http, grpc, metrics = ports
+    proc = subprocess.Popen([sys.executable, "-m", "selfadapt_deploy", "serve", str(weights),
+                             "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = TritonHTTPClient(f"http://127.0.0.1:{http}"), time.monotonic() + 300
+    while not client.ready():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    return proc, client
+
+
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children] + [g for c in children for g in _descendants(int(c))]
+
+
+def test_kill_9_of_serve_takes_tritonserver_and_its_stubs_along(trained_cpnet_path):
+    """The children die with their parent (parent-death signal), the same ports serve again, and
+    the killed server's temporary model repository is removed by the next start."""
+    import tempfile
+
+    from selfadapt_deploy.serving.server import OWNER_FILE, TMP_PREFIX
+
+    tritonserver_or_skip()
+    ports = free_ports(3)
+    proc, client = _start_serve(trained_cpnet_path, ports)
+    family = _descendants(proc.pid)
+    assert family  # tritonserver and its Python-backend stubs
+    repos = [d for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*")
+             if (d / OWNER_FILE).is_file() and (d / OWNER_FILE).read_text() == str(proc.pid)]
+    assert len(repos) == 1
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(_pid_running(p) for p in family):
+        assert time.monotonic() < deadline, "tritonserver or a stub outlived its killed parent"
+        time.sleep(0.5)
+    again, client = _start_serve(trained_cpnet_path, ports)  # the same ports are free again
+    try:
+        assert client.ready() and not repos[0].exists()
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=90)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def test_stale_repositories_of_dead_servers_are_removed_and_live_ones_kept(tmp_path):
+    from selfadapt_deploy.serving.server import OWNER_FILE, TMP_PREFIX, remove_stale_repositories
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("dead", dead.pid), ("alive", os.getpid())):
+        (tmp_path / f"{TMP_PREFIX}{name}").mkdir()
+        (tmp_path / f"{TMP_PREFIX}{name}" / OWNER_FILE).write_text(str(pid))
+    (tmp_path / f"{TMP_PREFIX}unowned").mkdir()
+    assert remove_stale_repositories(tmp_path) == [tmp_path / f"{TMP_PREFIX}dead"]
+    assert (tmp_path / f"{TMP_PREFIX}alive").exists() and (tmp_path / f"{TMP_PREFIX}unowned").exists()

@@ -30,6 +30,47 @@ from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.runtime.base import MODEL_GRAPH
 from selfadapt_deploy.serving.models import IMAGE_INPUTS, SETTING_INPUTS
 
+TMP_PREFIX = "sa-deploy-serve-"  # the temporary model repository of one serve process
+OWNER_FILE = "owner.pid"  # in it: the pid of the serve process that made it
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies (Linux)
+
+
+def _die_with_parent() -> None:
+    """In the tritonserver child, before exec: SIGTERM it when the serve process dies, even by
+    kill -9 (Linux's parent-death signal; Triton then stops its Python-backend stubs itself)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the children outlive a killed parent
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_repositories(tmp: Path | None = None) -> list[Path]:
+    """Temporary model repositories left by serve processes that no longer run (killed with -9),
+    removed; returns them. A repository whose owner still runs is never touched."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner recorded)
+        if not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 INSTALL_HINT = ("pip install --no-deps 'nvidia-pytriton==0.7.0' (Linux x86-64; it ships tritonserver), "
                 "or run inside NVIDIA's Triton container, or pass --tritonserver PATH")
 
@@ -180,13 +221,15 @@ class TritonServer:
     def start(self) -> None:
         from selfadapt_deploy.serving.client import TritonHTTPClient
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="sa-deploy-serve-")
+        remove_stale_repositories()
+        self._tmp = tempfile.TemporaryDirectory(prefix=TMP_PREFIX)
         root = Path(self._tmp.name)
+        (root / OWNER_FILE).write_text(str(os.getpid()))
         cmd = self.command(write_repository(root, self.settings, self.spec), _backends(root, self.install))
         self.log_path = root / "tritonserver.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                            env=_environment(self.install))
+                                            env=_environment(self.install), preexec_fn=_die_with_parent)
         client, deadline = TritonHTTPClient(self.url), time.monotonic() + self.startup_timeout
         while not self.stop_requested and not client.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
