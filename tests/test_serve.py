@@ -280,3 +280,69 @@ def test_stale_repositories_of_dead_servers_are_removed_and_live_ones_kept(tmp_p
     (tmp_path / f"{TMP_PREFIX}unowned").mkdir()
     assert remove_stale_repositories(tmp_path) == [tmp_path / f"{TMP_PREFIX}dead"]
     assert (tmp_path / f"{TMP_PREFIX}alive").exists() and (tmp_path / f"{TMP_PREFIX}unowned").exists()
+
+
+def _post(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_clients_mistake_is_400_with_one_line_and_counted_as_refused(server):
+    """An empty image (shape [0, 0, 1]) is the client's mistake: HTTP 400, one line, no traceback or
+    server paths; the refusal shows in the metrics; the server keeps serving."""
+    url = f"{server.url}/v2/models/segment/infer"
+    for _ in range(2):
+        status, body = _post(url, {"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 0, 1],
+                                               "data": []}]})
+        assert status == 400, body
+        message = json.loads(body)["error"]
+        assert "non-empty Y×X×C image" in message and "\n" not in message
+        assert "Traceback" not in message and "/site-packages/" not in message
+    p = server.ports
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.metrics}/metrics").read().decode()
+    refused = re.search(r'sa_deploy_refused_requests\{model="segment"\} (\d+)', metrics)
+    assert refused and int(refused.group(1)) >= 2, [m for m in metrics.splitlines() if "sa_deploy" in m]
+    client = TritonHTTPClient(server.url)
+    assert client.infer("segment", {"image_uint16": cells(3)[..., None]}, ["labels"])["labels"].max() > 0
+    client.close()
+
+
+def test_our_own_failure_is_500_without_internals_and_the_clients_is_400(monkeypatch, capsys):
+    """Inside Triton's backend (a stand-in module here): a bug of ours answers INTERNAL (HTTP 500)
+    with one generic line — the traceback goes to the server's log (stderr) — while a
+    SaDeployError answers INVALID_ARG (HTTP 400) with its own line."""
+    import types
+
+    from selfadapt_deploy.serving import models
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.error = error
+
+    pb = types.SimpleNamespace(TritonError=TritonError, InferenceResponse=InferenceResponse,
+                               get_input_tensor_by_name=lambda request, name: request.get(name))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    model = models.SegmentModel()
+    model.refusals, model.max_pixels = models.Refusals("segment"), 10**6
+
+    class Broken:
+        def segment(self, *a, **k):
+            raise RuntimeError("boom in /secret/path/models.py")
+
+    model.segmenter = Broken()
+    ours = model._answer({"image": np.zeros((8, 8, 1), np.float32)})
+    assert ours.error.code == "INTERNAL" and ours.error.message == models.INTERNAL_MESSAGE.format(
+        model="segment")
+    assert "boom in /secret/path" in capsys.readouterr().err  # in the server's log only
+    theirs = model._answer({"image": np.zeros((0, 0, 1), np.float32)})
+    assert theirs.error.code == "INVALID_ARG" and "non-empty Y×X×C image" in theirs.error.message

@@ -2,12 +2,17 @@
 
 Tensors cross the backend boundary by DLPack (``np.from_dlpack`` / ``Tensor.from_dlpack``), never
 through the backend's numpy C API, which is built against numpy 1 in the server wheels we use.
-A request that cannot be served gets an error response; the model keeps serving.
+A request that cannot be served gets an error response and the model keeps serving: the client's
+mistakes are HTTP 400 with the one-line message, our own failures HTTP 500 with no internals (the
+traceback goes to the server's log); refused requests are counted in the Prometheus metric
+``sa_deploy_refused_requests`` (Triton counts an answered error as a success).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 
 import numpy as np
 import torch
@@ -31,9 +36,41 @@ def _settings(args: dict) -> dict:
     return json.loads(json.loads(args["model_config"])["parameters"]["settings"]["string_value"])
 
 
-def _error(message: str):
+REFUSED_METRIC = "sa_deploy_refused_requests"
+INTERNAL_MESSAGE = "internal error in sa-deploy's {model} model; the server's log has the details"
+
+
+def _error(message: str, ours: bool = False):
+    """An error answer: the client's mistake (INVALID_ARG: HTTP 400) or ours (INTERNAL: HTTP 500)."""
     pb = _pb()
-    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
+    code = getattr(pb.TritonError, "INTERNAL" if ours else "INVALID_ARG", None)
+    error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
+    return pb.InferenceResponse(output_tensors=[], error=error)
+
+
+class Refusals:
+    """Counts refused requests per model in Triton's metrics (a no-op where the backend has no
+    custom metrics), and turns an exception into the error answer it deserves."""
+
+    def __init__(self, model: str):
+        pb, self.model = _pb(), model
+        self.family = self.metric = None  # the family must outlive its metric (Triton's rule)
+        if hasattr(pb, "MetricFamily"):
+            self.family = pb.MetricFamily(name=REFUSED_METRIC, description="requests answered with "
+                                          "an error (the client's or ours)",
+                                          kind=pb.MetricFamily.COUNTER)
+            self.metric = self.family.Metric(labels={"model": model})
+
+    def answer(self, exc: BaseException):
+        if self.metric is not None:
+            try:
+                self.metric.increment(1)
+            except Exception:  # counting must never keep a request from its answer
+                traceback.print_exc(file=sys.stderr)
+        if isinstance(exc, SaDeployError):
+            return _error(str(exc))
+        traceback.print_exception(exc, file=sys.stderr)  # to tritonserver's log, not the client
+        return _error(INTERNAL_MESSAGE.format(model=self.model), ours=True)
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -55,6 +92,7 @@ class SegmentModel:
         from selfadapt_deploy.api import Segmenter
 
         s = _settings(args)
+        self.refusals = Refusals("segment")
         self.max_pixels = s["max_image_pixels"]
         self.segmenter = Segmenter(s["model"], runtime=s["runtime"], device=s["device"],
                                    precision=s["precision"], batch_size=s["batch_size"])
@@ -69,6 +107,9 @@ class SegmentModel:
                 raise SaDeployError(f"send exactly one of the inputs {', '.join(IMAGE_INPUTS)} "
                                     f"(got {len(images)})")
             name, image = images[0]
+            if image.ndim != 3 or 0 in image.shape:
+                raise SaDeployError(f"{name} has shape {list(image.shape)}; send one non-empty Y×X×C "
+                                    "image (C ≥ 1)")
             if image.shape[0] * image.shape[1] > self.max_pixels:
                 raise SaDeployError(f"{name} of {image.shape[0]}×{image.shape[1]} pixels is above the "
                                     f"server's --max-image-pixels {self.max_pixels}; tile it or use "
@@ -79,8 +120,8 @@ class SegmentModel:
             labels = self.segmenter.segment(
                 _finite(name, image), channels=None if channels is None else channels.tolist(),
                 channel_axis=-1, **settings)
-        except SaDeployError as exc:
-            return _error(str(exc))
+        except Exception as exc:  # every request is answered; ours are 500s
+            return self.refusals.answer(exc)
         pb = _pb()
         return pb.InferenceResponse([pb.Tensor.from_dlpack(
             "labels", np.ascontiguousarray(labels, dtype=np.uint32))])
@@ -99,6 +140,7 @@ class NetworkModel:
         from selfadapt_deploy.runtime.torch_runner import resolve_device
 
         s = _settings(args)
+        self.refusals = Refusals("network")
         self.runner, _ = open_runner(s["model"], s["runtime"], resolve_device(s["device"]),
                                      s["precision"])
         self.runner.activate()
@@ -109,17 +151,23 @@ class NetworkModel:
         for k, request in enumerate(requests):
             try:
                 tiles = _finite("tiles", _input(request, "tiles"))
+                if tiles.ndim != 4 or 0 in tiles.shape:
+                    raise SaDeployError(f"tiles has shape {list(tiles.shape)}; send B×C×H×W tiles")
                 groups.setdefault(tiles.shape[1:], []).append((k, tiles))
-            except SaDeployError as exc:
-                answers[k] = _error(str(exc))
+            except Exception as exc:  # every request is answered
+                answers[k] = self.refusals.answer(exc)
         pb = _pb()
         for members in groups.values():
             try:
                 x = torch.from_numpy(np.concatenate([t for _, t in members]))
                 y = self.runner.infer(x.to(self.runner.device)).float().cpu().numpy()
-            except (SaDeployError, ValueError, TypeError) as exc:
+            except (ValueError, TypeError) as exc:  # the runner's checks: shapes, channels
                 for k, _ in members:
-                    answers[k] = _error(f"tiles: {exc}")
+                    answers[k] = self.refusals.answer(SaDeployError(f"tiles: {exc}"))
+                continue
+            except Exception as exc:  # ours: HTTP 500
+                for k, _ in members:
+                    answers[k] = self.refusals.answer(exc)
                 continue
             start = 0
             for k, tiles in members:
