@@ -311,6 +311,26 @@ def test_a_clients_mistake_is_400_with_one_line_and_counted_as_refused(server):
     client.close()
 
 
+def stand_in_backend(monkeypatch) -> None:
+    """Triton's ``triton_python_backend_utils`` as the models use it: error codes, responses
+    holding their outputs or error, tensors and inputs as plain arrays (requests are dicts)."""
+    import types
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    def response(output_tensors, error=None):
+        return types.SimpleNamespace(outputs=output_tensors, error=error)
+
+    pb = types.SimpleNamespace(TritonError=TritonError, InferenceResponse=response,
+                               Tensor=types.SimpleNamespace(from_dlpack=lambda name, a: a),
+                               get_input_tensor_by_name=lambda request, name: request.get(name))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+
+
 def test_our_own_failure_is_500_without_internals_and_the_clients_is_400(monkeypatch, capsys):
     """Inside Triton's backend (a stand-in module here): a bug of ours answers INTERNAL (HTTP 500)
     with one generic line — the traceback goes to the server's log (stderr) — while a
@@ -319,23 +339,13 @@ def test_our_own_failure_is_500_without_internals_and_the_clients_is_400(monkeyp
 
     from selfadapt_deploy.serving import models
 
-    class TritonError:
-        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-        def __init__(self, message, code=None):
-            self.message, self.code = message, code
-
-    class InferenceResponse:
-        def __init__(self, output_tensors, error=None):
-            self.error = error
-
-    pb = types.SimpleNamespace(TritonError=TritonError, InferenceResponse=InferenceResponse,
-                               get_input_tensor_by_name=lambda request, name: request.get(name))
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    stand_in_backend(monkeypatch)
     model = models.SegmentModel()
     model.refusals, model.max_pixels = models.Refusals("segment"), 10**6
 
     class Broken:
+        runner = types.SimpleNamespace(spec=types.SimpleNamespace(diam_mean=30.0, default_diameter=30.0))
+
         def segment(self, *a, **k):
             raise RuntimeError("boom in /secret/path/models.py")
 
@@ -346,3 +356,25 @@ def test_our_own_failure_is_500_without_internals_and_the_clients_is_400(monkeyp
     assert "boom in /secret/path" in capsys.readouterr().err  # in the server's log only
     theirs = model._answer({"image": np.zeros((0, 0, 1), np.float32)})
     assert theirs.error.code == "INVALID_ARG" and "non-empty Y×X×C image" in theirs.error.message
+
+
+def test_the_rescaled_image_is_bounded_by_max_image_pixels_too(monkeypatch):
+    """A 128² image at diameter 1 (×30 for a diam_mean-30 model: 3840²) is refused with one line
+    naming the diameter, the sizes and the limit; at its own diameter it is segmented."""
+    import types
+
+    from selfadapt_deploy.models.base import ModelSpec
+    from selfadapt_deploy.serving import models
+
+    stand_in_backend(monkeypatch)
+    spec = ModelSpec(nchan=1, tile_size=224, fixed_tile=False, diam_mean=30.0, default_diameter=30.0)
+    model = models.SegmentModel()
+    model.refusals, model.max_pixels = models.Refusals("segment"), 256 * 256
+    model.segmenter = types.SimpleNamespace(runner=types.SimpleNamespace(spec=spec),
+                                            segment=lambda img, **k: np.ones(img.shape[:2], np.uint32))
+    image = np.zeros((128, 128, 1), np.float32)
+    tiny = model._answer({"image": image, "diameter": np.array([1.0], np.float32)})
+    assert tiny.error.code == "INVALID_ARG"
+    assert tiny.error.message.startswith("diameter 1 would rescale image of 128×128 pixels 30× to 3840×3840")
+    fine = model._answer({"image": image, "diameter": np.array([30.0], np.float32)})
+    assert fine.error is None and fine.outputs[0].shape == (128, 128)

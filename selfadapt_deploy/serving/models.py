@@ -116,6 +116,7 @@ class SegmentModel:
                                     "sa-deploy segment --stream")
             settings = {n: _finite(n, a).reshape(-1)[0].item() for n in SETTING_INPUTS
                         if (a := _input(request, n)) is not None}
+            self._check_rescaled(name, image.shape[:2], settings.get("diameter"))
             channels = _input(request, "channels")
             labels = self.segmenter.segment(
                 _finite(name, image), channels=None if channels is None else channels.tolist(),
@@ -125,6 +126,18 @@ class SegmentModel:
         pb = _pb()
         return pb.InferenceResponse([pb.Tensor.from_dlpack(
             "labels", np.ascontiguousarray(labels, dtype=np.uint32))])
+
+    def _check_rescaled(self, name: str, shape: tuple[int, int], diameter: float | None) -> None:
+        """The image at the network's scale is bounded by --max-image-pixels too: a small image
+        with a tiny diameter must not become a huge one (128² at diameter 1 → 2176² for cyto3)."""
+        from selfadapt_deploy.segment import rescale_factor
+
+        rescale = rescale_factor(self.segmenter.runner.spec, diameter or None)
+        ry, rx = int(shape[0] * rescale), int(shape[1] * rescale)
+        if ry * rx > self.max_pixels:
+            raise SaDeployError(f"diameter {diameter:g} would rescale {name} of {shape[0]}×{shape[1]} "
+                                f"pixels {rescale:.3g}× to {ry}×{rx}, above the server's "
+                                f"--max-image-pixels {self.max_pixels}; send the cells' diameter in pixels")
 
     def finalize(self) -> None:
         self.segmenter.close()
