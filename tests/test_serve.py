@@ -3,6 +3,7 @@ concurrency, refusing bad requests while it keeps serving, and stopping cleanly 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -378,3 +379,51 @@ def test_the_rescaled_image_is_bounded_by_max_image_pixels_too(monkeypatch):
     assert tiny.error.message.startswith("diameter 1 would rescale image of 128×128 pixels 30× to 3840×3840")
     fine = model._answer({"image": image, "diameter": np.array([30.0], np.float32)})
     assert fine.error is None and fine.outputs[0].shape == (128, 128)
+
+
+def test_a_dead_tritonserver_is_restarted_and_the_crash_request_does_not_end_serving(trained_cpnet_path):
+    """kill -9 of the tritonserver child, then the ~100-byte request whose claimed shape makes
+    Triton's JSON parser abort: each time serve restarts it, it answers again within seconds, and
+    the metrics count the restarts."""
+    tritonserver_or_skip()
+    ports = free_ports(3)
+    http, grpc, metrics = ports
+    proc = subprocess.Popen([sys.executable, "-m", "selfadapt_deploy", "serve", str(trained_cpnet_path),
+                             "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = TritonHTTPClient(f"http://127.0.0.1:{http}")
+
+    def back_within(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not client.ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not come back"
+            time.sleep(0.25)
+        labels = client.infer("segment", {"image_uint16": cells(4)[..., None]}, ["labels"])["labels"]
+        assert labels.max() > 0
+
+    def restarts() -> int:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+        found = re.search(r"^sa_deploy_server_restarts (\d+)", text, re.M)
+        return int(found.group(1)) if found else -1
+
+    try:
+        back_within(300)
+        assert restarts() == 0
+        (triton,) = [p for p in _descendants(proc.pid)
+                     if "tritonserver" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        os.kill(triton, signal.SIGKILL)
+        time.sleep(1)
+        back_within(120)
+        assert restarts() == 1
+        crash = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [100000, 100000, 1],
+                             "data": [0, 1, 2, 3]}]}
+        with contextlib.suppress(OSError):  # the server may die before it answers
+            _post(f"http://127.0.0.1:{http}/v2/models/segment/infer", crash)
+        time.sleep(1)
+        back_within(120)
+        assert restarts() in (1, 2)  # 2 when this tritonserver's JSON parser aborted on it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0 and "restarting it (restart 1)" in out and "stopped" in out, out

@@ -37,6 +37,7 @@ def _settings(args: dict) -> dict:
 
 
 REFUSED_METRIC = "sa_deploy_refused_requests"
+RESTARTS_METRIC = "sa_deploy_server_restarts"
 INTERNAL_MESSAGE = "internal error in sa-deploy's {model} model; the server's log has the details"
 
 
@@ -60,6 +61,16 @@ class Refusals:
                                           "an error (the client's or ours)",
                                           kind=pb.MetricFamily.COUNTER)
             self.metric = self.family.Metric(labels={"model": model})
+
+    def report_restarts(self, restarts: int) -> None:
+        """How often serve restarted a dead tritonserver, as the gauge ``sa_deploy_server_restarts``."""
+        pb = _pb()
+        if hasattr(pb, "MetricFamily"):
+            self.restarts_family = pb.MetricFamily(
+                name=RESTARTS_METRIC, description="times sa-deploy serve restarted a dead tritonserver",
+                kind=pb.MetricFamily.GAUGE)
+            self.restarts_metric = self.restarts_family.Metric(labels={})
+            self.restarts_metric.set(restarts)
 
     def answer(self, exc: BaseException):
         if self.metric is not None:
@@ -93,6 +104,7 @@ class SegmentModel:
 
         s = _settings(args)
         self.refusals = Refusals("segment")
+        self.refusals.report_restarts(s.get("restarts", 0))
         self.max_pixels = s["max_image_pixels"]
         self.segmenter = Segmenter(s["model"], runtime=s["runtime"], device=s["device"],
                                    precision=s["precision"], batch_size=s["batch_size"])

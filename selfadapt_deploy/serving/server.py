@@ -21,7 +21,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from selfadapt_deploy.errors import ServeError
@@ -87,6 +87,7 @@ class ServeSettings:
     max_image_pixels: int = 8192 * 8192  # larger segment requests are refused
     batch_size: int = 8  # tiles per network batch inside the segment model
     instances: int = 1  # copies of each model (requests to one copy run one at a time)
+    restarts: int = 0  # how often serve restarted a dead tritonserver (a metric of the segment model)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,13 @@ class TritonServer:
             time.sleep(0.25)
         client.close()
 
+    def restart(self) -> None:
+        """A fresh tritonserver after the last one died (not ready while it starts); the restart
+        count goes into the models' settings, so the metrics show it."""
+        self.settings = replace(self.settings, restarts=self.settings.restarts + 1)
+        self.stop()
+        self.start()
+
     def log_tail(self, lines: int = 15) -> str:
         """The end of the server's log, without the GPU-monitoring noise of a CPU machine."""
         text = self.log_path.read_bytes().decode(errors="replace").splitlines()
@@ -267,8 +275,13 @@ class TritonServer:
             self._tmp = None
 
 
+MAX_RESTARTS = 100  # a tritonserver that keeps dying is given up on after this many restarts
+
+
 def serve_forever(server: TritonServer, report: Callable[[str], None]) -> int:
-    """Run ``server`` until SIGTERM or SIGINT (forwarded as a clean shutdown) or until it exits."""
+    """Run ``server`` until SIGTERM or SIGINT (forwarded as a clean shutdown). A tritonserver that
+    dies (a request that crashes it, an OOM kill) is restarted and the restart reported; one that
+    cannot start again ends serve with its log."""
     def shutdown(_signum, _frame) -> None:
         server.request_stop()
 
@@ -278,13 +291,23 @@ def serve_forever(server: TritonServer, report: Callable[[str], None]) -> int:
             p = server.ports
             report(f"serving segment and network on http {p.host}:{p.http}, grpc {p.host}:{p.grpc}, "
                    f"metrics {p.host}:{p.metrics} (Ctrl-C or SIGTERM stops)")
-            code = server.wait()
-            tail = server.log_tail()
+            while True:
+                code = server.wait()
+                tail = server.log_tail()
+                if server.stop_requested or server.settings.restarts >= MAX_RESTARTS:
+                    break
+                report(f"tritonserver died (exit code {code}); restarting it "
+                       f"(restart {server.settings.restarts + 1}); its log ends:\n{tail}")
+                server.restart()
+                if server.stop_requested:
+                    break
+                report("serving again")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if server.stop_requested:
         report("stopped")
         return 0
-    report(f"tritonserver exited with code {code}; its log ends:\n{tail}")
+    report(f"tritonserver exited with code {code} after {server.settings.restarts} restarts; its log "
+           f"ends:\n{tail}")
     return code or 1
