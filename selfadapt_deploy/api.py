@@ -182,10 +182,11 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     (iterations, lr, stop, method, ...); ``labelled`` implies ``method="actis"``. The older
     spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too."""
     from selfadapt_deploy.trainer.loop import AdaptConfig, respelled
-    from selfadapt_deploy.trainer.run import RunInputs
+    from selfadapt_deploy.trainer.run import SETTINGS, RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
 
-    out = check_new_dir(Path(out), f"--out or --resume {out}")
+    out = check_new_dir(Path(out), "--out", if_used=f", or continue it with --resume {out}"
+                        if (Path(out) / SETTINGS).is_file() else "")
     options = respelled(options)
     labelled = options.pop("labelled", labelled)
     val_labelled = options.pop("val_labelled", val_labelled)

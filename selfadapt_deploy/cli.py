@@ -371,7 +371,7 @@ def evaluate(
         payload = {"thresholds": list(results[0].thresholds), "images": [
             {"pred": str(p), "gt": str(g), "ap": list(r.ap), "tp": list(r.tp), "fp": list(r.fp),
              "fn": list(r.fn)} for p, g, r in zip(pred, gt, results, strict=True)]}
-        with atomic_path(json_out) as tmp:
+        with atomic_path(json_out, "--json") as tmp:
             tmp.write_text(json.dumps(payload, indent=2))
 
 

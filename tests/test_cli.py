@@ -341,3 +341,32 @@ def test_a_diameter_that_would_rescale_past_the_limit_is_refused_per_image(tmp_p
     assert result.output.count("--diameter 0.001 would rescale a 96×80 image") == 2
     assert "16384²" in result.output and "0 done" in result.output
     assert not list((tmp_path / "out").glob("*_masks.tif"))
+
+
+def test_messages_name_the_right_thing(tmp_path, weights):
+    """evaluate --pred DIR is a folder (not "no such file"); an unwritable --json names --json;
+    adapt --out FILE is a file (no --resume hint), adapt --out RUN suggests --resume RUN;
+    demo --out FILE is one line, not a FileExistsError traceback."""
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    labels = tmp_path / "gt.tif"
+    tifffile.imwrite(labels, random_labels((32, 32), 3, seed=0).astype(np.uint16))
+    result = runner.invoke(app, ["evaluate", "--pred", str(folder), "--gt", str(labels)])
+    assert result.exit_code == 1 and "is a folder, not a label image file" in result.output
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    result = runner.invoke(app, ["evaluate", "--pred", str(labels), "--gt", str(labels), "--json",
+                                 str(blocked / "ap.json")])
+    assert result.exit_code == 1 and "choose another --json" in result.output and "--out" not in result.output
+    image = write_image(tmp_path / "a.tif")
+    result = runner.invoke(app, ["adapt", str(image), "--model", str(weights), "--out", str(blocked)])
+    assert result.exit_code == 1 and "is a file, not a directory" in result.output
+    assert "--resume" not in result.output
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text("{}")
+    result = runner.invoke(app, ["adapt", str(image), "--model", str(weights), "--out", str(run)])
+    assert result.exit_code == 1 and f"--resume {run}" in result.output
+    result = runner.invoke(app, ["demo", "--out", str(blocked)])
+    assert result.exit_code == 1 and "is a file; choose a folder for --out" in result.output
+    assert "Traceback" not in result.output

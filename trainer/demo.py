@@ -132,6 +132,8 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), device: torch.device 
              adapt_progress: Callable[[int, dict], None] | None = None) -> DemoResult:
     """Generate both domains, train the source model, adapt it without labels, compare."""
     out, device = Path(out), torch.device(device)
+    if out.exists() and not out.is_dir():
+        raise SaDeployError(f"{out} is a file; choose a folder for --out (new, or a demo run to resume)")
     _check_settings(out, config, seed)
     shape = (config.size, config.size)
     source = SOURCE.sample(config.n_source, shape, seed=seed)

@@ -222,6 +222,8 @@ def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, chan
 
 def read_label_image(path: Path) -> np.ndarray:
     """A 2-D integer label image (squeezing singleton axes)."""
+    if Path(path).is_dir():
+        raise ImageReadError(f"{path} is a folder, not a label image file; give the files")
     if not Path(path).is_file():
         raise ImageReadError(f"{path}: no such file")
     try:

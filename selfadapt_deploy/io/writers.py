@@ -16,8 +16,9 @@ from selfadapt_deploy.errors import OutputWriteError
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; rename it onto ``target`` only on success."""
+def atomic_path(target: Path, option: str = "--out") -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` only on success.
+    ``option``: the one that chose ``target``, named when it cannot be written."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +26,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.close(fd)
     except OSError as exc:
         raise OutputWriteError(f"{target.parent}: cannot write outputs here ({exc.strerror}); "
-                               "choose another --out directory") from exc
+                               f"choose another {option}") from exc
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; outputs get normal permissions
@@ -35,11 +36,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_new_dir(target: Path, option: str) -> Path:
-    """``target`` if it can become a new output directory (absent, or an empty directory)."""
+def check_new_dir(target: Path, option: str, if_used: str = "") -> Path:
+    """``target`` if it can become a new output directory (absent, or an empty directory).
+    ``if_used``: what to add when it is a used directory (e.g. how to continue what is there)."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise OutputWriteError(f"{target} exists and is not an empty directory; choose a new {option}")
+    if target.exists() and not target.is_dir():
+        raise OutputWriteError(f"{target} is a file, not a directory; choose a new {option}")
+    if target.exists() and any(target.iterdir()):
+        raise OutputWriteError(f"{target} exists and is not an empty directory; choose a new "
+                               f"{option}{if_used}")
     return target
 
 
