@@ -48,6 +48,12 @@ def test_layer_contract_is_kept(installed_layout):
     assert analyzed > 80  # trainer/ and export/ were part of the graph
 
 
+def test_layer_contract_is_kept_in_the_checkout(installed_layout):
+    """`lint-imports` as run in the checkout (trainer/ and export/ are optional layers there)."""
+    result = _run(["lint-imports", "--no-cache"], ROOT)
+    assert result.returncode == 0 and "0 broken" in result.stdout, result.stdout[-3000:] + result.stderr
+
+
 def test_no_import_cycles(installed_layout):
     result = _run([sys.executable, "-c", CYCLES], installed_layout)
     assert result.returncode == 0, result.stderr
