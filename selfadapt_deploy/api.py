@@ -181,7 +181,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
     (iterations, lr, stop, method, ...); ``labelled`` implies ``method="actis"``. The older
     spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too."""
-    from selfadapt_deploy.trainer.loop import AdaptConfig, respelled
+    from selfadapt_deploy.trainer.config import AdaptConfig, respelled
     from selfadapt_deploy.trainer.run import SETTINGS, RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
 

@@ -342,7 +342,7 @@ def test_our_own_failure_is_500_without_internals_and_the_clients_is_400(monkeyp
 
     stand_in_backend(monkeypatch)
     model = models.SegmentModel()
-    model.refusals, model.max_pixels = models.Refusals("segment"), 10**6
+    model.metrics, model.max_pixels = models.ServeMetrics("segment"), 10**6
 
     class Broken:
         runner = types.SimpleNamespace(spec=types.SimpleNamespace(diam_mean=30.0, default_diameter=30.0))
@@ -370,7 +370,7 @@ def test_the_rescaled_image_is_bounded_by_max_image_pixels_too(monkeypatch):
     stand_in_backend(monkeypatch)
     spec = ModelSpec(nchan=1, tile_size=224, fixed_tile=False, diam_mean=30.0, default_diameter=30.0)
     model = models.SegmentModel()
-    model.refusals, model.max_pixels = models.Refusals("segment"), 256 * 256
+    model.metrics, model.max_pixels = models.ServeMetrics("segment"), 256 * 256
     model.segmenter = types.SimpleNamespace(runner=types.SimpleNamespace(spec=spec),
                                             segment=lambda img, **k: np.ones(img.shape[:2], np.uint32))
     image = np.zeros((128, 128, 1), np.float32)

@@ -28,7 +28,7 @@ from selfadapt_deploy.models.loading import load_plain
 from selfadapt_deploy.runtime.graphs import PRECISIONS
 from selfadapt_deploy.segment import segment_arrays
 from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
-from selfadapt_deploy.trainer.config import AdaptConfig, respelled  # noqa: F401 (re-exported)
+from selfadapt_deploy.trainer.config import AdaptConfig
 from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng
 from selfadapt_deploy.trainer.engine_teacher import ENGINE_DIR, open_engine_teacher
 from selfadapt_deploy.trainer.methods import (

@@ -19,6 +19,7 @@ from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
+from selfadapt_deploy.trainer.config import respelled
 from selfadapt_deploy.trainer.data import TileSampler, prepare_image
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import (
@@ -26,7 +27,6 @@ from selfadapt_deploy.trainer.loop import (
     AdaptConfig,
     Validation,
     adapt,
-    respelled,
     split_indices,
 )
 from selfadapt_deploy.trainer.pool import POOL

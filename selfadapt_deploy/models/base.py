@@ -180,6 +180,15 @@ def evaluating(net: nn.Module) -> Iterator[nn.Module]:
         net.train(was_training)
 
 
+def is_identity_readout(w2: torch.Tensor) -> bool:
+    """Whether a ViT family's read-out kernel ``W2`` (k·ps² × k × ps × ps, not trainable) is the
+    identity, so its transposed convolution is exactly a pixel shuffle. Decided once, outside any
+    tracer; a shapes-only (meta) kernel is not."""
+    w2 = w2.detach()
+    return w2.device.type != "meta" and bool(
+        torch.equal(w2.reshape(w2.shape[0], -1).cpu(), torch.eye(w2.shape[0], dtype=w2.dtype)))
+
+
 def load_strict(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with one readable error listing what did not match."""
     own = net.state_dict()

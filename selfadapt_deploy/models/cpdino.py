@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from selfadapt_deploy.errors import ModelLoadError
-from selfadapt_deploy.models.base import DemoRecipe, SegmentationNet, load_strict
+from selfadapt_deploy.models.base import SegmentationNet, is_identity_readout, load_strict
+from selfadapt_deploy.models.cpsam import CellposeSAM
 
 #: cellpose's tile side for CPDINO (``bsize`` 384); any multiple of 16 works, RoPE has no fixed size
 DEFAULT_TILE = 384
@@ -276,16 +276,15 @@ class CellposeDINO(SegmentationNet):
     family = "cpdino"
     title = "Cellpose-DINO"
     model_names = ("cpdino", "cpdino-vitb")
-    download_url = "https://huggingface.co/mouseland/cellpose-sam/resolve/main/"  # cellpose's _MODEL_URL
+    download_url = CellposeSAM.download_url  # cellpose 4 downloads both from one place
     pads_missing_channels = False
     cuda_precision = "bf16"  # as cellpose 4 runs it (use_bfloat16=True)
     has_attention = True
-    # cellpose 4's fine-tuning lr, as for Cellpose-SAM (not tuned for this family)
-    adapt_defaults = MappingProxyType({"lr": 1e-5, "l2sp": 1e-2})
-    demo = DemoRecipe(source_iterations=800, source_lr=2e-3, adapt_lr=1e-4)  # Cellpose-SAM's ViT recipe
-    # cellpose ships CPDINO beside Cellpose-SAM, without a paper of its own (cellpose 4.2.1.1)
-    citation = ("Pachitariu, Rariden & Stringer (2025). Cellpose-SAM: superhuman generalization for "
-                "cellular segmentation. bioRxiv.", "10.1101/2025.04.28.651001")
+    # Cellpose-SAM's: cellpose 4's fine-tuning lr (not tuned for this family) and the demo's ViT
+    # recipe; cellpose ships CPDINO beside Cellpose-SAM, without a paper of its own (4.2.1.1)
+    adapt_defaults = CellposeSAM.adapt_defaults
+    demo = CellposeSAM.demo
+    citation = CellposeSAM.citation
     fixed_tile = False
 
     def __init__(self, net: CPDINONet, tile_size: int = DEFAULT_TILE):
@@ -293,10 +292,7 @@ class CellposeDINO(SegmentationNet):
         if tile_size % 16:
             raise ValueError(f"tile_size must be a multiple of 16, got {tile_size}")
         self.net, self.tile_size = net, tile_size
-        # W2 is not trainable: decide once, outside any tracer, how export_forward reads out
-        w2 = net.W2.detach()
-        self.w2_is_identity = w2.device.type != "meta" and bool(
-            torch.equal(w2.reshape(w2.shape[0], -1).cpu(), torch.eye(w2.shape[0], dtype=w2.dtype)))
+        self.w2_is_identity = is_identity_readout(net.W2)  # how export_forward reads out
 
     @property
     def nchan(self) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfadapt_deploy.errors import ModelLoadError
-from selfadapt_deploy.models.base import DemoRecipe, SegmentationNet, load_strict
+from selfadapt_deploy.models.base import DemoRecipe, SegmentationNet, is_identity_readout, load_strict
 
 # Cellpose-SAM as released: SAM ViT-L encoder, patch 8, 256-pixel tiles
 VITL = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "out_chans": 256, "ps": 8, "bsize": 256}
@@ -104,10 +104,7 @@ class CellposeSAM(SegmentationNet):
         super().__init__()
         self.net = net
         self.tile_size = int(net.encoder.pos_embed.shape[1]) * int(net.ps)
-        # W2 is not trainable: decide once, outside any tracer, how export_forward reads out
-        w2 = net.W2.detach()
-        self.w2_is_identity = bool(torch.equal(w2.reshape(w2.shape[0], -1).cpu(),
-                                               torch.eye(w2.shape[0], dtype=w2.dtype)))
+        self.w2_is_identity = is_identity_readout(net.W2)  # how export_forward reads out
 
     @property
     def nchan(self) -> int:

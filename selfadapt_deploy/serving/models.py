@@ -49,9 +49,10 @@ def _error(message: str, ours: bool = False):
     return pb.InferenceResponse(output_tensors=[], error=error)
 
 
-class Refusals:
-    """Counts refused requests per model in Triton's metrics (a no-op where the backend has no
-    custom metrics), and turns an exception into the error answer it deserves."""
+class ServeMetrics:
+    """A served model's own Prometheus metrics — refused requests, serve's restarts of a dead
+    tritonserver (no-ops where the backend has no custom metrics) — and the error answer an
+    exception deserves."""
 
     def __init__(self, model: str):
         pb, self.model = _pb(), model
@@ -103,8 +104,8 @@ class SegmentModel:
         from selfadapt_deploy.api import Segmenter
 
         s = _settings(args)
-        self.refusals = Refusals("segment")
-        self.refusals.report_restarts(s.get("restarts", 0))
+        self.metrics = ServeMetrics("segment")
+        self.metrics.report_restarts(s.get("restarts", 0))
         self.max_pixels = s["max_image_pixels"]
         self.segmenter = Segmenter(s["model"], runtime=s["runtime"], device=s["device"],
                                    precision=s["precision"], batch_size=s["batch_size"])
@@ -134,7 +135,7 @@ class SegmentModel:
                 _finite(name, image), channels=None if channels is None else channels.tolist(),
                 channel_axis=-1, **settings)
         except Exception as exc:  # every request is answered; ours are 500s
-            return self.refusals.answer(exc)
+            return self.metrics.answer(exc)
         pb = _pb()
         return pb.InferenceResponse([pb.Tensor.from_dlpack(
             "labels", np.ascontiguousarray(labels, dtype=np.uint32))])
@@ -165,7 +166,7 @@ class NetworkModel:
         from selfadapt_deploy.runtime.torch_runner import resolve_device
 
         s = _settings(args)
-        self.refusals = Refusals("network")
+        self.metrics = ServeMetrics("network")
         self.runner, _ = open_runner(s["model"], s["runtime"], resolve_device(s["device"]),
                                      s["precision"])
         self.runner.activate()
@@ -180,7 +181,7 @@ class NetworkModel:
                     raise SaDeployError(f"tiles has shape {list(tiles.shape)}; send B×C×H×W tiles")
                 groups.setdefault(tiles.shape[1:], []).append((k, tiles))
             except Exception as exc:  # every request is answered
-                answers[k] = self.refusals.answer(exc)
+                answers[k] = self.metrics.answer(exc)
         pb = _pb()
         for members in groups.values():
             try:
@@ -188,11 +189,11 @@ class NetworkModel:
                 y = self.runner.infer(x.to(self.runner.device)).float().cpu().numpy()
             except (ValueError, TypeError) as exc:  # the runner's checks: shapes, channels
                 for k, _ in members:
-                    answers[k] = self.refusals.answer(SaDeployError(f"tiles: {exc}"))
+                    answers[k] = self.metrics.answer(SaDeployError(f"tiles: {exc}"))
                 continue
             except Exception as exc:  # ours: HTTP 500
                 for k, _ in members:
-                    answers[k] = self.refusals.answer(exc)
+                    answers[k] = self.metrics.answer(exc)
                 continue
             start = 0
             for k, tiles in members:
