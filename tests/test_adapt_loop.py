@@ -18,10 +18,12 @@ from selfadapt_deploy.trainer.loop import AdaptConfig, Validation, adapt, split_
 CONFIG = AdaptConfig(iterations=6, batch_size=2, eval_every=3, stop="none", seed=3, select="last")
 
 
-def kill_at_step_4(step, terms):
-    """A progress callback that interrupts the run after step 4 (as a kill would)."""
-    if step == 4:
-        raise KeyboardInterrupt
+def kill_at(kill_step: int):
+    """A progress callback that interrupts the run after ``kill_step`` (as a kill would)."""
+    def progress(step, terms):
+        if step == kill_step:
+            raise KeyboardInterrupt
+    return progress
 
 
 def setup(trained_cpnet_path):
@@ -64,13 +66,14 @@ def test_stopping_selects_the_snapshot_before_the_crossing(tmp_path, trained_cpn
     assert summary["iterations_run"] == 3
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpnet_path):
+@pytest.mark.parametrize("kill_step", [2, 4])  # before the first evaluation after θ0's, and after it
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpnet_path, kill_step):
     net, train, val = setup(trained_cpnet_path)
     adapt(net, train, val, tmp_path / "full", CONFIG)
 
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
-        adapt(net, train, val, tmp_path / "killed", CONFIG, progress=kill_at_step_4)
+        adapt(net, train, val, tmp_path / "killed", CONFIG, progress=kill_at(kill_step))
     assert not (tmp_path / "killed" / "model.pt").exists()
     net, train, val = setup(trained_cpnet_path)
     adapt(net, train, val, tmp_path / "killed", CONFIG, resume=True)
@@ -90,7 +93,7 @@ def test_a_resumed_run_keeps_its_pool_and_selects_as_an_uninterrupted_run(tmp_pa
     full = adapt(net, train, val, tmp_path / "full", cfg)
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
-        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4)
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at(4))
     assert sorted(p.name for p in (tmp_path / "killed" / "pool").iterdir()) == ["iter_000000", "iter_000003"]
     net, train, val = setup(trained_cpnet_path)
     resumed = adapt(net, train, val, tmp_path / "killed", cfg, resume=True)
@@ -243,7 +246,7 @@ def test_actis_resume_after_a_kill_is_bit_identical(tmp_path, trained_cpnet_path
 
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
-        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4, labelled=labelled_tiles())
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at(4), labelled=labelled_tiles())
     net, train, val = setup(trained_cpnet_path)
     summary = adapt(net, train, val, tmp_path / "killed", cfg, resume=True, labelled=labelled_tiles())
     assert summary["method"] == "actis" and summary["labelled_per_batch"] == 1
@@ -335,7 +338,7 @@ def test_culpico_steps_both_networks_and_resumes_bit_identically(tmp_path, train
 
     net, train, val = setup(trained_cpnet_path)
     with pytest.raises(KeyboardInterrupt):
-        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at_step_4, labelled=labelled_tiles())
+        adapt(net, train, val, tmp_path / "killed", cfg, progress=kill_at(4), labelled=labelled_tiles())
     net, train, val = setup(trained_cpnet_path)
     adapt(net, train, val, tmp_path / "killed", cfg, resume=True, labelled=labelled_tiles())
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
@@ -379,7 +382,7 @@ def test_vit_resume_is_bit_identical_and_the_callers_rng_is_left_alone(tmp_path)
     adapt(*fresh(), tmp_path / "full", CONFIG)
     assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(123)))
     with pytest.raises(KeyboardInterrupt):
-        adapt(*fresh(), tmp_path / "killed", CONFIG, progress=kill_at_step_4)
+        adapt(*fresh(), tmp_path / "killed", CONFIG, progress=kill_at(4))
     adapt(*fresh(), tmp_path / "killed", CONFIG, resume=True)
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)

@@ -103,7 +103,7 @@ def adapt(student: SegmentationNet, train: TileSampler, val: Validation, out: Pa
     as its labelled source tiles — and return the run summary also written to ``run.json``."""
     run = Run(config.resolved(student), student, train, val, Path(out), labelled, partner, progress)
     run.restore(resume)
-    if run.step == 0:
+    if not run.rows:  # θ0's evaluation (a run resumed before its first step has it already)
         run.evaluate()
         run.checkpoint()
     run.train()
