@@ -125,7 +125,7 @@ def score(run: Path, folder: Path) -> list[dict]:
     settings = json.loads((run / "settings.json").read_text())
     config = AdaptConfig(**settings["config"])
     net = load_model(run / "snapshots" / "iter_000000.pt", "cpu")
-    labelled = read_pairs(set_pairs(folder), net.nchan, True, settings["channels"], None, None, print)
+    labelled = read_pairs(set_pairs(folder), net.nchan, True, settings["channels"], None, None)
     train_idx, val_idx = split_indices(len(labelled), settings["val_fraction"], config.seed)
     rescale = net.diam_mean / settings["diameter"]
     bn_tiles = TileSampler([prepare_image(labelled[i][0], rescale) for i in train_idx], net.tile_size

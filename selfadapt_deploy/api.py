@@ -255,8 +255,7 @@ def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: 
     files = [v for v in validate_on if not isinstance(v, np.ndarray)]
     if files:
         net = load_model(model, "cpu")
-        arrays += read_network_images(files, net.nchan, net.pads_missing_channels, channels, None, None,
-                                      report=report)
+        arrays += read_network_images(files, net.nchan, net.pads_missing_channels, channels, None, None)
         if not arrays:
             raise SaDeployError("--validate-on: no readable images")
     manifest = export_model(str(model), Path(out), precision, opset, max_batch, trt, device, arrays,

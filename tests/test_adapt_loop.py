@@ -288,7 +288,7 @@ def test_labelled_pairs_by_cellpose_naming_or_explicit(tmp_path):
     assert find_pairs([str(tmp_path)]) == [(tmp_path / "a.tif", tmp_path / "a_masks.tif")]
     explicit = find_pairs([f"{tmp_path / 'c.tif'}={tmp_path / 'c_small.tif'}"])
     with pytest.raises(SaDeployError, match="labels are 30×40 but"):
-        read_pairs(explicit, 2, True, [0], None, None, print)
+        read_pairs(explicit, 2, True, [0], None, None)
     with pytest.raises(SaDeployError, match=r"folder of <stem>\.tif"):
         find_pairs([str(tmp_path / "nothing")])
 

@@ -83,6 +83,26 @@ def test_adapt_and_export_refuse_bad_options_before_any_work(tmp_path, trained_c
     assert not (tmp_path / "exp").exists()
 
 
+def test_adapt_refuses_a_set_with_unreadable_images_and_says_what_it_used(tmp_path, trained_cpnet_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "good.tif", cells(4))
+    (folder / "bad1.tif").write_bytes(b"II*\x00nope")
+    (folder / "bad2.png").write_bytes(b"not a png")
+    with pytest.raises(SaDeployError) as err:
+        api.adapt([folder], trained_cpnet_path, tmp_path / "run", device="cpu", iterations=1)
+    assert "bad1.tif" in str(err.value) and "bad2.png" in str(err.value)
+    assert "fix or remove them (2 of 3 input files)" in str(err.value)
+    assert not (tmp_path / "run").exists()
+    (folder / "bad1.tif").unlink()
+    (folder / "bad2.png").unlink()
+    said: list[str] = []
+    api.adapt([folder], trained_cpnet_path, tmp_path / "run", device="cpu", iterations=1, batch_size=2,
+              eval_every=1, report=said.append)
+    assert "1 training / 1 validation images (of 1 image read)" in said[0]
+    assert "both the training and the validation image" in said[1]
+
+
 def test_adapt_then_export_from_python(tmp_path, trained_cpnet_path):
     folder = tmp_path / "images"
     folder.mkdir()

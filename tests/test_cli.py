@@ -217,13 +217,17 @@ def test_adapt_end_to_end_and_resume(tmp_path, family, request):
     folder.mkdir()
     for seed in range(3):
         write_image(folder / f"img{seed}.tif", seed=seed, shape=(80, 96))
-    (folder / "broken.tif").write_bytes(b"II*\x00nope")  # reported and skipped, not fatal
+    (folder / "broken.tif").write_bytes(b"II*\x00nope")  # the set is not what was asked: refused
     run = tmp_path / "run"
     args = ["adapt", str(folder), "--model", str(tmp_path / "pretrained.pt"), "--out", str(run),
             "--iterations", "4", "--batch-size", "2", "--eval-every", "2", "--device", "cpu"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "broken.tif" in refused.output and "fix or remove it" in refused.output
+    assert "Traceback" not in refused.output and not run.exists()  # nothing written
+    (folder / "broken.tif").unlink()
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "skipped" in result.output and "broken.tif" in result.output
+    assert "2 training / 1 validation images (of 3 images read)" in result.output
     assert {"model.pt", "metrics.csv", "curves.png", "run.json", "settings.json",
             "checkpoint.pt", "snapshots"} <= {p.name for p in run.iterdir()}
     assert len(list((run / "snapshots").iterdir())) == 3

@@ -3,7 +3,7 @@ naming (``<stem>.tif`` next to ``<stem>_masks.tif``) in a folder, or given as ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -49,15 +49,15 @@ def find_pairs(specs: Sequence[str]) -> list[tuple[Path, Path]]:
 
 
 def read_pairs(pairs: Sequence[tuple[Path, Path]], nchan: int, pad: bool, channels, channel_axis,
-               series, report: Callable[[str], None]) -> list[tuple[np.ndarray, np.ndarray]]:
+               series) -> list[tuple[np.ndarray, np.ndarray]]:
     """(C×Y×X image with the network's channels, Y×X labels) per pair; a pair whose sizes differ
     is an error naming both files."""
     out = []
     for image_path, masks_path in pairs:
-        images = read_network_images([image_path], nchan, pad, channels, channel_axis, series, report)
+        images = read_network_images([image_path], nchan, pad, channels, channel_axis, series)
         if len(images) != 1:
-            raise SaDeployError(f"{image_path}: could not be read as one 2-D labelled image (see "
-                                "above; pass --series for multi-series files)")
+            raise SaDeployError(f"{image_path} holds {len(images)} images; a labelled image is one "
+                                "2-D image (pass --series to pick one)")
         labels = read_label_image(masks_path)
         if labels.shape != images[0].shape[1:]:
             raise SaDeployError(f"{masks_path}: labels are {labels.shape[0]}×{labels.shape[1]} but "

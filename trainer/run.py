@@ -112,11 +112,10 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
                             f"CULPICO's two networks must match {model} ({net.family}, {net.nchan})")
     pad = net.pads_missing_channels
     labelled_pairs = read_pairs(find_pairs(source if culpico else labelled), net.nchan, pad, channels,
-                                channel_axis, series, report)
-    val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series,
-                           report)
-    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
-    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
+                                channel_axis, series)
+    val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series)
+    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series)
+    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
     if held_out:
@@ -136,10 +135,15 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if not resume:
         inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
+           + (" (held out: --val-images)" if held_out
+              else f" (of {len(data)} image{'s' * (len(data) != 1)} read)")
            + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"
               if labelled_pairs else "")
            + (f", {len(val_pairs)} held-out labelled" if val_pairs else "")
            + f", rescale {rescale:.3f}, tiles {tile}×{tile}")
+    if len(data) == 1 and not held_out:
+        report("note: the one image is both the training and the validation image, so the label-free "
+               "signals measure it on what it trains on; give --val-images for a held-out one")
     summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
                     labelled=tiles, partner=partner)
     cfg = summary["config"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,15 +208,21 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
 
 
 def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
-                        series, report: Callable[[str], None]) -> list[np.ndarray]:
-    """Every readable image as C×Y×X with the network's channels; bad ones reported and skipped."""
-    images = []
-    for path in expand_inputs(paths):
+                        series) -> list[np.ndarray]:
+    """Every image as C×Y×X with the network's channels. The images are one set (a training or
+    validation set), so an unreadable one is not skipped: one error names every file that failed
+    and why, before the caller has written anything."""
+    images, failed, files = [], [], expand_inputs(paths)
+    for path in files:
         try:
             for image in read_images(path, channel_axis=channel_axis, series=series):
                 images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
         except SaDeployError as exc:
-            report(f"skipped: {exc}")
+            failed.append(str(exc))
+    if failed:
+        which = "it" if len(failed) == 1 else f"them ({len(failed)} of {len(files)} input files)"
+        raise ImageReadError("\n".join(failed) + f"\nfix or remove {which}: every image given is "
+                             "part of the set, none is skipped")
     return images
 
 
