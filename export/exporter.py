@@ -20,7 +20,7 @@ import torch
 from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.io.normalize import normalize_image
 from selfadapt_deploy.io.writers import atomic_dir, check_new_dir
-from selfadapt_deploy.manifest import MANIFEST, Artifact, Manifest, sha256_file
+from selfadapt_deploy.manifest import MANIFEST, Artifact, Manifest, artifact_file, sha256_file
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, TEACHER_GRAPH, GraphIO
@@ -114,7 +114,7 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
         tiles = validation_batches(spec, graph, net.nchan, images)
         onnx_bytes = export_onnx(net, graph, precision, opset, manifest.core()).SerializeToString()
         validation = _validate_onnx(onnx_bytes, net, graph, precision, tiles)
-        path = staging / f"{graph.name}.onnx"
+        path = staging / artifact_file(graph.name, "onnx")
         path.write_bytes(onnx_bytes)
         manifest = manifest.with_artifact(Artifact(
             path.name, graph.name, "onnx", precision, sha256_file(path), validation.to_dict(),
@@ -152,6 +152,6 @@ def _validate_onnx(onnx_bytes: bytes, net: SegmentationNet, graph: GraphIO, prec
         return Validation("skipped", reason=f"onnxruntime's {provider} provider cannot run this "
                                             f"{precision} graph ({str(exc).splitlines()[0][:200]})")
     try:
-        return validate_runner(runner, net, graph, precision, tiles, f"{graph.name}.onnx")
+        return validate_runner(runner, net, graph, precision, tiles, artifact_file(graph.name, "onnx"))
     finally:
         runner.deactivate()

@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.manifest import Artifact, is_export_dir, read_manifest, sha256_file, verified_file
+from selfadapt_deploy.manifest import (
+    Artifact,
+    artifact_file,
+    is_export_dir,
+    read_manifest,
+    sha256_file,
+    verified_file,
+)
 from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
 from selfadapt_deploy.runtime.base import GraphIO
 from selfadapt_deploy.runtime.graphs import graph_module
@@ -111,7 +118,7 @@ def engine_artifact(staging: Path, net: SegmentationNet, graph: GraphIO, precisi
     """``<graph>.plan`` in ``staging``: refit from ``engines_from`` when its engine of this graph
     can be (same graph structure, precision and profile, built on this machine), else built;
     validated against torch either way."""
-    path = staging / f"{graph.name}.plan"
+    path = staging / artifact_file(graph.name, "tensorrt")
     refit = _refit_source(engines_from, graph, precision, max_batch, onnx_bytes, device)
     if isinstance(refit, tuple):
         old_plan, record = refit

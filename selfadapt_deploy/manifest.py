@@ -107,8 +107,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+ARTIFACT_SUFFIX = {"onnx": ".onnx", "tensorrt": ".plan"}  # the file of each artefact format
+
+
+def artifact_file(graph: str, fmt: str) -> str:
+    """The file name of ``graph``'s artefact in format ``fmt`` (``model.onnx``, ``teacher_tta.plan``)."""
+    return graph + ARTIFACT_SUFFIX[fmt]
+
+
 def is_export_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def refuse_unlisted_artifacts(directory: Path) -> None:
+    """A directory holding export artefacts but no manifest cannot be checked: an error, never a
+    plain weights directory with its graphs ignored."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        return
+    found = sorted(p.name for p in directory.iterdir() if p.suffix in ARTIFACT_SUFFIX.values())
+    if found:
+        raise ArtifactError(f"{directory} holds export artefacts ({', '.join(found)}) but no {MANIFEST}, "
+                            f"so nothing in it can be checked; {REEXPORT}")
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -118,14 +138,30 @@ def read_manifest(directory: Path) -> Manifest:
     return Manifest.from_json(path.read_text(), str(path))
 
 
+def open_export_dir(directory: Path) -> Manifest:
+    """The manifest, after checking every file it lists — the weights and every artefact — so a
+    directory is used whole or not at all, whichever of its files a runtime then reads."""
+    manifest = read_manifest(directory)
+    verified_file(directory, manifest.source["file"], manifest.source["sha256"])
+    for artifact in manifest.artifacts:
+        verified_file(directory, artifact.file, artifact.sha256)
+    return manifest
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (file, size, mtime_ns) → its sha256, this process
+
+
 def verified_file(directory: Path, name: str, sha256: str) -> Path:
-    """``directory/name`` after checking it is there and unchanged since export."""
+    """``directory/name`` after checking it is there and unchanged since export (hashed once per
+    process while its size and modification time stay the same)."""
     path = Path(directory) / name
     if not path.is_file():
         raise ArtifactError(f"{path}: listed in {MANIFEST} but missing; {REEXPORT}")
-    actual = sha256_file(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    actual = _VERIFIED.get(key) or sha256_file(path)
     if actual != sha256:
         raise ArtifactError(f"{path}: sha256 {actual[:12]}… differs from {sha256[:12]}… recorded in "
                             f"{MANIFEST}; the file was changed or replaced after export — {REEXPORT}")
+    _VERIFIED[key] = actual
     return path
-

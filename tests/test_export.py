@@ -154,8 +154,16 @@ def test_tampered_or_missing_artefacts_are_refused(exported, tmp_path):
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ArtifactError, match=r"sha256 .* differs"):
-        open_runner(copy, "onnx")
+    for runtime in ("onnx", "torch"):  # a directory is used whole or not at all
+        with pytest.raises(ArtifactError, match=r"model.onnx: sha256 .* differs"):
+            open_runner(copy, runtime)
+    with pytest.raises(ArtifactError, match=r"model.onnx: sha256 .* differs"):
+        load_model(copy)
+    moved = tmp_path / "manifest.json"
+    shutil.move(copy / MANIFEST, moved)  # no manifest: its artefacts cannot be checked, so refused
+    with pytest.raises(ArtifactError, match=r"holds export artefacts \(model.onnx, teacher_tta.onnx\) but no"):
+        open_runner(copy, "torch")
+    shutil.move(moved, copy / MANIFEST)
     (copy / "model.pt").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         load_model(copy)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import ModelLoadError
-from selfadapt_deploy.manifest import is_export_dir, read_manifest, verified_file
+from selfadapt_deploy.manifest import is_export_dir, open_export_dir, refuse_unlisted_artifacts
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.families import closest_model_names, family_of_model_name, family_of_state
 
@@ -100,13 +100,14 @@ def load_model(spec: str | os.PathLike, device: torch.device | str = "cpu") -> S
     ``cyto3``, …) from cellpose's cache, downloaded if possible.
     """
     path = Path(spec)
-    if is_export_dir(path):  # an export directory: its weights, checked against the manifest
-        manifest = read_manifest(path)
-        net = load_weights_file(verified_file(path, manifest.source["file"], manifest.source["sha256"]))
+    if is_export_dir(path):  # an export directory: its weights, every listed file checked
+        manifest = open_export_dir(path)
+        net = load_weights_file(path / manifest.source["file"])
         if net.family != manifest.family:
             raise ModelLoadError(f"{path}: manifest says {manifest.family}, but "
                                  f"{manifest.source['file']} holds a {net.family} network")
     elif path.is_dir():
+        refuse_unlisted_artifacts(path)
         if not (path / RUN_MODEL_FILE).is_file():
             raise ModelLoadError(f"{path}: directory has no {RUN_MODEL_FILE}; pass a weights file")
         net = load_weights_file(path / RUN_MODEL_FILE)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from selfadapt_deploy.errors import ArtifactError, SaDeployError
-from selfadapt_deploy.manifest import Manifest, is_export_dir, read_manifest, verified_file
+from selfadapt_deploy.manifest import Manifest, is_export_dir, open_export_dir, verified_file
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
@@ -60,7 +60,7 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
         net = load_model(model, device)
         runner = TorchRunner(net, device, precision, graph, **torch_options)
         return runner, net.family, f"{runner.name} on {device}"
-    manifest = read_manifest(path)
+    manifest = open_export_dir(path)  # every listed file checked, whichever runtime reads which
     if runtime == "torch":
         runner = TorchRunner(load_model(path, device), device, precision, graph, **torch_options)
         return runner, manifest.family, f"{runner.name} on {device} ({manifest.source['file']})"
