@@ -42,6 +42,7 @@ class ImageResult:
     count: int = 0  # what the work reports: masks for segment
     error: str = ""
     last_in_file: bool = True  # False while more series of the same file follow
+    note: str = ""  # how an ambiguous file was read (Image.note)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
                 pass
             else:
                 for (image, _, last), count in zip(group, counts, strict=True):
-                    yield ImageResult(image.source, image.name, "done", count, last_in_file=last)
+                    yield ImageResult(image.source, image.name, "done", count, last_in_file=last,
+                                      note=image.note)
                 return
         for image, data, last in group:
             yield _run_one(image, data, last, work, claimed)
@@ -158,7 +160,7 @@ def _run_one(image: Image, data: np.ndarray, last: bool, work: Work, claimed: se
     except SaDeployError as exc:
         claimed.discard(image.name)
         return _failed(image, exc, last)
-    return ImageResult(image.source, image.name, "done", count, last_in_file=last)
+    return ImageResult(image.source, image.name, "done", count, last_in_file=last, note=image.note)
 
 
 READ_AHEAD = 2  # files read (decoded) in a background thread while the current one is processed

@@ -219,11 +219,17 @@ def _report_slide(path: Path, summary: dict | SaDeployError) -> int:
 def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: str, out: Path) -> None:
     """A progress bar over the files, one line per image, a summary; exit code 1 if any failed."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
+    notes: dict[str, int] = {}  # each kind of note said once, with the image it first concerned
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console) as bar:
         task = bar.add_task(doing, total=files)
         for result in results:
             counts[result.status] += 1
+            if result.note and result.note not in notes:
+                bar.console.print(f"[bold yellow]note:[/] {escape(f'{result.source}: {result.note}')}",
+                                  highlight=False, soft_wrap=True)
+            if result.note:
+                notes[result.note] = notes.get(result.note, 0) + 1
             if result.status == "failed":
                 bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,
                                   soft_wrap=True)
@@ -232,6 +238,10 @@ def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: s
                 bar.console.print(f"{result.name}: {result.status}{done}", highlight=False, markup=False)
             if result.last_in_file:
                 bar.advance(task)
+    for n in notes.values():
+        if n > 1:
+            err_console.print(f"note: {n - 1} more image{'s were' if n > 2 else ' was'} read the same way",
+                              markup=False, highlight=False, soft_wrap=True)
     console.print(f"{counts['done']} done, {counts['skipped']} skipped (outputs exist; --overwrite to "
                   f"redo), {counts['failed']} failed → {out}", soft_wrap=True, markup=False)
     if counts["failed"]:

@@ -161,7 +161,7 @@ def test_tampered_or_missing_artefacts_are_refused(exported, tmp_path):
         load_model(copy)
     moved = tmp_path / "manifest.json"
     shutil.move(copy / MANIFEST, moved)  # no manifest: its artefacts cannot be checked, so refused
-    with pytest.raises(ArtifactError, match=r"holds export artefacts \(model.onnx, teacher_tta.onnx\) but no"):
+    with pytest.raises(ArtifactError, match=r"export artefacts \(model.onnx, teacher_tta.onnx\) but no"):
         open_runner(copy, "torch")
     shutil.move(moved, copy / MANIFEST)
     (copy / "model.pt").unlink()

@@ -10,6 +10,7 @@ import tifffile
 
 from selfadapt_deploy.errors import ImageReadError, OutputWriteError
 from selfadapt_deploy.io import read_images, select_channels, write_masks
+from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path, label_dtype
 
 
@@ -36,6 +37,31 @@ def test_plain_tiff_layouts(tmp_path, dtype):
     assert data.shape == (2, 30, 40) and (data[1] == yx + 1).all()
     tifffile.imwrite(tmp_path / "explicit.tif", np.moveaxis(yxc, -1, 0)[None])  # 1×C×Y×X
     assert read_images(tmp_path / "explicit.tif", channel_axis=1)[0].data.shape == (2, 30, 40)
+
+
+def test_a_guessed_channel_axis_is_said_and_a_marked_one_is_not(tmp_path, trained_cpnet_path):
+    from typer.testing import CliRunner
+
+    from selfadapt_deploy.cli import app
+
+    planes = (np.arange(2 * 40 * 48).reshape(2, 40, 48) % 251).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "bare.tif", planes, metadata=None)  # two pages, no axes at all
+    tifffile.imwrite(tmp_path / "shaped.tif", planes)  # tifffile's shape only: axes Q, Y, X
+    tifffile.imwrite(tmp_path / "marked.ome.tif", planes, metadata={"axes": "CYX"})
+    for name in ("bare.tif", "shaped.tif"):
+        image = read_images(tmp_path / name)[0]
+        assert image.data.shape == (2, 40, 48) and "2 planes along axis 0" in image.note
+        assert "--channel-axis" in image.note
+    assert read_images(tmp_path / "marked.ome.tif")[0].note == ""
+    said: list[str] = []  # adapt's reader: the note once for the set
+    read_network_images([tmp_path], 2, True, None, None, None, said.append)
+    assert len(said) == 1 and "bare.tif (and 1 more image): no axis" in said[0]
+    result = CliRunner().invoke(app, ["segment", str(tmp_path), "--model", str(trained_cpnet_path),
+                                      "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("were read as channels") == 1  # said once, with the first file
+    assert "bare.tif: no axis of the file is marked as channels" in result.output
+    assert "1 more image was read the same way" in result.output
 
 
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path):

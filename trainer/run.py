@@ -114,8 +114,8 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     labelled_pairs = read_pairs(find_pairs(source if culpico else labelled), net.nchan, pad, channels,
                                 channel_axis, series)
     val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series)
-    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series)
-    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series)
+    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
+    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
     if held_out:

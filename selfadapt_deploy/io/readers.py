@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ class Image:
     source: Path
     data: np.ndarray
     series: int | None = None
+    note: str = ""  # how an ambiguous file was read (said on the console), e.g. a guessed channel axis
 
 
 def image_stem(path: Path) -> str:
@@ -37,8 +38,9 @@ def image_stem(path: Path) -> str:
     return path.stem
 
 
-def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) -> np.ndarray:
-    """Move the channel axis first and drop singleton axes; refuse anything that is not 2-D."""
+def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) -> tuple[np.ndarray, str]:
+    """Move the channel axis first and drop singleton axes; refuse anything that is not 2-D. The
+    note says how the channel axis was chosen when no axis of the file says so (else "")."""
     if channel_axis is not None:
         if not -arr.ndim <= channel_axis < arr.ndim:
             raise ImageReadError(f"{where}: --channel-axis {channel_axis} is out of range for an "
@@ -54,18 +56,22 @@ def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) ->
             raise ImageReadError(f"{where}: has a {letter} axis of {n} planes (shape {arr.shape}, "
                                  f"axes {axes}); sa-deploy segments 2-D images — extract planes first")
     if arr.ndim == 2:
-        return arr[None]
+        return arr[None], ""
     if arr.ndim != 3:
         raise ImageReadError(f"{where}: expected a 2-D image with optional channels, got shape "
                              f"{arr.shape}; pass --channel-axis or extract a 2-D plane")
     if channel_axis is not None:
-        return arr
+        return arr, ""
     for i, letter in enumerate(axes):
         if letter in CHANNEL_LETTERS:
-            return np.moveaxis(arr, i, 0)
+            return np.moveaxis(arr, i, 0), ""
     first, last = arr.shape[0], arr.shape[-1]
     if min(first, last) <= MAX_GUESSED_CHANNELS:
-        return arr if first <= last else np.moveaxis(arr, -1, 0)
+        axis = 0 if first <= last else arr.ndim - 1
+        note = (f"no axis of the file is marked as channels: its {arr.shape[axis]} planes along axis "
+                f"{axis} of {arr.shape} were read as channels, as cellpose does (a Z-stack or time "
+                "series would be wrong here; --channel-axis chooses)")
+        return np.moveaxis(arr, axis, 0), note
     raise ImageReadError(f"{where}: cannot tell which axis holds channels in shape {arr.shape}; "
                          "pass --channel-axis")
 
@@ -101,9 +107,10 @@ def _read_tiff(path: Path, channel_axis: int | None, series: int | None) -> list
     images = []
     for i, arr, axes in arrays:
         where = f"{path} (series {i})" if multi else str(path)
-        data = _check_values(_to_cyx(arr, axes, channel_axis, where), where)
+        data, note = _to_cyx(arr, axes, channel_axis, where)
         name = f"{image_stem(path)}_s{i}" if multi and series is None else image_stem(path)
-        images.append(Image(name=name, source=path, data=data, series=i if multi else None))
+        images.append(Image(name=name, source=path, data=_check_values(data, where),
+                            series=i if multi else None, note=note))
     return images
 
 
@@ -116,8 +123,8 @@ def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
     if arr.ndim == 3:  # OpenCV gives BGR(A)
         arr = arr[..., [2, 1, 0, *range(3, arr.shape[-1])]]
         channel_axis = -1 if channel_axis is None else channel_axis
-    data = _check_values(_to_cyx(arr, "YXS"[: arr.ndim], channel_axis, str(path)), str(path))
-    return [Image(name=image_stem(path), source=path, data=data)]
+    data, note = _to_cyx(arr, "YXS"[: arr.ndim], channel_axis, str(path))
+    return [Image(name=image_stem(path), source=path, data=_check_values(data, str(path)), note=note)]
 
 
 def image_from_array(arr: np.ndarray, channel_axis: int | None = None, where: str = "image") -> np.ndarray:
@@ -127,7 +134,7 @@ def image_from_array(arr: np.ndarray, channel_axis: int | None = None, where: st
     if arr.ndim not in (2, 3):
         raise ImageReadError(f"{where}: expected Y×X or Y×X×C / C×Y×X, got shape {arr.shape}")
     axes = "YX" if arr.ndim == 2 else "QYX"  # Q: unknown, so the channel axis is guessed
-    return _check_values(_to_cyx(arr, axes, channel_axis, where), where)
+    return _check_values(_to_cyx(arr, axes, channel_axis, where)[0], where)
 
 
 def is_image_file(path: Path) -> bool:
@@ -208,21 +215,29 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
 
 
 def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
-                        series) -> list[np.ndarray]:
+                        series, report: Callable[[str], None] | None = None) -> list[np.ndarray]:
     """Every image as C×Y×X with the network's channels. The images are one set (a training or
     validation set), so an unreadable one is not skipped: one error names every file that failed
-    and why, before the caller has written anything."""
-    images, failed, files = [], [], expand_inputs(paths)
+    and why, before the caller has written anything. ``report`` hears each kind of
+    :attr:`Image.note` once (the first file and how many more)."""
+    images, failed, files, notes = [], [], expand_inputs(paths), {}
     for path in files:
         try:
             for image in read_images(path, channel_axis=channel_axis, series=series):
                 images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
+                if image.note:
+                    notes.setdefault(image.note, []).append(image.source)
         except SaDeployError as exc:
             failed.append(str(exc))
     if failed:
         which = "it" if len(failed) == 1 else f"them ({len(failed)} of {len(files)} input files)"
         raise ImageReadError("\n".join(failed) + f"\nfix or remove {which}: every image given is "
                              "part of the set, none is skipped")
+    for note, sources in notes.items():
+        if report is not None:
+            n = len(sources) - 1
+            more = f" (and {n} more image{'s' * (n > 1)})" if n else ""
+            report(f"note: {sources[0]}{more}: {note}")
     return images
 
 
