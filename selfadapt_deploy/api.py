@@ -97,46 +97,47 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
                   compile: bool = False, attention: str = "auto", compile_cache: Path | None = None,
                   channels: Sequence[int] | None = None, channel_axis: int | None = None,
                   series: int | None = None, save_flows: bool = False, overwrite: bool = False,
-                  stream: bool = False, block_size: int = 2048, halo: int = 0,
+                  stream: bool | None = None, block_size: int = 2048, halo: int = 0,
                   out_format: str = "tiff", resume: bool = False, dask: str | None = None,
                   block_progress: Callable[[Path, int, int], None] | None = None,
                   **settings: Any) -> Iterator[tuple]:
     """``sa-deploy segment``: label image files (and folders of them) into ``out``. Images that fit
-    in memory go through the batched pipeline; larger ones (any with ``stream``, and OME-Zarr)
-    stream block by block, on this machine or dask workers (``dask``). Every option is checked
+    in memory go through the batched pipeline; larger ones (by :func:`wsi.memory.choose`; all with
+    ``stream``, none with ``stream=False``; OME-Zarr always) stream block by block, on this machine
+    or dask workers (``dask``). Every option is checked
     before any work. ``model`` opens a runner as :class:`Segmenter` does; ``runner`` is an
     already made (runner, description) instead (``segment --triton``). ``settings``:
     :class:`SegmentParams` fields. Yields, in order: ``("model", description, device)``; one
+    ``("choice", path, StreamChoice)`` per image whose whole-or-streamed choice is worth saying; one
     ``("slide", path, summary | SaDeployError)`` per streamed slide (``block_progress(path, done,
     total)`` as its blocks finish); ``("images", n)``; one ``("image", ImageResult)`` per image read
     whole (a failed image is a result, the others go on)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs
+    from selfadapt_deploy.io.readers import TIFF_SUFFIXES, expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
-    from selfadapt_deploy.segment import use_device_pipeline
+    from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
     from selfadapt_deploy.wsi import segment_slide
+    from selfadapt_deploy.wsi.memory import choose
     from selfadapt_deploy.wsi.slide import split_inputs
-    from selfadapt_deploy.wsi.stream import STREAM_ABOVE, StreamSettings, output_path
+    from selfadapt_deploy.wsi.stream import StreamSettings, output_path
 
     if (model is None) == (runner is None):
         raise SaDeployError("give --model, or --triton URL to run the network on a Triton server")
     if runner is not None and dask is not None:
         raise SaDeployError("--triton runs the network on one server; drop --dask")
+    if dask is not None and stream is False:
+        raise SaDeployError("--dask streams every image's blocks to its workers; drop --no-stream")
     out = Path(out)
     params = Segmenter._params(SegmentParams(), settings)
     picked = list(channels) if channels is not None else None
     stream_settings = StreamSettings(block_size, halo, out_format, resume, overwrite, dask)
-    in_memory, slides = split_inputs(expand_inputs([Path(p) for p in images]), series,
-                                     stream or dask is not None, STREAM_ABOVE)
-    if slides and channel_axis is not None:  # the block reader takes axes from the file only
-        raise SaDeployError(f"--channel-axis applies to images read whole, but {slides[0][0]} "
-                            "streams block by block, with the axes its own metadata records; drop "
-                            "--channel-axis (or record the axes in the file)")
+    files = expand_inputs([Path(p) for p in images])
     output_path(out, "x", out_format)  # a bad --out-format fails before any work
-    ensure_writable_dir(out)
-    # with dask the workers run the network: here the model only describes itself (CPU)
-    dev = resolve_device("cpu" if dask and not in_memory else device)
+    # with dask the workers run the network (every TIFF and OME-Zarr streams): here the model only
+    # describes itself (CPU), unless other files are read whole here
+    streams_all = all(f.is_dir() or f.name.lower().endswith(TIFF_SUFFIXES) for f in files)
+    dev = resolve_device("cpu" if dask and streams_all else device)
     resolve_integrator(params.integrator, dev)  # an unusable choice fails before any work
     torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
     if runner is None:
@@ -144,12 +145,24 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
                              **torch_options)
     the_runner, description = runner
     use_device_pipeline(params, the_runner.device)  # a bad --pipeline fails here too
+    spec = the_runner.spec
+    mode = "stream" if stream or dask is not None else "whole" if stream is False else "auto"
+    rescale = rescale_factor(spec, params.diameter)
+    in_memory, slides, choices = split_inputs(
+        files, series, lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode))
+    if slides and channel_axis is not None:  # the block reader takes axes from the file only
+        raise SaDeployError(f"--channel-axis applies to images read whole, but {slides[0][0]} "
+                            "streams block by block, with the axes its own metadata records; drop "
+                            "--channel-axis (or record the axes in the file)")
+    ensure_writable_dir(out)
     if in_memory or not dask:
         the_runner.activate()  # a provider, engine or device that cannot run fails before any image
     runner_args = dict(model=model, runtime=runtime, device=device, precision=precision,
                        onnx_provider=onnx_provider, **torch_options)
     try:
         yield "model", description, dev
+        for path, choice in choices:
+            yield "choice", path, choice
         for path, index in slides:
             def progress(done: int, total: int, _result: dict, path: Path = path) -> None:
                 if block_progress is not None:

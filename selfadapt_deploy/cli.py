@@ -119,9 +119,11 @@ def segment(
                                              "cellprob).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Recompute images whose masks exist (default: "
                                             "skip them, which resumes a run).")] = False,
-    stream: Annotated[bool, typer.Option(help="Stream every image block by block (whole-slide "
-                                         "path); images above 8192² pixels and OME-Zarr inputs "
-                                         "always stream.")] = False,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", help="Stream every TIFF block by block (whole-slide path), or read "
+        "every one whole. Default: an image streams when its estimated whole-image working set at "
+        "the network's scale passes half the memory available (the console says which and why); "
+        "OME-Zarr inputs always stream.", show_default=False)] = None,
     block_size: Annotated[int, typer.Option(help="Streaming: block edge in pixels (a multiple of "
                                             "256); memory grows with it.")] = 2048,
     halo: Annotated[int, typer.Option(help="Streaming: context around each block in pixels; 0 = "
@@ -160,7 +162,10 @@ def segment(
     failed = 0
     try:
         for event in events:
-            if event[0] == "slide":
+            if event[0] == "choice":
+                console.print(f"{event[1].name}: {event[2].why}", soft_wrap=True, highlight=False,
+                              markup=False)
+            elif event[0] == "slide":
                 bars.close()
                 failed += _report_slide(*event[1:])
             elif event[0] == "images" and event[1]:

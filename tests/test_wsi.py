@@ -191,13 +191,58 @@ def test_a_full_disk_leaves_no_output_and_the_run_resumable(tmp_path, slide, run
 
 
 def test_inputs_that_stream(tmp_path, slide):
+    from selfadapt_deploy.wsi.memory import choose
+
     small = tmp_path / "small.tif"
     tifffile.imwrite(small, np.zeros((64, 64), np.uint16))
     zarr_dir = tmp_path / "image.ome.zarr"
     zarr_dir.mkdir()
-    assert split_inputs([small, slide[0]], None, False, 500 * 500) == ([small], [(slide[0], None)])
-    assert split_inputs([small], None, True, 500 * 500) == ([], [(small, None)])
-    assert split_inputs([zarr_dir], None, False, 500 * 500) == ([], [(zarr_dir, None)])
+    # the 700×900 slide needs more than half of 10 MB whole, the 64² image far less
+    tight = lambda ly, lx: choose(ly, lx, 2, 1.0, available=10_000_000)  # noqa: E731
+    in_memory, streamed, said = split_inputs([small, slide[0]], None, tight)
+    assert (in_memory, streamed) == ([small], [(slide[0], None)])
+    assert [p for p, _ in said] == [slide[0]] and "streamed block by block" in said[0][1].why
+    assert split_inputs([small], None, lambda ly, lx: choose(ly, lx, 2, 1.0, "stream"))[:2] == (
+        [], [(small, None)])
+    assert split_inputs([slide[0]], None, lambda ly, lx: choose(ly, lx, 2, 1.0, "whole",
+                                                                 available=10))[:2] == ([slide[0]], [])
+    assert split_inputs([zarr_dir], None, tight)[:2] == ([], [(zarr_dir, None)])
+
+
+def test_whole_or_streamed_on_both_sides_of_the_estimate():
+    from selfadapt_deploy.wsi.memory import WHOLE_SHARE, choose, whole_image_bytes
+
+    need = whole_image_bytes(8192, 8192, 2, 30 / 61)  # the issue's slide at --diameter 61
+    assert 2**30 < need < 8 * 2**30  # of the order measured (3.45 GiB peak RSS, model included)
+    assert whole_image_bytes(8192, 8192, 2, 1.0) > need  # a larger scale needs more
+    just_enough = int(need / WHOLE_SHARE) + 1
+    assert not choose(8192, 8192, 2, 30 / 61, available=just_enough).stream
+    too_little = choose(8192, 8192, 2, 30 / 61, available=just_enough - 2 * int(1 / WHOLE_SHARE))
+    assert too_little.stream and "8192×8192, 4028×4028 at the network's scale" in too_little.why
+    assert "--no-stream" in too_little.why
+    assert not choose(8192, 8192, 2, 30 / 61, "whole", available=1).stream
+    assert not choose(64, 64, 2, 1.0, available=2**40).say  # small and whole: nothing to say
+    assert choose(64, 64, 2, 1.0, "stream", available=2**40).stream
+
+
+def test_segment_says_a_streaming_choice_and_no_stream_forces_whole(tmp_path, slide, monkeypatch):
+    from typer.testing import CliRunner
+
+    from selfadapt_deploy.cli import app
+    from selfadapt_deploy.wsi import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 10_000_000)
+    weights = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
+    if not weights.is_file():
+        pytest.skip(f"{weights} missing")
+    base = ["segment", str(slide[0]), "--model", str(weights), "--device", "cpu", "--channels", "0"]
+    auto = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "auto")])
+    assert auto.exit_code == 0, auto.output
+    assert "slide.tif: streamed block by block: 700×900" in auto.output and "blocks" in auto.output
+    forced = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "whole"), "--no-stream"])
+    assert forced.exit_code == 0, forced.output
+    assert "slide.tif: read whole although 700×900" in forced.output and "--no-stream" in forced.output
+    assert "blocks" not in forced.output and "slide: done" in forced.output
 
 
 _MEMORY_SCRIPT = """

@@ -3,6 +3,7 @@ store) or of an OME-Zarr image, as C×h×w arrays — the slide itself is never 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import tifffile
 
 from selfadapt_deploy.errors import ImageReadError
 from selfadapt_deploy.io.readers import CHANNEL_LETTERS, TIFF_SUFFIXES, image_stem
+from selfadapt_deploy.wsi.memory import StreamChoice
 
 ZARR_SUFFIXES = (".zarr",)
 
@@ -142,13 +144,13 @@ def slide_info(slide: Slide) -> dict:
             "mtime_ns": stat.st_mtime_ns}
 
 
-def split_inputs(paths: list[Path], series: int | None, forced: bool, above: int
-                 ) -> tuple[list[Path], list[tuple[Path, int | None]]]:
-    """(files for the in-memory pipeline, (file, series) pairs to stream): OME-Zarr folders always
-    stream; a TIFF streams when ``forced`` or when a series to segment has more than ``above``
-    pixels (every series of it then streams); unreadable files go the in-memory way, which
-    reports them."""
-    in_memory, streamed = [], []
+def split_inputs(paths: list[Path], series: int | None, decide: Callable[[int, int], StreamChoice]
+                 ) -> tuple[list[Path], list[tuple[Path, int | None]], list[tuple[Path, StreamChoice]]]:
+    """(files for the in-memory pipeline, (file, series) pairs to stream, (file, choice) for the
+    choices worth saying): OME-Zarr folders always stream; a TIFF streams when ``decide(height,
+    width)`` says so for its largest series to segment (every series of it then streams);
+    unreadable files go the in-memory way, which reports them."""
+    in_memory, streamed, said = [], [], []
     for path in paths:
         if path.is_dir():
             streamed.append((path, None))
@@ -159,16 +161,21 @@ def split_inputs(paths: list[Path], series: int | None, forced: bool, above: int
         try:
             with tifffile.TiffFile(path) as tif:
                 picked = [series] if series is not None else list(range(len(tif.series)))
-                sizes = [(tif.series[i].shape[tif.series[i].axes.index("Y")]
-                          * tif.series[i].shape[tif.series[i].axes.index("X")])
-                         for i in picked if 0 <= i < len(tif.series) and "Y" in tif.series[i].axes
-                         and "X" in tif.series[i].axes]
+                sizes = [(s.shape[s.axes.index("Y")], s.shape[s.axes.index("X")])
+                         for s in (tif.series[i] for i in picked if 0 <= i < len(tif.series))
+                         if "Y" in s.axes and "X" in s.axes]
                 multi = len(tif.series) > 1
         except Exception:  # the in-memory reader says what is wrong with it
             in_memory.append(path)
             continue
-        if sizes and (forced or max(sizes) > above):
+        if not sizes:
+            in_memory.append(path)
+            continue
+        choice = decide(*max(sizes, key=lambda yx: yx[0] * yx[1]))
+        if choice.say:
+            said.append((path, choice))
+        if choice.stream:
             streamed.extend((path, i if multi or series is not None else None) for i in picked)
         else:
             in_memory.append(path)
-    return in_memory, streamed
+    return in_memory, streamed, said

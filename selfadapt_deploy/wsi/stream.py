@@ -39,7 +39,6 @@ from selfadapt_deploy.wsi.plan import TILE, Block, block_grid, default_halo
 from selfadapt_deploy.wsi.slide import Slide, open_slide, slide_info
 from selfadapt_deploy.wsi.stitch import UnionFind, cut_labels, final_numbering, matching_labels
 
-STREAM_ABOVE = 8192 * 8192  # pixels: `segment` streams larger images without being asked
 STRIP = 8  # pixels each side of a border on which neighbouring blocks' labels are matched
 WORK_SUFFIX = ".sa-deploy-work"
 

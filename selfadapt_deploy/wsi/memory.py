@@ -1,0 +1,79 @@
+"""Whole or streamed: an image is segmented whole while the estimate of its working set (at the
+network's scale: image, network outputs and their blending, flows back at the image's size, the
+dynamics, labels) stays under a share of the memory this machine has available; above it, it
+streams block by block, whose memory is bounded by the block size instead."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Fitted (rounded up) to peak RSS over the model's, measured with the real Cellpose 3 weights on a
+# 4000² slide of real phase-contrast frames at network scales 0.32, 0.64 and 1.25 (48 bytes per
+# pixel + 42 per network pixel with 2 network channels): ``benchmarks/whole_image_memory.py``
+#: bytes per pixel of the image at its own size: raw and normalised copies (per channel), flows
+#: and cell probability resized back, the dynamics' coordinates, its label images
+BYTES_PER_PIXEL, BYTES_PER_PIXEL_CHANNEL = 39, 5
+#: bytes per pixel at the network's scale: the resized image (per channel), the tiles' outputs,
+#: their blending weights and sums
+BYTES_PER_NETWORK_PIXEL, BYTES_PER_NETWORK_PIXEL_CHANNEL = 33, 5
+WHOLE_SHARE = 0.5  # an image is read whole while its estimate stays under this share of the memory
+SAY_ABOVE = 1 << 30  # the choice is said on the console for images whose estimate passes 1 GiB
+MODES = ("auto", "stream", "whole")
+
+
+@dataclass(frozen=True)
+class StreamChoice:
+    """How one image is segmented, the line that says why, and whether that line is worth saying
+    (a streamed or large image; a forced choice only where it overrules the estimate)."""
+
+    stream: bool
+    estimate: int  # bytes the whole image would need
+    why: str
+    say: bool = False
+
+
+def whole_image_bytes(ly: int, lx: int, nchan: int, rescale: float) -> int:
+    """Estimated peak memory (bytes) of segmenting a ``ly``×``lx`` image whole, beyond the model."""
+    pixels = ly * lx
+    network_pixels = max(1, int(ly * rescale)) * max(1, int(lx * rescale))
+    return (pixels * (BYTES_PER_PIXEL + BYTES_PER_PIXEL_CHANNEL * nchan)
+            + network_pixels * (BYTES_PER_NETWORK_PIXEL + BYTES_PER_NETWORK_PIXEL_CHANNEL * nchan))
+
+
+def available_memory() -> int:
+    """Bytes this process could still use: Linux's ``MemAvailable`` (free plus reclaimable cache),
+    else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def choose(ly: int, lx: int, nchan: int, rescale: float, mode: str = "auto",
+           available: int | None = None) -> StreamChoice:
+    """Whole or streamed for one image: ``mode`` ``stream``/``whole`` forces it (``--stream`` /
+    ``--no-stream``); ``auto`` compares the estimate with :data:`WHOLE_SHARE` of ``available``
+    (default: :func:`available_memory`)."""
+    estimate = whole_image_bytes(ly, lx, nchan, rescale)
+    size = f"{ly}×{lx}, {int(ly * rescale)}×{int(lx * rescale)} at the network's scale"
+    if mode == "stream":
+        return StreamChoice(True, estimate, f"streamed ({size}): --stream")
+    available = available_memory() if available is None else available
+    over = estimate > WHOLE_SHARE * available
+    against = (f"about {gib(estimate)} whole, {'more' if over else 'less'} than {WHOLE_SHARE:.0%} of "
+               f"the {gib(available)} available")
+    if mode == "whole":
+        return StreamChoice(False, estimate, f"read whole although {size} needs {against}: --no-stream",
+                            say=over)
+    return StreamChoice(over, estimate, f"{'streamed block by block' if over else 'read whole'}: "
+                        f"{size} needs {against} (--stream / --no-stream force either)",
+                        say=over or estimate > SAY_ABOVE)
