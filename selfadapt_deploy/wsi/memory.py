@@ -8,15 +8,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# Fitted (rounded up) to peak RSS over the model's, measured with the real Cellpose 3 weights on a
-# 4000² slide of real phase-contrast frames at network scales 0.32, 0.64 and 1.25 (48 bytes per
-# pixel + 42 per network pixel with 2 network channels): ``benchmarks/whole_image_memory.py``
+# Fitted, rounded up, to the peak RSS beyond the model's, measured with the real Cellpose 3 weights
+# on a 4000² slide of real phase-contrast frames at network scales 0.29, 0.57 and 1.15 (run to run
+# the peak varies by ~0.1 GiB; the estimate stays at or above it): ``benchmarks/whole_image_memory.py``
 #: bytes per pixel of the image at its own size: raw and normalised copies (per channel), flows
 #: and cell probability resized back, the dynamics' coordinates, its label images
-BYTES_PER_PIXEL, BYTES_PER_PIXEL_CHANNEL = 39, 5
+BYTES_PER_PIXEL, BYTES_PER_PIXEL_CHANNEL = 47, 5
 #: bytes per pixel at the network's scale: the resized image (per channel), the tiles' outputs,
 #: their blending weights and sums
-BYTES_PER_NETWORK_PIXEL, BYTES_PER_NETWORK_PIXEL_CHANNEL = 33, 5
+BYTES_PER_NETWORK_PIXEL, BYTES_PER_NETWORK_PIXEL_CHANNEL = 38, 5
 WHOLE_SHARE = 0.5  # an image is read whole while its estimate stays under this share of the memory
 SAY_ABOVE = 1 << 30  # the choice is said on the console for images whose estimate passes 1 GiB
 MODES = ("auto", "stream", "whole")
