@@ -149,7 +149,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     mode = "stream" if stream or dask is not None else "whole" if stream is False else "auto"
     rescale = rescale_factor(spec, params.diameter)
     in_memory, slides, choices = split_inputs(
-        files, series, lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode))
+        files, series, lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
     if slides and channel_axis is not None:  # the block reader takes axes from the file only
         raise SaDeployError(f"--channel-axis applies to images read whole, but {slides[0][0]} "
                             "streams block by block, with the axes its own metadata records; drop "

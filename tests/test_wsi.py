@@ -198,7 +198,7 @@ def test_inputs_that_stream(tmp_path, slide):
     zarr_dir = tmp_path / "image.ome.zarr"
     zarr_dir.mkdir()
     # the 700×900 slide needs more than half of 10 MB whole, the 64² image far less
-    tight = lambda ly, lx: choose(ly, lx, 2, 1.0, available=10_000_000)  # noqa: E731
+    tight = lambda ly, lx: choose(ly, lx, 2, 1.0, available=10_000_000, block=512)  # noqa: E731
     in_memory, streamed, said = split_inputs([small, slide[0]], None, tight)
     assert (in_memory, streamed) == ([small], [(slide[0], None)])
     assert [p for p, _ in said] == [slide[0]] and "streamed block by block" in said[0][1].why
@@ -222,6 +222,8 @@ def test_whole_or_streamed_on_both_sides_of_the_estimate():
     assert "--no-stream" in too_little.why
     assert not choose(8192, 8192, 2, 30 / 61, "whole", available=1).stream
     assert not choose(64, 64, 2, 1.0, available=2**40).say  # small and whole: nothing to say
+    one_block = choose(96, 80, 2, 17000.0, available=2**30, block=2048)  # huge at the network's scale
+    assert not one_block.stream and "fits in one 2048² block" in one_block.why
     assert choose(64, 64, 2, 1.0, "stream", available=2**40).stream
 
 
@@ -235,7 +237,8 @@ def test_segment_says_a_streaming_choice_and_no_stream_forces_whole(tmp_path, sl
     weights = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
     if not weights.is_file():
         pytest.skip(f"{weights} missing")
-    base = ["segment", str(slide[0]), "--model", str(weights), "--device", "cpu", "--channels", "0"]
+    base = ["segment", str(slide[0]), "--model", str(weights), "--device", "cpu", "--channels", "0",
+            "--block-size", "512"]  # the 700×900 slide is larger than one block
     auto = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "auto")])
     assert auto.exit_code == 0, auto.output
     assert "slide.tif: streamed block by block: 700×900" in auto.output and "blocks" in auto.output

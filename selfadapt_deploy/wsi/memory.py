@@ -16,7 +16,7 @@ from dataclasses import dataclass
 BYTES_PER_PIXEL, BYTES_PER_PIXEL_CHANNEL = 47, 5
 #: bytes per pixel at the network's scale: the resized image (per channel), the tiles' outputs,
 #: their blending weights and sums
-BYTES_PER_NETWORK_PIXEL, BYTES_PER_NETWORK_PIXEL_CHANNEL = 38, 5
+BYTES_PER_NETWORK_PIXEL, BYTES_PER_NETWORK_PIXEL_CHANNEL = 42, 5
 WHOLE_SHARE = 0.5  # an image is read whole while its estimate stays under this share of the memory
 SAY_ABOVE = 1 << 30  # the choice is said on the console for images whose estimate passes 1 GiB
 MODES = ("auto", "stream", "whole")
@@ -59,14 +59,17 @@ def gib(n: int) -> str:
 
 
 def choose(ly: int, lx: int, nchan: int, rescale: float, mode: str = "auto",
-           available: int | None = None) -> StreamChoice:
+           available: int | None = None, block: int = 2048) -> StreamChoice:
     """Whole or streamed for one image: ``mode`` ``stream``/``whole`` forces it (``--stream`` /
     ``--no-stream``); ``auto`` compares the estimate with :data:`WHOLE_SHARE` of ``available``
-    (default: :func:`available_memory`)."""
+    (default: :func:`available_memory`). An image no larger than one ``block`` is read whole
+    unless forced: streaming it would hold the same pixels."""
     estimate = whole_image_bytes(ly, lx, nchan, rescale)
     size = f"{ly}×{lx}, {int(ly * rescale)}×{int(lx * rescale)} at the network's scale"
     if mode == "stream":
         return StreamChoice(True, estimate, f"streamed ({size}): --stream")
+    if mode == "auto" and max(ly, lx) <= block:
+        return StreamChoice(False, estimate, f"read whole ({size}): it fits in one {block}² block")
     available = available_memory() if available is None else available
     over = estimate > WHOLE_SHARE * available
     against = (f"about {gib(estimate)} whole, {'more' if over else 'less'} than {WHOLE_SHARE:.0%} of "
