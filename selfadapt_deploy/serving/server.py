@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +29,7 @@ from selfadapt_deploy.errors import ServeError
 from selfadapt_deploy.export.triton_repo import model_config
 from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.runtime.base import MODEL_GRAPH
+from selfadapt_deploy.serving.front import Front
 from selfadapt_deploy.serving.models import IMAGE_INPUTS, SETTING_INPUTS
 
 TMP_PREFIX = "sa-deploy-serve-"  # the temporary model repository of one serve process
@@ -69,6 +71,16 @@ def remove_stale_repositories(tmp: Path | None = None) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for Triton's own HTTP endpoint behind the front)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 INSTALL_HINT = ("pip install --no-deps 'nvidia-pytriton==0.7.0' (Linux x86-64; it ships tritonserver), "
@@ -197,6 +209,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.stop_requested = False
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self.front: Front | None = None  # clients' HTTP port; it forwards to Triton's, on loopback
+        self.triton_http = 0  # Triton's own HTTP port (loopback), chosen at each start
 
     @property
     def url(self) -> str:
@@ -204,16 +218,27 @@ class TritonServer:
         return f"http://{host}:{self.ports.http}"
 
     def __enter__(self) -> TritonServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop tritonserver and the front."""
         self.stop()
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
 
     def command(self, repo: Path, backends: Path | None) -> list[str]:
         p = self.ports
         cmd = [str(self.install.binary), f"--model-repository={repo}", "--exit-on-error=true",
-               "--strict-readiness=true", f"--http-address={p.host}", f"--http-port={p.http}",
+               "--strict-readiness=true", f"--http-address={LOOPBACK}", f"--http-port={self.triton_http}",
                f"--grpc-address={p.host}", f"--grpc-port={p.grpc}", "--allow-metrics=true",
                f"--metrics-address={p.host}", f"--metrics-port={p.metrics}", "--log-info=false",
                "--exit-timeout-secs=30"]
@@ -223,6 +248,14 @@ class TritonServer:
         from selfadapt_deploy.serving.client import TritonHTTPClient
 
         remove_stale_repositories()
+        self.triton_http = free_port()
+        if self.front is None:
+            try:
+                self.front = Front(self.ports.host, self.ports.http, (LOOPBACK, self.triton_http)).start()
+            except OSError as exc:
+                raise ServeError(f"cannot listen on {self.ports.host}:{self.ports.http} ({exc}); is "
+                                 "another server using --http-port?") from None
+        self.front.upstream = (LOOPBACK, self.triton_http)
         self._tmp = tempfile.TemporaryDirectory(prefix=TMP_PREFIX)
         root = Path(self._tmp.name)
         (root / OWNER_FILE).write_text(str(os.getpid()))
@@ -231,7 +264,8 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                             env=_environment(self.install), preexec_fn=_die_with_parent)
-        client, deadline = TritonHTTPClient(self.url), time.monotonic() + self.startup_timeout
+        client = TritonHTTPClient(f"http://{LOOPBACK}:{self.triton_http}")
+        deadline = time.monotonic() + self.startup_timeout
         while not self.stop_requested and not client.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_tail()
