@@ -227,6 +227,20 @@ def test_whole_or_streamed_on_both_sides_of_the_estimate():
     assert choose(64, 64, 2, 1.0, "stream", available=2**40).stream
 
 
+def test_available_memory_is_bounded_by_the_containers_cgroup(tmp_path):
+    from selfadapt_deploy.wsi.memory import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25165824 kB\nMemAvailable:   20971520 kB\n")  # 20 GiB
+    assert available_memory(tmp_path / "no-cgroup", meminfo) == 20 * 2**30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_memory(tmp_path, meminfo) == 20 * 2**30  # no limit: the machine's
+    (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**30}\n")
+    assert available_memory(tmp_path, meminfo) == 2 * 2**30  # the container's limit less its usage
+    assert available_memory() > 0  # this machine
+
+
 def test_segment_says_a_streaming_choice_and_no_stream_forces_whole(tmp_path, slide, monkeypatch):
     from typer.testing import CliRunner
 

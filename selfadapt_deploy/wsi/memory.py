@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # Fitted, rounded up, to the peak RSS beyond the model's, measured with the real Cellpose 3 weights
 # on a 4000² slide of real phase-contrast frames at network scales 0.29, 0.57 and 1.15 (run to run
@@ -41,17 +42,30 @@ def whole_image_bytes(ly: int, lx: int, nchan: int, rescale: float) -> int:
             + network_pixels * (BYTES_PER_NETWORK_PIXEL + BYTES_PER_NETWORK_PIXEL_CHANNEL * nchan))
 
 
-def available_memory() -> int:
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory limit and usage
+
+
+def available_memory(cgroup: Path = CGROUP, meminfo: Path = Path("/proc/meminfo")) -> int:
     """Bytes this process could still use: Linux's ``MemAvailable`` (free plus reclaimable cache),
-    else the free physical pages."""
+    else the free physical pages — and no more than its cgroup's limit less its usage, so a
+    container sees its own limit, not the host's memory."""
+    available = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, available)
 
 
 def gib(n: int) -> str:
