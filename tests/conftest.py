@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the two test workers: one thread each, so the
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):  # two share the cores
+        os.environ.setdefault(_var, "1")  # (subprocesses inherit it) instead of oversubscribing them
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from selfadapt_deploy.models import CPnet, build_cpsam
 from selfadapt_deploy.models.cpdino import build_cpdino
