@@ -135,7 +135,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if not resume:
         inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
-           + (" (held out: --val-images)" if held_out
+           + (" (held out: --val)" if held_out
               else f" (of {len(data)} image{'s' * (len(data) != 1)} read)")
            + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"
               if labelled_pairs else "")
@@ -143,7 +143,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
            + f", rescale {rescale:.3f}, tiles {tile}×{tile}")
     if len(data) == 1 and not held_out:
         report("note: the one image is both the training and the validation image, so the label-free "
-               "signals measure it on what it trains on; give --val-images for a held-out one")
+               "signals measure it on what it trains on; give --val IMAGE for a held-out one")
     summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
                     labelled=tiles, partner=partner)
     cfg = summary["config"]
