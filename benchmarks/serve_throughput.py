@@ -13,7 +13,8 @@ What is measured
     in-process labels for every image before timing.
 
 Output
-    One row per concurrency: requests/s, p50 and p95 latency (ms); then the in-process
+    One row per concurrency: requests/s, p50 and p95 latency (ms) through serve's HTTP front, and
+    requests/s straight to Triton's own (loopback) port with the front's cost; then the in-process
     images/s; last line ``ratio=<server requests/s at 4 clients ÷ in-process images/s>``
     (the cost of serving: HTTP, copies, one model instance).
 
@@ -107,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the server's labels differ from the in-process labels", file=sys.stderr)
                 return 1
         client.close()
-        print(f"\n{'clients':>7} {'requests/s':>11} {'p50 ms':>8} {'p95 ms':>8}")
+        direct_url = f"http://127.0.0.1:{server.triton_http}"  # Triton's own port, behind the front
+        print(f"\n{'clients':>7} {'requests/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'direct req/s':>13} "
+              f"{'front cost':>11}")
         for clients in (int(c) for c in args.clients.split(",")):
             wall, latencies = timed_requests(server.url, imgs, clients, args.requests)
             rows[clients] = args.requests / wall
+            direct = args.requests / timed_requests(direct_url, imgs, clients, args.requests)[0]
             q = statistics.quantiles(latencies, n=20)
             print(f"{clients:>7} {rows[clients]:>11.2f} {statistics.median(latencies) * 1e3:>8.0f} "
-                  f"{q[18] * 1e3:>8.0f}", flush=True)
+                  f"{q[18] * 1e3:>8.0f} {direct:>13.2f} {direct / rows[clients] - 1:>10.1%}", flush=True)
     print(f"{'in-process':>7} {in_process:>11.2f}   (Segmenter.segment, one image at a time)")
     print(f"ratio={rows.get(4, float('nan')) / in_process:.2f}")
     return 0
