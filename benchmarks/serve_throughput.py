@@ -27,7 +27,6 @@ Run (repository root)::
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -38,12 +37,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "tests" / "fixtures" / "cellpose3" / "tiny_cyto.pth"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def images(n: int, size: int) -> list[np.ndarray]:
@@ -75,7 +68,7 @@ def timed_requests(url: str, imgs: list[np.ndarray], clients: int, total: int) -
 def main(argv: list[str] | None = None) -> int:
     from selfadapt_deploy.api import Segmenter
     from selfadapt_deploy.serving.client import TritonHTTPClient
-    from selfadapt_deploy.serving.server import Ports, ServeSettings, TritonServer
+    from selfadapt_deploy.serving.server import Ports, ServeSettings, TritonServer, free_port
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))

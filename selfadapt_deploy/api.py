@@ -113,13 +113,13 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     total)`` as its blocks finish); ``("images", n)``; one ``("image", ImageResult)`` per image read
     whole (a failed image is a result, the others go on)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import TIFF_SUFFIXES, expand_inputs
+    from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
     from selfadapt_deploy.wsi import segment_slide
     from selfadapt_deploy.wsi.memory import choose
-    from selfadapt_deploy.wsi.slide import split_inputs
+    from selfadapt_deploy.wsi.slide import split_inputs, streamable
     from selfadapt_deploy.wsi.stream import StreamSettings, output_path
 
     if (model is None) == (runner is None):
@@ -136,8 +136,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     output_path(out, "x", out_format)  # a bad --out-format fails before any work
     # with dask the workers run the network (every TIFF and OME-Zarr streams): here the model only
     # describes itself (CPU), unless other files are read whole here
-    streams_all = all(f.is_dir() or f.name.lower().endswith(TIFF_SUFFIXES) for f in files)
-    dev = resolve_device("cpu" if dask and streams_all else device)
+    dev = resolve_device("cpu" if dask and all(map(streamable, files)) else device)
     resolve_integrator(params.integrator, dev)  # an unusable choice fails before any work
     torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
     if runner is None:

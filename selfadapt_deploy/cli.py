@@ -230,10 +230,10 @@ def _report_each(results: Iterator[ImageResult], files: int, doing: str, unit: s
         task = bar.add_task(doing, total=files)
         for result in results:
             counts[result.status] += 1
-            if result.note and result.note not in notes:
-                bar.console.print(f"[bold yellow]note:[/] {escape(f'{result.source}: {result.note}')}",
-                                  highlight=False, soft_wrap=True)
             if result.note:
+                if result.note not in notes:
+                    bar.console.print(f"[bold yellow]note:[/] {escape(f'{result.source}: {result.note}')}",
+                                      highlight=False, soft_wrap=True)
                 notes[result.note] = notes.get(result.note, 0) + 1
             if result.status == "failed":
                 bar.console.print(f"[bold red]error:[/] {escape(result.error)}", highlight=False,

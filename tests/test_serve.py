@@ -351,12 +351,8 @@ def test_stale_repositories_of_dead_servers_are_removed_and_live_ones_kept(tmp_p
 
 
 def _post(url: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    status, answer = _raw(url, json.dumps(body).encode())
+    return status, answer.decode()
 
 
 def test_a_clients_mistake_is_400_with_one_line_and_counted_as_refused(server):

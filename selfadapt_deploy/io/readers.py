@@ -233,11 +233,10 @@ def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, chan
         which = "it" if len(failed) == 1 else f"them ({len(failed)} of {len(files)} input files)"
         raise ImageReadError("\n".join(failed) + f"\nfix or remove {which}: every image given is "
                              "part of the set, none is skipped")
-    for note, sources in notes.items():
-        if report is not None:
-            n = len(sources) - 1
-            more = f" (and {n} more image{'s' * (n > 1)})" if n else ""
-            report(f"note: {sources[0]}{more}: {note}")
+    for note, sources in notes.items() if report is not None else ():
+        n = len(sources) - 1
+        more = f" (and {n} more image{'s' * (n > 1)})" if n else ""
+        report(f"note: {sources[0]}{more}: {note}")
     return images
 
 

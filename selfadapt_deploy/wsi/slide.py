@@ -144,6 +144,11 @@ def slide_info(slide: Slide) -> dict:
             "mtime_ns": stat.st_mtime_ns}
 
 
+def streamable(path: Path) -> bool:
+    """Whether ``path`` can stream block by block: a (Big)TIFF / OME-TIFF file or an OME-Zarr folder."""
+    return path.is_dir() or path.name.lower().endswith(TIFF_SUFFIXES)
+
+
 def split_inputs(paths: list[Path], series: int | None, decide: Callable[[int, int], StreamChoice]
                  ) -> tuple[list[Path], list[tuple[Path, int | None]], list[tuple[Path, StreamChoice]]]:
     """(files for the in-memory pipeline, (file, series) pairs to stream, (file, choice) for the
@@ -152,11 +157,11 @@ def split_inputs(paths: list[Path], series: int | None, decide: Callable[[int, i
     unreadable files go the in-memory way, which reports them."""
     in_memory, streamed, said = [], [], []
     for path in paths:
+        if not streamable(path):
+            in_memory.append(path)
+            continue
         if path.is_dir():
             streamed.append((path, None))
-            continue
-        if not path.name.lower().endswith(TIFF_SUFFIXES):
-            in_memory.append(path)
             continue
         try:
             with tifffile.TiffFile(path) as tif:
