@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -95,39 +96,23 @@ def score_run(run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]], val_
         recompute_batchnorm(net, bn_tiles)
         net.save(files[THETA0_BN])
     pool = PredictionPool(work / "pool", len(val_images))
-    rows = []
-    for name, path in files.items():
-        cache = work / "scores" / f"{name}.json"
-        if cache.is_file() and pool.has(name):
-            rows.append(json.loads(cache.read_text()))
-            continue
-        tic = time.perf_counter()
-        net = load_model(path, "cpu")
-        segs = segment_results(net, [im for im, _ in labelled], params)
-        seg_s = time.perf_counter() - tic
-        ap = pooled([average_precision(gt, s.masks) for (_, gt), s in zip(labelled, segs, strict=True)]).ap
-        if val_index is not None:  # the held-out images are labelled ones: their share of the time
-            val_segs = [segs[i] for i in val_index]
-            val_s = seg_s * sum(im.size for im in val_images) / sum(im.size for im, _ in labelled)
-        else:
-            t = time.perf_counter()
-            val_segs = segment_results(net, list(val_images), params)
-            val_s = time.perf_counter() - t
-        pool.add(name, val_segs)
-        iteration = int(name[5:]) if name.startswith("iter_") else None
-        row = {"candidate": name, "iteration": iteration, "ap50": float(ap[0]), "ap75": float(ap[1]),
-               "segment_val_s": val_s, **(signals[iteration] if iteration is not None else {})}
-        for rate in DROPOUT_RATES:
-            t = time.perf_counter()
-            row[f"dropout_err_{rate}"] = dropout_disagreement(net, val_images, [s.masks for s in val_segs],
-                                                              params, rate=rate)
-            row[f"dropout_s_{rate}"] = time.perf_counter() - t
-        row["dropout_err"] = row[f"dropout_err_{DROPOUT_RATE}"]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(row))
-        report(f"  {run.name} {name}: AP@0.5 {row['ap50']:.3f} AP@0.75 {row['ap75']:.3f} "
-               f"({time.perf_counter() - tic:.0f} s)")
-        rows.append(row)
+    scored: dict[str, Row] = {}
+    waiting = list(files)
+    while waiting:  # candidates another process has claimed are waited for, or taken over
+        elsewhere = []
+        for name in waiting:
+            cache = work / "scores" / f"{name}.json"
+            if cache.is_file() and pool.has(name):
+                scored[name] = json.loads(cache.read_text())
+            elif _claim(work / "claims" / name):
+                scored[name] = _score_candidate(name, files[name], run, labelled, val_images, params,
+                                                val_index, signals, pool, cache, report)
+            else:
+                elsewhere.append(name)
+        if elsewhere:
+            time.sleep(10)
+        waiting = elsewhere
+    rows = [scored[name] for name in files]
     net0 = load_model(files[THETA0], "cpu")
     spec = net0.spec
     for row in rows:  # the weight averages' flow error, from their held-out predictions
@@ -143,6 +128,63 @@ def score_run(run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]], val_
         kept = [r for r in snapshots(rows) if r["iteration"] <= end]
         score_consensus(kept, pool, mask_settings, f"{stop}-stop", consensus_members(kept, "snapshots"))
     return rows
+
+
+def _claim(marker: Path) -> bool:
+    """Whether this process may score a candidate: it created ``marker`` (its pid inside), or the
+    process that did has died (a killed run resumes). Lets two processes share one run's scoring."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(marker.read_text() or 0)
+            if pid == os.getpid():
+                return True
+            os.kill(pid, 0)
+            return False
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            marker.write_text(str(os.getpid()))  # its owner is gone (a race here scores twice: harmless)
+            return True
+        except PermissionError:
+            return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _score_candidate(name: str, path: Path, run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]],
+                     val_images: Sequence[np.ndarray], params: SegmentParams,
+                     val_index: Sequence[int] | None, signals: dict[int, dict], pool: PredictionPool,
+                     cache: Path, report: Callable[[str], None]) -> Row:
+    """One candidate's row: AP on the labels, its held-out predictions into ``pool``, dropout."""
+    tic = time.perf_counter()
+    net = load_model(path, "cpu")
+    segs = segment_results(net, [im for im, _ in labelled], params)
+    seg_s = time.perf_counter() - tic
+    ap = pooled([average_precision(gt, s.masks) for (_, gt), s in zip(labelled, segs, strict=True)]).ap
+    if val_index is not None:  # the held-out images are labelled ones: their share of the time
+        val_segs = [segs[i] for i in val_index]
+        val_s = seg_s * sum(im.size for im in val_images) / sum(im.size for im, _ in labelled)
+    else:
+        t = time.perf_counter()
+        val_segs = segment_results(net, list(val_images), params)
+        val_s = time.perf_counter() - t
+    pool.add(name, val_segs)
+    iteration = int(name[5:]) if name.startswith("iter_") else None
+    row = {"candidate": name, "iteration": iteration, "ap50": float(ap[0]), "ap75": float(ap[1]),
+           "segment_val_s": val_s, **(signals[iteration] if iteration is not None else {})}
+    for rate in DROPOUT_RATES:
+        t = time.perf_counter()
+        row[f"dropout_err_{rate}"] = dropout_disagreement(net, val_images, [s.masks for s in val_segs],
+                                                          params, rate=rate)
+        row[f"dropout_s_{rate}"] = time.perf_counter() - t
+    row["dropout_err"] = row[f"dropout_err_{DROPOUT_RATE}"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row))
+    report(f"  {run.name} {name}: AP@0.5 {row['ap50']:.3f} AP@0.75 {row['ap75']:.3f} "
+           f"({time.perf_counter() - tic:.0f} s)")
+    return row
 
 
 def _stop_end(rows: Sequence[Row], stop: str) -> int:

@@ -45,3 +45,24 @@ def test_selection_real_runs_end_to_end_on_a_small_real_set(tmp_path, capsys):
     assert printed[-1].startswith("ratio=")
     assert selection_real.main(["--load", str(curves)]) == 0  # re-scored without training
     assert capsys.readouterr().out.strip().splitlines()[-1] == printed[-1]
+
+
+def test_a_candidate_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_taken(tmp_path):
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from selection_common import _claim
+
+    mine = tmp_path / "claims" / "iter_000000"
+    assert _claim(mine) and _claim(mine)  # created here; still ours when asked again
+    assert mine.read_text() == str(os.getpid())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = tmp_path / "claims" / "iter_000015"
+        live.write_text(str(other.pid))
+        assert not _claim(live)  # the other process is scoring it
+    finally:
+        other.kill()
+        other.wait()
+    assert _claim(live) and live.read_text() == str(os.getpid())  # its scorer died: taken over
