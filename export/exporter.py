@@ -93,16 +93,18 @@ def export_model(model: str, out: Path, precision: str = "fp32", opset: int | No
                               "the GPU machine")
     net = load_model(model, "cpu")
     with atomic_dir(out, "--out") as staging:
-        manifest = _export_into(staging, net, str(model), precision, opset, max_batch, gpu,
+        manifest = export_into(staging, net, str(model), precision, opset, max_batch, gpu,
                                 validation_images(net, images), report, engines_from)
         (staging / MANIFEST).write_text(manifest.to_json())
     return manifest
 
 
-def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str, opset: int,
+def export_into(staging: Path, net: SegmentationNet, model: str, precision: str, opset: int,
                  max_batch: int, gpu: torch.device | None, images: list[np.ndarray],
-                 report: Callable[[str], None], engines_from: Path | None) -> Manifest:
-    """Write the weights, each graph (and engine when ``gpu``), validated; return the manifest."""
+                 report: Callable[[str], None], engines_from: Path | None,
+                 graphs: Sequence[GraphIO] = (MODEL_GRAPH, TEACHER_GRAPH)) -> Manifest:
+    """Write the weights, each of ``graphs`` (and its engine when ``gpu``), validated; return the
+    manifest."""
     net.save(staging / WEIGHTS_FILE)
     spec = net.spec
     manifest = Manifest(family=net.family, spec=spec.to_dict(), graph_channels=net.nchan,
@@ -110,7 +112,7 @@ def _export_into(staging: Path, net: SegmentationNet, model: str, precision: str
                         max_batch=max_batch, source={"model": model, "file": WEIGHTS_FILE,
                                                      "sha256": sha256_file(staging / WEIGHTS_FILE)},
                         versions=tool_versions())
-    for graph in (MODEL_GRAPH, TEACHER_GRAPH):
+    for graph in graphs:
         tiles = validation_batches(spec, graph, net.nchan, images)
         onnx_bytes = export_onnx(net, graph, precision, opset, manifest.core()).SerializeToString()
         validation = _validate_onnx(onnx_bytes, net, graph, precision, tiles)

@@ -22,8 +22,8 @@ import numpy as np
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import image_from_array, select_channels
 from selfadapt_deploy.io.writers import check_new_dir, label_dtype
+from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime.base import Runner
-from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.runtime.torch_runner import resolve_device
 from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
 
@@ -100,7 +100,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
                   stream: bool | None = None, block_size: int = 2048, halo: int = 0,
                   out_format: str = "tiff", resume: bool = False, dask: str | None = None,
                   block_progress: Callable[[Path, int, int], None] | None = None,
-                  **settings: Any) -> Iterator[tuple]:
+                  report: Callable[[str], None] | None = None, **settings: Any) -> Iterator[tuple]:
     """``sa-deploy segment``: label image files (and folders of them) into ``out``. Images that fit
     in memory go through the batched pipeline; larger ones (by :func:`wsi.memory.choose`; all with
     ``stream``, none with ``stream=False``; OME-Zarr always) stream block by block, on this machine
@@ -111,9 +111,10 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     ``("choice", path, StreamChoice)`` per image whose whole-or-streamed choice is worth saying; one
     ``("slide", path, summary | SaDeployError)`` per streamed slide (``block_progress(path, done,
     total)`` as its blocks finish); ``("images", n)``; one ``("image", ImageResult)`` per image read
-    whole (a failed image is a result, the others go on)."""
+    whole (a failed image is a result, the others go on). ``report`` is told, before it starts,
+    of a one-time export into the graph cache (``--runtime auto`` on the CPU)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs
+    from selfadapt_deploy.io.readers import expand_inputs, image_pixels
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
@@ -140,8 +141,13 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     resolve_integrator(params.integrator, dev)  # an unusable choice fails before any work
     torch_options = dict(compile=compile, attention=attention, compile_cache=compile_cache)
     if runner is None:
+        def job_mpx(spec) -> float | None:  # what the one-time export of --runtime auto weighs
+            pixels = [image_pixels(f, series) for f in files]
+            rescale = rescale_factor(spec, params.diameter)
+            return None if None in pixels else sum(pixels) * rescale**2 / 1e6
+
         runner = open_runner(model, runtime, dev, precision, onnx_provider=onnx_provider,
-                             **torch_options)
+                             job_mpx=job_mpx, report=report, **torch_options)
     the_runner, description = runner
     use_device_pipeline(params, the_runner.device)  # a bad --pipeline fails here too
     spec = the_runner.spec

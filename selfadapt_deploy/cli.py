@@ -153,6 +153,7 @@ def segment(
         channels=parse_channels(channels), channel_axis=channel_axis, series=series,
         save_flows=save_flows, overwrite=overwrite, stream=stream, block_size=block_size, halo=halo,
         out_format=out_format, resume=resume, dask=dask, block_progress=bars.update,
+        report=lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False),
         diameter=diameter or None, flow_threshold=flow_threshold,
         cellprob_threshold=cellprob_threshold, min_size=min_size, niter=niter or None,
         tile_overlap=tile_overlap, batch_size=batch_size, tta=tta, integrator=integrator,
@@ -327,8 +328,8 @@ def pseudo_label(
     from selfadapt_deploy.batch import process_files
     from selfadapt_deploy.io.readers import expand_inputs
     from selfadapt_deploy.io.writers import ensure_writable_dir
+    from selfadapt_deploy.runner_choice import open_runner
     from selfadapt_deploy.runtime import TEACHER_GRAPH, resolve_device
-    from selfadapt_deploy.runtime.select import open_runner
     from selfadapt_deploy.trainer.pseudo_label import (
         PSEUDO_SUFFIX,
         PseudoLabelParams,
@@ -392,12 +393,14 @@ def evaluate(
 
 # adaptation and serving commands live in cli_train and cli_serve (registered here, so
 # `sa-deploy --help` lists them all)
+from selfadapt_deploy.cli_cache import cache  # noqa: E402
 from selfadapt_deploy.cli_serve import serve  # noqa: E402
 from selfadapt_deploy.cli_train import adapt, demo  # noqa: E402
 
 app.command()(adapt)
 app.command()(demo)
 app.command()(serve)
+app.command()(cache)
 
 
 def _unwrapped(doc: str) -> str:

@@ -16,9 +16,13 @@ err_console = Console(stderr=True)
 # options shared by the commands that read images and run a model
 ImagesArg = Annotated[list[Path], typer.Argument(help="TIFF / OME-TIFF / PNG images, or folders of them.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda[:N]; a missing GPU is an error.")]
-RuntimeOpt = Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. onnx/tensorrt run an "
-                                         "export directory; auto: its TensorRT engine when it "
-                                         "matches this GPU, else onnxruntime; torch otherwise.")]
+RuntimeOpt = Annotated[str, typer.Option(help="auto, torch, onnx or tensorrt. An export directory: "
+                                         "auto takes its TensorRT engine when it matches this GPU, "
+                                         "else onnxruntime. Weights, a name or a run: torch on a "
+                                         "GPU; on the CPU auto (Cellpose 3 nets) and onnx export "
+                                         "it once into the graph cache (`sa-deploy cache list`) "
+                                         "and run onnxruntime, faster than torch there; auto keeps "
+                                         "torch for a job too small to repay the export.")]
 PrecisionOpt = Annotated[str, typer.Option(help="torch: auto (on CUDA bf16 for Cellpose-SAM as "
                                            "cellpose 4, fp16 for Cellpose 3 nets; fp32 on CPU), "
                                            "fp32, fp16 or bf16. onnx/tensorrt: the export's own.")]

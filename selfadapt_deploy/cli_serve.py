@@ -31,8 +31,8 @@ def serve(
 ):
     """Serve a model on a Triton Inference Server: `segment` (image → labels) and `network`
     (tiles → flows), with health, readiness and Prometheus metrics; SIGTERM stops it cleanly."""
+    from selfadapt_deploy.runner_choice import open_runner
     from selfadapt_deploy.runtime import resolve_device
-    from selfadapt_deploy.runtime.select import open_runner
     from selfadapt_deploy.serving.server import Ports, ServeSettings, TritonServer, serve_forever
 
     if min(max_batch, batch_size, instances, max_image_pixels) < 1:

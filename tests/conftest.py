@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# the graph cache (--runtime auto on the CPU exports plain weights once) of this test process
+# only, never the user's ~/.cache/sa-deploy (the CLI subprocesses of the tests inherit it); each
+# test starts with an empty one (`fresh_graph_cache`), so no test's runtime depends on another's
+os.environ["SA_DEPLOY_CACHE"] = tempfile.mkdtemp(prefix="sa-deploy-test-cache-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the two test workers: one thread each, so the
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):  # two share the cores
@@ -23,6 +29,11 @@ from .helpers import randomize_batchnorm
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bbbc047"
 FIXTURES = Path(__file__).parent / "fixtures" / "cellpose3"
+
+
+@pytest.fixture(autouse=True)
+def fresh_graph_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SA_DEPLOY_CACHE", str(tmp_path_factory.mktemp("graph-cache")))
 
 
 @pytest.fixture

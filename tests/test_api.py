@@ -42,7 +42,7 @@ def test_segmenter_labels_equal_what_segment_writes(tmp_path, exported_cyto, run
 def test_segmenter_channel_layouts_and_per_call_settings(trained_cpnet_path):
     img = cells(2)
     two = np.stack([img, img // 2])  # C×Y×X
-    with api.Segmenter(trained_cpnet_path, device="cpu") as seg:
+    with api.Segmenter(trained_cpnet_path, runtime="torch", device="cpu") as seg:
         np.testing.assert_array_equal(seg.segment(two, channels=[0]), seg.segment(img))
         np.testing.assert_array_equal(seg.segment(np.moveaxis(two, 0, -1), channels=[0]),
                                       seg.segment(img))
@@ -60,7 +60,7 @@ def test_segmenter_channel_layouts_and_per_call_settings(trained_cpnet_path):
     (lambda s: s.segment(np.zeros((4, 64, 64))), "choose them with --channels"),
 ])
 def test_segmenter_bad_input_is_one_error(trained_cpnet_path, call, message):
-    with api.Segmenter(trained_cpnet_path, device="cpu") as seg:
+    with api.Segmenter(trained_cpnet_path, runtime="torch", device="cpu") as seg:
         with pytest.raises(SaDeployError, match=message):
             call(seg)
         assert seg.segment(cells(3)).max() > 0  # still usable afterwards

@@ -15,7 +15,7 @@ from selfadapt_deploy.cli import app
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.export.bioimageio import write_bioimageio_package
 from selfadapt_deploy.io.normalize import normalize_image
-from selfadapt_deploy.runtime.select import open_runner
+from selfadapt_deploy.runner_choice import open_runner
 
 pytest.importorskip("bioimageio.spec", reason="the dev extra installs bioimageio.spec")
 

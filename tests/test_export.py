@@ -17,9 +17,9 @@ from selfadapt_deploy.export.exporter import _validate_onnx, export_model
 from selfadapt_deploy.manifest import MANIFEST, ONNX_METADATA_KEY, read_manifest
 from selfadapt_deploy.models import CPnet, ModelSpec, build_cpsam, load_model
 from selfadapt_deploy.models.cpdino import build_cpdino
+from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
-from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.trainer.teacher import teacher_predict
 
 from .helpers import randomize_batchnorm

@@ -13,9 +13,9 @@ from selfadapt_deploy.cli import app
 from selfadapt_deploy.errors import DeviceError
 from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models import load_model
+from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, OrtRunner, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
-from selfadapt_deploy.runtime.select import open_runner
 from selfadapt_deploy.synthetic import random_labels, render
 
 cli = CliRunner()
@@ -172,13 +172,14 @@ def test_auto_runtime_says_what_it_picked(tmp_path, exported_cyto):
            "TensorRT engine" in result.output.replace("\n", "")
 
 
-def test_runtime_onnx_needs_an_export_directory(tmp_path):
+def test_runtime_tensorrt_needs_an_export_directory(tmp_path, trained_cpnet_path):
     image = tmp_path / "a.tif"
     tifffile.imwrite(image, np.ones((32, 32), np.uint16))
-    result = cli.invoke(app, ["segment", str(image), "--model", "cyto3", "--runtime", "onnx",
-                              "--out", str(tmp_path / "o"), "--device", "cpu"])
+    result = cli.invoke(app, ["segment", str(image), "--model", str(trained_cpnet_path), "--runtime",
+                              "tensorrt", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert result.exit_code == 1
-    assert "create it with `sa-deploy export cyto3 --out DIR`" in result.output.replace("\n", "")
+    assert f"create it with `sa-deploy export {trained_cpnet_path} --out DIR --trt`" in \
+        result.output.replace("\n", "")
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from selfadapt_deploy.cli import app
 from selfadapt_deploy.errors import SaDeployError, ServeError
-from selfadapt_deploy.runtime.select import open_runner
+from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.serving.client import TritonHTTPClient
 from selfadapt_deploy.serving.server import Ports, ServeSettings, TritonServer, find_tritonserver
 from selfadapt_deploy.synthetic import random_labels, render

@@ -14,9 +14,9 @@ import torch
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.models import ModelSpec, load_model
+from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime import MODEL_GRAPH, TEACHER_GRAPH, TorchRunner
 from selfadapt_deploy.runtime.graphs import graph_module
-from selfadapt_deploy.runtime.select import open_runner
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 SPEC = ModelSpec(nchan=2, tile_size=224, fixed_tile=False, diam_mean=30.0, default_diameter=30.0)

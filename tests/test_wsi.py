@@ -328,7 +328,7 @@ def test_worker_plugin_opens_the_runner_once_on_the_workers_device(monkeypatch, 
     one opened slide per (file, series) however many blocks read it."""
     import tifffile
 
-    import selfadapt_deploy.runtime.select as select
+    import selfadapt_deploy.runner_choice as select
     import selfadapt_deploy.wsi.slide as slide_module
     from selfadapt_deploy.runtime import resolve_device
     from selfadapt_deploy.wsi.distributed import RunnerPlugin

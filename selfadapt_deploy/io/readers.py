@@ -127,6 +127,30 @@ def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
     return [Image(name=image_stem(path), source=path, data=_check_values(data, str(path)), note=note)]
 
 
+def image_pixels(path: Path, series: int | None = None) -> int | None:
+    """Y×X pixels the file holds (summed over the series that would be segmented), from its
+    header only; None when that cannot be told without reading it."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                picked = [tif.series[series]] if series is not None else tif.series
+                return sum(_yx_pixels(s.shape, s.axes) for s in picked) or None
+        if path.suffix.lower() in PLAIN_SUFFIXES:
+            from PIL import Image as PILImage
+
+            with PILImage.open(path) as im:
+                return im.width * im.height
+    except Exception:  # unreadable: the reader says why, later
+        return None
+    return None
+
+
+def _yx_pixels(shape: Sequence[int], axes: str) -> int:
+    if "Y" in axes and "X" in axes:
+        return shape[axes.index("Y")] * shape[axes.index("X")]
+    return int(np.prod(shape[-2:])) if len(shape) >= 2 else 0
+
+
 def image_from_array(arr: np.ndarray, channel_axis: int | None = None, where: str = "image") -> np.ndarray:
     """An in-memory Y×X, Y×X×C or C×Y×X array as C×Y×X, checked as a file's pixels are (the
     channel axis guessed as for files unless ``channel_axis`` says)."""

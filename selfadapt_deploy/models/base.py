@@ -76,6 +76,9 @@ class SegmentationNet(nn.Module, ABC):
     has_attention: ClassVar[bool] = False
     #: convolutions that gain from channels-last memory on CUDA at reduced precision
     channels_last_on_cuda: ClassVar[bool] = False
+    #: what ``--runtime auto`` runs a plain weights file in on the CPU: ``onnx`` (exported once
+    #: into the graph cache) where onnxruntime was measured faster than torch, else ``torch``
+    cpu_runtime: ClassVar[str] = "torch"
     #: adaptation defaults when the user gives none: ``lr``, ``l2sp``
     adapt_defaults: ClassVar[Mapping[str, float]]  # (a read-only mapping in each family)
     #: the offline demo's small network of this family

@@ -15,17 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfadapt_deploy.caches import cache_dir
 from selfadapt_deploy.errors import ArtifactError, DeviceError
 from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
-
-
-def ort_cache_dir() -> Path:
-    """Where the TensorRT execution provider keeps engines and timing caches."""
-    return Path.home() / ".cache" / "sa-deploy" / "ort-tensorrt"
 
 
 class OrtRunner(Runner):
@@ -63,7 +59,7 @@ class OrtRunner(Runner):
             options["user_compute_stream"] = str(self._stream.cuda_stream)
             options["use_tf32"] = 0  # on by default; an fp32 graph runs in fp32
         else:
-            cache = ort_cache_dir()
+            cache = cache_dir("ort-tensorrt")
             cache.mkdir(parents=True, exist_ok=True)
             options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))

@@ -10,11 +10,11 @@ batch reuses a compiled graph instead of compiling another) and a persistent com
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
+from selfadapt_deploy.caches import cache_dir
 from selfadapt_deploy.errors import DeviceError, SaDeployError
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
@@ -45,11 +45,6 @@ def resolve_precision(precision: str | None, device: torch.device | str,
     return precision
 
 
-def default_compile_cache() -> Path:
-    """Where compiled kernels persist across runs: $XDG_CACHE_HOME (or ~/.cache)/sa-deploy/torch-compile."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sa-deploy" / "torch-compile"
-
-
 def batch_bucket(n: int) -> int:
     """The compiled batch size that serves ``n`` tiles: the next power of two."""
     return 1 << (n - 1).bit_length()
@@ -62,7 +57,7 @@ class TorchRunner(Runner):
     ``attention``: ``sdpa`` routes Cellpose-SAM's attention through
     ``scaled_dot_product_attention`` (same function, equal to rounding); ``auto`` does so on CUDA
     and keeps cellpose's own code on the CPU. ``compile``: ``torch.compile`` of the graph, kernels
-    cached in ``compile_cache`` (default :func:`default_compile_cache`).
+    cached in ``compile_cache`` (default ``caches.cache_dir("torch-compile")``).
     """
 
     name = "torch"
@@ -90,7 +85,7 @@ class TorchRunner(Runner):
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         if self.compile:
-            cache = self.compile_cache or default_compile_cache()
+            cache = self.compile_cache or cache_dir("torch-compile")
             cache.mkdir(parents=True, exist_ok=True)
             self.compile_cache = cache
             module = torch.compile(module, dynamic=False)

@@ -162,7 +162,7 @@ class NetworkModel:
     batch per tile shape."""
 
     def initialize(self, args: dict) -> None:
-        from selfadapt_deploy.runtime.select import open_runner
+        from selfadapt_deploy.runner_choice import open_runner
         from selfadapt_deploy.runtime.torch_runner import resolve_device
 
         s = _settings(args)

@@ -42,7 +42,7 @@ class RunnerPlugin(_WorkerPlugin):
         self.slides: dict[tuple[str, int | None], object] = {}
 
     def setup(self, worker=None) -> None:
-        from selfadapt_deploy.runtime.select import open_runner
+        from selfadapt_deploy.runner_choice import open_runner
         from selfadapt_deploy.runtime.torch_runner import resolve_device
 
         args = dict(self.runner_args)  # the device is resolved here: "auto" means this worker's GPU

@@ -1,22 +1,28 @@
 """``--model`` + ``--runtime`` → a runner, and a line saying which one and why.
 
-A weights file, Cellpose name or adaptation run runs in torch. An export directory
-(``sa-deploy export``) runs in any runtime: ``torch`` (its ``model.pt``), ``onnx`` (its graphs,
-onnxruntime), ``tensorrt`` (its engines) or ``auto``: TensorRT when an engine matches this GPU
-and TensorRT version, else onnxruntime. Every artefact is checked against the manifest's sha256
-before use; an explicit choice that cannot run here is an error, never a quiet substitute.
+An export directory (``sa-deploy export``) runs in any runtime: ``torch`` (its ``model.pt``),
+``onnx`` (its graphs, onnxruntime), ``tensorrt`` (its engines) or ``auto``: TensorRT when an
+engine matches this GPU and TensorRT version, else onnxruntime. A weights file, Cellpose name or
+adaptation run runs in torch on a GPU; on the CPU ``auto`` takes its family's ``cpu_runtime``:
+for ``onnx`` the model is exported once into the graph cache (``export.graph_cache``) and run by
+onnxruntime — unless the job is too small for the one-time export to pay off
+(:data:`EXPORT_PAYS_OFF_MPX`); ``--runtime onnx`` exports it whatever the size. Every artefact is
+checked against its manifest's sha256 before use; an explicit choice that cannot run here is an
+error, never a quiet substitute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from selfadapt_deploy.caches import cache_dir
 from selfadapt_deploy.errors import ArtifactError, SaDeployError
 from selfadapt_deploy.manifest import Manifest, is_export_dir, open_export_dir, verified_file
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.models.base import ModelSpec, SegmentationNet
 from selfadapt_deploy.runtime.base import MODEL_GRAPH, GraphIO, Runner
 from selfadapt_deploy.runtime.graphs import check_precision
 from selfadapt_deploy.runtime.ort_runner import OrtRunner
@@ -24,13 +30,22 @@ from selfadapt_deploy.runtime.torch_runner import TorchRunner
 
 RUNTIMES = ("auto", "torch", "onnx", "tensorrt")
 ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+#: ``auto`` exports a model not yet in the graph cache when the job holds at least this many
+#: megapixels at the network's scale. Measured for the real Cellpose 3 net on 2 cores: the export
+#: takes ~15-20 s and onnxruntime saves ~6-8 s per megapixel over torch, so the export is repaid
+#: within the job from ~2.5 Mpx (two or three 1024² images at the model's own diameter)
+EXPORT_PAYS_OFF_MPX = 2.0
 
 
 def open_runner(model: str | Path, runtime: str = "auto", device: torch.device | str = "cpu",
                 precision: str | None = None, graph: GraphIO = MODEL_GRAPH,
-                onnx_provider: str = "auto", **torch_options) -> tuple[Runner, str]:
+                onnx_provider: str = "auto", job_mpx: Callable[[ModelSpec], float] | None = None,
+                report: Callable[[str], None] | None = None, **torch_options) -> tuple[Runner, str]:
     """An inactive runner for ``model`` on ``device`` and a one-line description of the choice
     ("<family> (diam_mean …, tile …); runtime: <runner> on <device>; <why>").
+
+    ``job_mpx(spec)``: the megapixels the job runs the network on (None: unknown, taken as large —
+    a server, the Python API); ``report`` is told when a graph is exported into the cache.
 
     ``precision`` None/``auto``: bf16 on CUDA and fp32 on the CPU for torch, the export's own
     for onnx / tensorrt. ``torch_options`` (``compile``, ``attention``, ``compile_cache``) go to
@@ -38,13 +53,15 @@ def open_runner(model: str | Path, runtime: str = "auto", device: torch.device |
     device = torch.device(device)
     precision = None if precision == "auto" else precision
     torch_options = {k: v for k, v in torch_options.items() if v is not None}
-    runner, family, how = _open(model, runtime, device, precision, graph, onnx_provider, torch_options)
+    runner, family, how = _open(model, runtime, device, precision, graph, onnx_provider, torch_options,
+                                job_mpx, report)
     s = runner.spec
     return runner, f"{family} (diam_mean {s.diam_mean:g}, tile {s.tile_size}); runtime: {how}"
 
 
 def _open(model: str | Path, runtime: str, device: torch.device, precision: str | None, graph: GraphIO,
-          onnx_provider: str, torch_options: dict) -> tuple[Runner, str, str]:
+          onnx_provider: str, torch_options: dict, job_mpx: Callable[[ModelSpec], float] | None,
+          report: Callable[[str], None] | None) -> tuple[Runner, str, str]:
     if runtime not in RUNTIMES:
         raise SaDeployError(f"--runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
     if precision is not None:
@@ -53,14 +70,24 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
         raise SaDeployError(f"--onnx-provider must be one of {', '.join(ONNX_PROVIDERS)}, got "
                             f"'{onnx_provider}'")
     path = Path(model)
+    cached = ""
     if not is_export_dir(path):
-        if runtime in ("onnx", "tensorrt"):
-            raise SaDeployError(f"--runtime {runtime} runs an export directory, and {model} is not one; "
-                                f"create it with `sa-deploy export {model} --out DIR`")
-        net = load_model(model, device)
-        runner = TorchRunner(net, device, precision, graph, **torch_options)
-        return runner, net.family, f"{runner.name} on {device}"
-    manifest = open_export_dir(path)  # every listed file checked, whichever runtime reads which
+        if runtime == "tensorrt":
+            raise SaDeployError(f"--runtime tensorrt runs an export directory's engines, and {model} "
+                                f"is not one; create it with `sa-deploy export {model} --out DIR --trt`")
+        net = load_model(model, "cpu")
+        onnx, why = _plain_weights_in_onnx(net, graph, runtime, device, precision, torch_options,
+                                          job_mpx)
+        if not onnx:
+            runner = TorchRunner(net.to(device), device, precision, graph, **torch_options)
+            return runner, net.family, f"{runner.name} on {device}" + (f"; {why}" if why else "")
+        from selfadapt_deploy.export.graph_cache import cached_graph
+
+        entry = cached_graph(net, str(model), graph, precision or "fp32", report=report)
+        path, runtime = entry.path, "onnx"
+        cached = (f"{why}; exported once into the graph cache ({entry.seconds:.0f} s)" if entry.made
+                  else f"{why}; cached graph {entry.path}")
+    manifest = open_export_dir(path)  # every listed file checked, whichever runtime then reads which
     if runtime == "torch":
         runner = TorchRunner(load_model(path, device), device, precision, graph, **torch_options)
         return runner, manifest.family, f"{runner.name} on {device} ({manifest.source['file']})"
@@ -76,7 +103,7 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
         runtime = "tensorrt" if engine_ok else "onnx"
         reason = f"auto: {why}"
     else:
-        reason = f"--runtime {runtime}"
+        reason = cached or f"--runtime {runtime}"
     if runtime == "tensorrt":
         from selfadapt_deploy.runtime.trt_runner import TrtRunner
 
@@ -90,6 +117,31 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
                            provider)
     how = f"{runner.name} ({artifact.file}, {artifact.precision}) on {device}; {reason}"
     return runner, manifest.family, how
+
+
+def _plain_weights_in_onnx(net: SegmentationNet, graph: GraphIO, runtime: str, device: torch.device,
+                           precision: str | None, torch_options: dict,
+                           job_mpx: Callable[[ModelSpec], float] | None) -> tuple[bool, str]:
+    """Whether a plain weights file runs in onnxruntime through the graph cache, and why (not)."""
+    if runtime == "onnx":
+        return True, "--runtime onnx"
+    if runtime == "torch" or device.type != "cpu":
+        return False, ""
+    if net.cpu_runtime != "onnx":
+        return False, f"auto: {net.family} runs in torch on the CPU"
+    if precision not in (None, "fp32") or torch_options.get("compile") or \
+            torch_options.get("attention", "auto") != "auto":
+        return False, "auto: torch options were given"
+    from selfadapt_deploy.export.graph_cache import cache_key, entry_name
+
+    if (cache_dir("graphs") / entry_name(cache_key(net, graph, "fp32"))).is_dir():
+        return True, "auto: onnxruntime is faster on the CPU"
+    mpx = job_mpx(net.spec) if job_mpx is not None else None
+    if mpx is not None and mpx < EXPORT_PAYS_OFF_MPX:
+        return False, (f"auto: {mpx:.1f} Mpx is below the {EXPORT_PAYS_OFF_MPX:g} Mpx at which "
+                       "the one-time ONNX export pays off (--runtime onnx exports it now; later "
+                       "runs then use the cached graph)")
+    return True, "auto: onnxruntime is faster on the CPU"
 
 
 def _artifact(path: Path, manifest: Manifest, graph: GraphIO, fmt: str):
