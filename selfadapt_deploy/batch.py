@@ -24,9 +24,12 @@ from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.segment import (
     Segmentation,
     SegmentParams,
+    masks_on_host,
+    predict_on_host,
     segment_image,
     segment_images,
     tiles_per_image,
+    use_device_pipeline,
 )
 
 MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
@@ -59,8 +62,9 @@ class SegmentJob:
 
 
 #: the work done on one image: (image, its data with the network's channels) → the count to report
-#: (masks for segment), having written the image's outputs atomically
-Work = Callable[[Image, np.ndarray], int]
+#: (masks for segment), having written the image's outputs atomically — or a future of it, when
+#: the work's last part goes on in the background while the next image starts
+Work = Callable[[Image, np.ndarray], "int | Future[int]"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,21 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
     With ``grouping``, consecutive small images go through ``grouping.work_many`` together."""
     claimed: set[str] = set()
     pending: list[tuple[Image, np.ndarray, bool]] = []
+    background: deque[tuple[Image, bool, Future]] = deque()  # at most one image, finishing
+
+    def settle() -> Iterator[ImageResult]:
+        """The image finishing in the background, waited for: results stay in input order."""
+        while background:
+            image, last, future = background.popleft()
+            yield _run_one(image, last, future.result, claimed)
+
+    def run_one(image: Image, data: np.ndarray, last: bool) -> Iterator[ImageResult]:
+        result = _run_one(image, last, lambda: work(image, data), claimed)  # the next image's
+        yield from settle()  # network ran while the previous one finished
+        if isinstance(result, Future):
+            background.append((image, last, result))
+        else:
+            yield result
 
     def flush() -> Iterator[ImageResult]:
         group, pending[:] = list(pending), []
@@ -93,27 +112,30 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
             except SaDeployError:  # one bad image: run them one by one to say which
                 pass
             else:
+                yield from settle()
                 for (image, _, last), count in zip(group, counts, strict=True):
                     yield ImageResult(image.source, image.name, "done", count, last_in_file=last,
                                       note=image.note)
                 return
         for image, data, last in group:
-            yield _run_one(image, data, last, work, claimed)
+            yield from run_one(image, data, last)
 
     with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
         for item in _todo(paths, runner, output, channels, overwrite, channel_axis, series, claimed):
             if isinstance(item, ImageResult):
                 yield from flush()
+                yield from settle()
                 yield item
                 continue
             if grouping is None or grouping.size(item[1]) >= grouping.capacity:
                 yield from flush()
-                yield _run_one(*item, work, claimed)
+                yield from run_one(*item)
                 continue
             pending.append(item)
             if sum(grouping.size(data) for _, data, _ in pending) >= grouping.capacity:
                 yield from flush()
         yield from flush()
+        yield from settle()
 
 
 def _todo(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path],
@@ -153,13 +175,17 @@ def _failed(image: Image, exc: SaDeployError, last: bool) -> ImageResult:
     return ImageResult(image.source, image.name, "failed", error=error, last_in_file=last)
 
 
-def _run_one(image: Image, data: np.ndarray, last: bool, work: Work, claimed: set[str]) -> ImageResult:
-    """``work`` on one image; a bad image becomes a failed result (and frees its output name)."""
+def _run_one(image: Image, last: bool, work: Callable[[], int | Future], claimed: set[str]
+             ) -> ImageResult | Future:
+    """``work()`` for one image: its result (a bad image becomes a failed result and frees its
+    output name), or the future of the part still running in the background."""
     try:
-        count = work(image, data)
+        count = work()
     except SaDeployError as exc:
         claimed.discard(image.name)
         return _failed(image, exc, last)
+    if isinstance(count, Future):
+        return count
     return ImageResult(image.source, image.name, "done", count, last_in_file=last, note=image.note)
 
 
@@ -191,7 +217,9 @@ def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | No
 
 def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
                   series: int | None = None) -> Iterator[ImageResult]:
-    """Segment every image in ``paths``; yield one result per image as it finishes."""
+    """Segment every image in ``paths``; yield one result per image as it finishes. On the host
+    pipeline an image's flows → masks and writing run on a thread of their own while the network
+    runs on the next image (same masks; at most one image in flight)."""
 
     def masks_path(name: str) -> Path:
         return job.out_dir / f"{name}{MASKS_SUFFIX}"
@@ -202,8 +230,11 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
         write_masks(masks_path(image.name), seg.masks)
         return int(seg.masks.max())
 
-    def segment(image: Image, data: np.ndarray) -> int:
-        return write(image, segment_image(job.runner, data, job.params, job.device))
+    def segment(image: Image, data: np.ndarray) -> int | Future[int]:
+        if use_device_pipeline(job.params, job.runner.device):
+            return write(image, segment_image(job.runner, data, job.params, job.device))
+        predicted = predict_on_host(job.runner, [data], job.params)
+        return finisher.submit(lambda: write(image, masks_on_host(predicted, job.params, job.device)[0]))
 
     def segment_many(items: list[tuple[Image, np.ndarray]]) -> list[int]:
         segs = segment_images(job.runner, [data for _, data in items], job.params, job.device)
@@ -214,8 +245,9 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
         return tiles_per_image(job.runner.spec, data.shape[1:], job.params)
 
     grouping = Grouping(segment_many, tiles, job.params.batch_size)
-    return process_files(paths, job.runner, masks_path, segment, job.channels, job.overwrite,
-                         channel_axis, series, grouping)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-deploy-masks") as finisher:
+        yield from process_files(paths, job.runner, masks_path, segment, job.channels, job.overwrite,
+                                 channel_axis, series, grouping)
 
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],

@@ -280,14 +280,23 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
     Consecutive small images share network batches (:func:`batch_chunks`). With the device
     pipeline (:func:`use_device_pipeline` on the runner's device) everything runs in
     :func:`segment_on_device`, and each result's network output stays on the device until read.
-    Otherwise the post-processing of images of one size runs as one batch on ``device`` — one
-    integrator call. Stage times of shared work are split equally among the images in ``timings``.
+    Otherwise :func:`predict_on_host` then :func:`masks_on_host` (which a caller may run on
+    another thread, overlapping the next image's network).
     """
-    chunks = batch_chunks(runner.spec, imgs, params)
     if use_device_pipeline(params, runner.device):
-        return [seg for chunk in chunks for seg in segment_on_device(runner, chunk, params)]
-    predicted = []  # (network output 3×Y×X on the host, mask settings, timings) per image
-    for chunk in chunks:
+        return [seg for chunk in batch_chunks(runner.spec, imgs, params)
+                for seg in segment_on_device(runner, chunk, params)]
+    return masks_on_host(predict_on_host(runner, imgs, params), params, device)
+
+
+#: one image's network output (3×Y×X on the host), its mask settings and its stage times
+Predicted = tuple[np.ndarray, MaskParams, dict]
+
+
+def predict_on_host(runner: Runner, imgs: list[np.ndarray], params: SegmentParams) -> list[Predicted]:
+    """Normalisation and the network, images batched as :func:`segment_images` says."""
+    predicted = []
+    for chunk in batch_chunks(runner.spec, imgs, params):
         t0 = time.perf_counter()
         xs = [normalize_image(img) if params.normalize else img.astype(np.float32) for img in chunk]
         t1 = time.perf_counter()
@@ -295,6 +304,13 @@ def segment_images(runner: Runner, imgs: list[np.ndarray], params: SegmentParams
         t2 = time.perf_counter()
         shared = {"normalize": (t1 - t0) / len(chunk), "network": (t2 - t1) / len(chunk)}
         predicted += [(y, mask_params(params, rescale), dict(shared)) for y in ys]
+    return predicted
+
+
+def masks_on_host(predicted: list[Predicted], params: SegmentParams,
+                  device: torch.device | str = "cpu") -> list[Segmentation]:
+    """Flows → masks of predicted images, the images of one size as one batch on ``device`` — one
+    integrator call. Stage times of shared work are split equally among the images."""
     groups: dict[tuple, list[int]] = {}
     for k, (y, settings, _) in enumerate(predicted):
         groups.setdefault((y.shape, settings), []).append(k)

@@ -74,6 +74,8 @@ class OrtRunner(Runner):
                               f"{', '.join(ort.get_available_providers())}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: provider problems are raised below
+        if self.provider == "cpu":  # the CPU threads torch uses (physical cores, OMP_NUM_THREADS,
+            options.intra_op_num_threads = torch.get_num_threads()  # or torch.set_num_threads)
         session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
                                        options, providers=[(wanted, self._provider_options())])
         if session.get_providers()[0] != wanted:
