@@ -27,7 +27,7 @@ import torch
 
 from selfadapt_deploy.caches import cache_dir
 from selfadapt_deploy.errors import ArtifactError, SaDeployError
-from selfadapt_deploy.manifest import MANIFEST, open_export_dir, read_manifest
+from selfadapt_deploy.manifest import MANIFEST, open_export_dir
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.runtime.base import GraphIO
 
@@ -61,6 +61,19 @@ def entry_name(key: dict) -> str:
 
 
 @dataclass(frozen=True)
+class GraphEntry:
+    key: dict  # what the name is the hash of
+    path: Path  # where the entry is, or would be made
+
+
+def graph_entry(net: SegmentationNet, graph: GraphIO, precision: str = "fp32",
+                root: Path | None = None) -> GraphEntry:
+    """Where ``net``'s ``graph`` at ``precision`` lives in the cache (hashing the weights once)."""
+    key = cache_key(net, graph, precision)
+    return GraphEntry(key, (Path(root) if root is not None else cache_dir("graphs")) / entry_name(key))
+
+
+@dataclass(frozen=True)
 class CachedGraph:
     path: Path  # the entry (an export directory)
     made: bool  # exported by this call (False: found in the cache)
@@ -68,12 +81,14 @@ class CachedGraph:
 
 
 def cached_graph(net: SegmentationNet, model: str, graph: GraphIO, precision: str = "fp32",
-                 root: Path | None = None, report: Callable[[str], None] | None = None) -> CachedGraph:
-    """The cache entry holding ``net``'s ``graph`` at ``precision``: found and checked, or exported
-    and validated now (``report`` is told before the export starts)."""
-    root = Path(root) if root is not None else cache_dir("graphs")
-    key = cache_key(net, graph, precision)
-    entry = root / entry_name(key)
+                 root: Path | None = None, report: Callable[[str], None] | None = None,
+                 where: GraphEntry | None = None) -> CachedGraph:
+    """The cache entry holding ``net``'s ``graph`` at ``precision`` (``where`` it is, when the caller
+    has it already): found and checked, or exported and validated now (``report`` is told before
+    the export starts)."""
+    where = where or graph_entry(net, graph, precision, root)
+    key, entry = where.key, where.path
+    root = entry.parent
     if _usable(entry, report):
         return CachedGraph(entry, False, 0.0)
     if report:
@@ -87,8 +102,7 @@ def cached_graph(net: SegmentationNet, model: str, graph: GraphIO, precision: st
         raise SaDeployError(f"{root}: cannot write the graph cache here ({exc.strerror}); set "
                             "SA_DEPLOY_CACHE to a writable folder or use --runtime torch") from exc
     try:
-        opset = opset_for(precision, None)
-        manifest = export_into(staging, net, model, precision, opset, 8, None, validation_images(net),
+        manifest = export_into(staging, net, model, precision, key["opset"], 8, None, validation_images(net),
                                lambda _: None, None, graphs=(graph,))
         (staging / MANIFEST).write_text(manifest.to_json())
         (staging / KEY_FILE).write_text(json.dumps(key, indent=1))
@@ -163,9 +177,3 @@ def clear(root: Path | None = None) -> tuple[int, int]:
     for e in entries:
         _remove(root / e.name)
     return len(entries), sum(e.bytes for e in entries)
-
-
-def describe(entry: Path) -> str:
-    """A short name of what an entry holds (for the runtime line)."""
-    manifest = read_manifest(entry)
-    return f"{manifest.family} {manifest.precision} opset {manifest.opset}"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from selfadapt_deploy.caches import cache_dir
 from selfadapt_deploy.errors import ArtifactError, SaDeployError
 from selfadapt_deploy.manifest import Manifest, is_export_dir, open_export_dir, verified_file
 from selfadapt_deploy.models import load_model
@@ -76,14 +75,14 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
             raise SaDeployError(f"--runtime tensorrt runs an export directory's engines, and {model} "
                                 f"is not one; create it with `sa-deploy export {model} --out DIR --trt`")
         net = load_model(model, "cpu")
-        onnx, why = _plain_weights_in_onnx(net, graph, runtime, device, precision, torch_options,
-                                          job_mpx)
+        onnx, why, where = _plain_weights_in_onnx(net, graph, runtime, device, precision, torch_options,
+                                                 job_mpx)
         if not onnx:
             runner = TorchRunner(net.to(device), device, precision, graph, **torch_options)
             return runner, net.family, f"{runner.name} on {device}" + (f"; {why}" if why else "")
         from selfadapt_deploy.export.graph_cache import cached_graph
 
-        entry = cached_graph(net, str(model), graph, precision or "fp32", report=report)
+        entry = cached_graph(net, str(model), graph, precision or "fp32", report=report, where=where)
         path, runtime = entry.path, "onnx"
         cached = (f"{why}; exported once into the graph cache ({entry.seconds:.0f} s)" if entry.made
                   else f"{why}; cached graph {entry.path}")
@@ -121,27 +120,30 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
 
 def _plain_weights_in_onnx(net: SegmentationNet, graph: GraphIO, runtime: str, device: torch.device,
                            precision: str | None, torch_options: dict,
-                           job_mpx: Callable[[ModelSpec], float] | None) -> tuple[bool, str]:
-    """Whether a plain weights file runs in onnxruntime through the graph cache, and why (not)."""
+                           job_mpx: Callable[[ModelSpec], float] | None):
+    """Whether a plain weights file runs in onnxruntime through the graph cache, why (not), and
+    its cache entry's place when ``auto`` looked it up (None otherwise)."""
     if runtime == "onnx":
-        return True, "--runtime onnx"
+        return True, "--runtime onnx", None
     if runtime == "torch" or device.type != "cpu":
-        return False, ""
+        return False, "", None
     if net.cpu_runtime != "onnx":
-        return False, f"auto: {net.family} runs in torch on the CPU"
+        return False, f"auto: {net.family} runs in torch on the CPU", None
     if precision not in (None, "fp32") or torch_options.get("compile") or \
             torch_options.get("attention", "auto") != "auto":
-        return False, "auto: torch options were given"
-    from selfadapt_deploy.export.graph_cache import cache_key, entry_name
+        return False, "auto: torch options were given", None
+    from selfadapt_deploy.export.graph_cache import graph_entry
 
-    if (cache_dir("graphs") / entry_name(cache_key(net, graph, "fp32"))).is_dir():
-        return True, "auto: onnxruntime is faster on the CPU"
+    where = graph_entry(net, graph, "fp32")
+    faster = "auto: onnxruntime is faster on the CPU"
+    if where.path.is_dir():
+        return True, faster, where
     mpx = job_mpx(net.spec) if job_mpx is not None else None
     if mpx is not None and mpx < EXPORT_PAYS_OFF_MPX:
         return False, (f"auto: {mpx:.1f} Mpx is below the {EXPORT_PAYS_OFF_MPX:g} Mpx at which "
                        "the one-time ONNX export pays off (--runtime onnx exports it now; later "
-                       "runs then use the cached graph)")
-    return True, "auto: onnxruntime is faster on the CPU"
+                       "runs then use the cached graph)"), None
+    return True, faster, where
 
 
 def _artifact(path: Path, manifest: Manifest, graph: GraphIO, fmt: str):
