@@ -24,9 +24,12 @@ What is measured
     flow following, mask assembly, flow QC, clean-up; "other" is the rest (start-up, imports,
     reading, writing).
 
-    The two label sets are compared image by image (pooled AP@0.5 and AP@0.75 of ours against
-    cellpose's as the reference); the script exits with status 2 when AP@0.5 agreement is below
-    0.99.
+    The label sets are compared image by image (pooled AP@0.5 and AP@0.75 of ours against the
+    reference): against cellpose 3's masks, and against cellpose 4.2's ``compute_masks`` run on
+    cellpose 3's own flows (kept by the untimed warm-up run) — the post-processing sa-deploy
+    follows; cellpose 3's CPU flow following interpolates differently from its GPU path and from
+    cellpose 4, and that pair's agreement is printed too. The script exits with status 2 when
+    AP@0.5 agreement with cellpose 4.2's masks is below 0.99.
 
 Output: per set the processes' seconds, the ratio, the agreement, and the stage table; last
 line ``ratio=<cellpose s ÷ sa-deploy s, all sets, Cellpose 3 model>``.
@@ -102,10 +105,15 @@ def child_cellpose3(job: dict) -> dict:
         channels = [job["channels"][0] + 1, 0] if job["channels"] else [0, 0]
         for path in job["images"]:
             image = tifffile.imread(path)
-            masks = model.eval(image, diameter=job["diameter"], channels=channels,
-                               channel_axis=-1 if image.ndim == 3 else None)[0]
+            masks, flows, _ = model.eval(image, diameter=job["diameter"], channels=channels,
+                                         channel_axis=-1 if image.ndim == 3 else None)
             name = Path(path).name.split(".")[0]
             tifffile.imwrite(Path(job["out"]) / f"{name}_masks.tif", masks.astype("uint32"))
+            if job.get("flows"):  # the untimed warm-up run keeps its flows for the parent
+                import numpy as np
+
+                np.savez(Path(job["flows"]) / f"{name}.npz", dP=flows[1], cellprob=flows[2],
+                         niter=200 * job["diameter"] / model.diam_mean)  # eval's niter
     return clock.seconds
 
 
@@ -148,6 +156,26 @@ def agreement(ours: Path, reference: Path, images: list[str]) -> tuple[float, fl
     return float(ap[0]), float(ap[1])
 
 
+def cellpose4_masks(flows: Path, out: Path, images: list[str]) -> None:
+    """cellpose 4.2's ``compute_masks`` on cellpose 3's own flows, written as label images: the
+    masks cellpose 3's network gives under cellpose 4.2's post-processing, which sa-deploy follows.
+    (On the CPU cellpose 3 follows flows with its own bilinear ``map_coordinates``; on a GPU, and in
+    cellpose 4, with ``grid_sample``, which samples a fraction of a pixel apart, so cellpose 3's CPU
+    masks differ from cellpose's GPU and 4.x masks by a few cells per image.)"""
+    import numpy as np
+    import tifffile
+    from cellpose import dynamics
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        name = Path(path).name.split(".")[0]
+        f = np.load(flows / f"{name}.npz")
+        masks = dynamics.compute_masks(f["dP"], f["cellprob"], niter=int(f["niter"]), cellprob_threshold=0.0,
+                                       flow_threshold=0.4, min_size=15, max_size_fraction=0.4)
+        masks = masks[0] if isinstance(masks, tuple) else masks
+        tifffile.imwrite(out / f"{name}_masks.tif", masks.astype("uint32"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", nargs="*", type=Path)
@@ -172,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"channels {job['channels'] or 'grey'}", flush=True)
             first, _, said_first = run_child(sys.executable, "ours", {**job, "out": str(work / "first")},
                                              cache)
-            run_child(args.cellpose3, "cellpose3", {**job, "out": str(work / "warm")})  # file cache
+            flows = work / "cellpose3_flows"
+            flows.mkdir(exist_ok=True)
+            run_child(args.cellpose3, "cellpose3", {**job, "out": str(work / "warm"), "flows": str(flows)})
+            cellpose4_masks(flows, work / "cellpose4", job["images"])
             times: dict[str, list[float]] = {"cellpose": [], "ours": []}
             stages: dict[str, list[dict]] = {"cellpose": [], "ours": []}
             for r in range(args.repeats):
@@ -183,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     stages[who].append(st)
             med = {w: statistics.median(t) for w, t in times.items()}
             ap50, ap75 = agreement(work / "ours0", work / "cellpose0", job["images"])
-            worst = min(worst, ap50)
+            same50, same75 = agreement(work / "ours0", work / "cellpose4", job["images"])
+            cp50, _ = agreement(work / "cellpose4", work / "cellpose0", job["images"])
+            worst = min(worst, same50)
             for w in total:
                 total[w] += med[w]
             runs = {w: ", ".join(f"{t:.1f}" for t in ts) for w, ts in times.items()}
@@ -191,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{med['ours']:.1f} s ({runs['ours']})   ratio {med['cellpose'] / med['ours']:.2f}")
             print(f"  sa-deploy first use (empty graph cache): {first:.1f} s (ratio "
                   f"{med['cellpose'] / first:.2f})\n    {said_first}\n  then:\n    {said}")
-            print(f"  masks: AP@0.5 {ap50:.4f}, AP@0.75 {ap75:.4f} (sa-deploy against cellpose 3)")
+            print(f"  masks: AP@0.5 {ap50:.4f}, AP@0.75 {ap75:.4f} (sa-deploy against cellpose 3); "
+                  f"{same50:.4f}, {same75:.4f} against cellpose 4.2's masks from cellpose 3's flows "
+                  f"(cellpose 4.2 against cellpose 3 on the same flows: AP@0.5 {cp50:.4f})")
             print(f"  {'stage (median s)':<18} {'cellpose 3':>10} {'sa-deploy':>10}")
             names = list(dict.fromkeys([*stages["cellpose"][0], *stages["ours"][0]]))
             for name in [*names, "other"]:
@@ -202,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(statistics.median(values))
                 print(f"  {name:<18} {cells[0]:>10.2f} {cells[1]:>10.2f}")
     print(f"\nall sets: cellpose 3 {total['cellpose']:.1f} s, sa-deploy {total['ours']:.1f} s; worst "
-          f"AP@0.5 agreement {worst:.4f}")
+          f"AP@0.5 agreement with cellpose's masks from cellpose 3's flows {worst:.4f}")
     print(f"ratio={total['cellpose'] / total['ours']:.2f}")
     return 0 if worst >= MIN_AGREEMENT else 2
 
