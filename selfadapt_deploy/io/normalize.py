@@ -1,4 +1,5 @@
-"""Per-channel percentile normalisation, as cellpose 4.2's ``normalize_img`` (defaults)."""
+"""Per-channel percentile normalisation, as cellpose 4.2's ``normalize_img`` (defaults), of
+images and of whole stacks."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ DOWNSAMPLE_ABOVE = 224**3  # cellpose computes percentiles on a strided subsampl
 
 
 def subsample_steps(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """cellpose's strided subsample for percentiles: every (n // 224)-th element per axis above
-    224³ pixels, every element below."""
+    """cellpose's strided subsample for percentiles: above 224³ pixels every (n // 224)-th element
+    per axis — along Z of a Z×Y×X channel every (Z // 50)-th plane —, every element below."""
     if int(np.prod(shape)) <= DOWNSAMPLE_ABOVE:
         return tuple(1 for _ in shape)
-    return tuple(max(1, n // 224) for n in shape)
+    steps = [max(1, n // 224) for n in shape]
+    if len(shape) == 3:
+        steps[0] = max(1, shape[0] // 50)
+    return tuple(steps)
 
 
 def percentiles(sample: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float]:
@@ -45,6 +49,16 @@ def normalize_image(img: np.ndarray, lower: float = 1.0, upper: float = 99.0) ->
     for c in range(img.shape[0]):
         if np.ptp(img[c]) > 0:
             out[c] = normalize_channel(img[c], lower, upper)
+    return out
+
+
+def normalize_volume(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """Z×C×Y×X stack → float32, each channel normalised by percentiles of the whole stack (cellpose's
+    ``norm3D``, its default for stitched and 3-D segmentation); constant channels become 0."""
+    out = np.zeros(volume.shape, np.float32)
+    for c in range(volume.shape[1]):
+        if np.ptp(volume[:, c]) > 0:
+            out[:, c] = normalize_channel(volume[:, c], lower, upper)
     return out
 
 

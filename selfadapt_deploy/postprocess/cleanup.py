@@ -18,21 +18,25 @@ def remove_small_masks(masks: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def fill_holes_and_remove_small(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
-    """As cellpose's ``fill_holes_and_remove_small_masks``: size filter, fill holes, size filter.
+    """As cellpose's ``fill_holes_and_remove_small_masks``: size filter, fill holes, size filter;
+    Y×X or Z×Y×X labels (sizes in pixels or voxels).
 
     A hole is any region of a mask's bounding box that the box border cannot reach without
-    crossing the mask; it is given to the mask (even where another, enclosed mask lay). One numba
-    call fills every mask, in label order like cellpose's loop.
+    crossing the mask (4-connected in 2-D, 6-connected in 3-D); it is given to the mask (even where
+    another, enclosed mask lay). One numba call fills every mask, in label order like cellpose's loop.
     """
-    from selfadapt_deploy.postprocess.numba_kernels import fill_holes
+    from selfadapt_deploy.postprocess.numba_kernels import fill_holes, fill_holes_3d
 
     masks = np.array(masks, order="C")  # a copy: the caller's array is left alone
     if min_size > 0:
         masks = remove_small_masks(masks, min_size)  # also relabels 1..K
-    elif len(fastremap.unique(masks)) - 1 < masks.max():
-        fastremap.renumber(masks, in_place=True)  # gaps: one box per label needs labels 1..K
+    else:  # gaps: one box per label needs labels 1..K, kept in label order (cellpose's loop)
+        present = fastremap.unique(masks)
+        if len(present) - 1 < masks.max():
+            masks = np.searchsorted(present, masks).astype(masks.dtype) if present[0] == 0 else \
+                (np.searchsorted(present, masks) + 1).astype(masks.dtype)
     if masks.max() > 0:
-        fill_holes(masks, mask_boxes(masks))
+        (fill_holes_3d if masks.ndim == 3 else fill_holes)(masks, mask_boxes(masks))
     if min_size > 0:
         masks = remove_small_masks(masks, min_size)
     return masks

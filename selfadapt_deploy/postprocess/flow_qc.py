@@ -20,11 +20,13 @@ NEIGHBOURS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """K×4 int64 bounding boxes (y0, y1, x0, x1) of labels 1..K (labels must have no gaps)."""
+    """K×2D int64 bounding boxes of labels 1..K, start and stop per axis — (y0, y1, x0, x1) in 2-D,
+    (z0, z1, y0, y1, x0, x1) in 3-D (labels must have no gaps)."""
     slices = ndimage.find_objects(masks)
     if any(s is None for s in slices):
         raise ValueError("masks must be labelled 1..K without gaps (renumber them first)")
-    return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in slices], np.int64)
+    return np.array([[b for axis in s for b in (axis.start, axis.stop)] for s in slices],
+                    np.int64).reshape(len(slices), 2 * masks.ndim)
 
 
 def diffusion_steps(boxes: np.ndarray) -> int:

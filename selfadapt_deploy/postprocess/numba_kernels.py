@@ -225,3 +225,40 @@ def fill_holes(masks: np.ndarray, boxes: np.ndarray) -> None:
             for x in range(hx):
                 if not reached[y, x]:
                     masks[y0 + y, x0 + x] = label
+
+
+@numba.njit(**_NUMBA_OPTS)
+def fill_holes_3d(masks: np.ndarray, boxes: np.ndarray) -> None:
+    """:func:`fill_holes` for Z×Y×X labels: the box's faces seed a 6-connected flood of the pixels
+    outside the mask (``fill_voids.fill`` in 3-D, as cellpose); what it cannot reach is the mask's."""
+    for k in range(boxes.shape[0]):
+        label = k + 1
+        z0, y0, x0 = boxes[k, 0], boxes[k, 2], boxes[k, 4]
+        hz, hy, hx = boxes[k, 1] - z0, boxes[k, 3] - y0, boxes[k, 5] - x0
+        reached = np.zeros((hz, hy, hx), np.bool_)
+        stack = np.empty(hz * hy * hx, np.int64)
+        top = 0
+        for z in range(hz):
+            for y in range(hy):
+                for x in range(hx):
+                    face = z == 0 or z == hz - 1 or y == 0 or y == hy - 1 or x == 0 or x == hx - 1
+                    if face and masks[z0 + z, y0 + y, x0 + x] != label:
+                        reached[z, y, x] = True
+                        stack[top] = (z * hy + y) * hx + x
+                        top += 1
+        while top > 0:
+            top -= 1
+            i = stack[top]
+            z, y, x = i // (hy * hx), (i // hx) % hy, i % hx
+            for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
+                zz, yy, xx = z + dz, y + dy, x + dx
+                if (0 <= zz < hz and 0 <= yy < hy and 0 <= xx < hx and not reached[zz, yy, xx]
+                        and masks[z0 + zz, y0 + yy, x0 + xx] != label):
+                    reached[zz, yy, xx] = True
+                    stack[top] = (zz * hy + yy) * hx + xx
+                    top += 1
+        for z in range(hz):
+            for y in range(hy):
+                for x in range(hx):
+                    if not reached[z, y, x]:
+                        masks[z0 + z, y0 + y, x0 + x] = label

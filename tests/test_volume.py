@@ -1,0 +1,136 @@
+"""Z-stacks: stitching, 3-D clean-up and stack normalisation against cellpose 4.2's own functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.io.normalize import normalize_volume
+from selfadapt_deploy.models import load_model
+from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
+from selfadapt_deploy.postprocess.stitch import PlaneStitcher, stitch_planes
+from selfadapt_deploy.runtime import TorchRunner
+from selfadapt_deploy.segment import SegmentParams
+from selfadapt_deploy.synthetic import random_volume_labels, render_volume
+from selfadapt_deploy.volume import segment_stitched
+
+from .helpers import cellpose4_model
+
+
+def plane_labels(seed: int, z: int = 10, shape: tuple[int, int] = (80, 96)) -> np.ndarray:
+    """Per-plane label images (each 1..N) of drifting, merging discs, with empty planes."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((z, *shape), np.uint16)
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    centres = rng.uniform(0, 1, (14, 2)) * shape
+    for k in range(z):
+        if rng.random() < 0.15:
+            continue  # an empty plane: cellpose's bookkeeping around it is part of the contract
+        lab = np.zeros(shape, np.int32)
+        centres += rng.normal(0, 3, centres.shape)
+        for c, (cy, cx) in enumerate(centres[: rng.integers(0, 15)]):
+            lab[(yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(3, 13) ** 2] = c + 1
+        if rng.random() < 0.3:
+            lab = ndimage.label(lab > 0)[0]  # touching discs merge: one mask, new shapes
+        present = np.unique(lab)
+        lookup = np.zeros(lab.max() + 1, np.int32)
+        lookup[present] = np.arange(len(present))
+        out[k] = lookup[lab]
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.25, 0.5, 0.9])
+def test_stitching_equals_cellpose_stitch3d(threshold):
+    from cellpose.utils import stitch3D
+
+    linked = 0
+    for seed in range(25):
+        planes = plane_labels(seed)
+        ours = stitch_planes(planes, threshold)
+        reference = stitch3D(planes.copy(), stitch_threshold=threshold)
+        np.testing.assert_array_equal(ours, reference.astype(np.int64))
+        linked += int(len(np.unique(ours)) - 1 < sum(int(p.max()) for p in planes))
+    assert linked > (10 if threshold <= 0.5 else 0)  # masks were linked across planes
+
+
+def test_stitcher_streams_planes_one_at_a_time():
+    planes = plane_labels(3)
+    stitcher = PlaneStitcher(0.25)
+    streamed = [stitcher.add(p) for p in planes]
+    np.testing.assert_array_equal(np.stack(streamed), stitch_planes(planes, 0.25))
+    assert stitcher.previous is streamed[-1]  # all it keeps: the last plane
+
+
+def test_3d_clean_up_equals_cellpose_fill_holes_and_remove_small_masks():
+    from cellpose.utils import fill_holes_and_remove_small_masks
+
+    masks = stitch_planes(plane_labels(7, z=12), 0.25).astype(np.uint16)
+    hollow = np.zeros((9, 20, 20), np.uint16)
+    hollow[1:8, 2:18, 2:18] = 1
+    hollow[3:6, 6:14, 6:14] = 0  # a closed cavity: filled in 3-D
+    hollow[1:5, 15:17, 3:5] = 0  # a shaft from the box's top face: a 2-D hole in plane 4, not a 3-D one
+    cases = [masks, hollow, np.pad(masks, ((0, 0), (0, 0), (0, 0))) * (masks != 3)]
+    for case in cases:
+        for min_size in (0, 15, 200):
+            ours = fill_holes_and_remove_small(case, min_size)
+            np.testing.assert_array_equal(ours, fill_holes_and_remove_small_masks(case.copy(), min_size))
+    filled = fill_holes_and_remove_small(hollow, 0)
+    assert filled[4, 9, 9] == 1 and filled[4, 15, 3] == 0
+
+
+def test_stack_normalisation_equals_cellpose_norm3d():
+    from cellpose.transforms import normalize_img
+
+    rng = np.random.default_rng(0)
+    for shape in [(6, 2, 40, 50), (60, 1, 300, 700)]:  # the second is above 224³: subsampled
+        stack = rng.gamma(2.0, 100.0, shape).astype(np.uint16)
+        reference = normalize_img(stack.transpose(0, 2, 3, 1).astype(np.float32), norm3D=True)
+        np.testing.assert_array_equal(normalize_volume(stack), reference.transpose(0, 3, 1, 2))
+
+
+def cellpose_stitched(net, stack_zcyx, params: SegmentParams, threshold: float) -> np.ndarray:
+    """cellpose 4.2's ``eval(stitch_threshold=…)`` on a Z×C×Y×X stack, with ``net`` as its network."""
+    diameter = 30.0 * (params.diameter or net.default_diameter) / net.diam_mean
+    masks, _, _ = cellpose4_model(net).eval(
+        stack_zcyx.transpose(0, 2, 3, 1).copy(), channel_axis=-1, z_axis=0, diameter=diameter,
+        bsize=net.tile_size, stitch_threshold=threshold, flow_threshold=params.flow_threshold,
+        cellprob_threshold=params.cellprob_threshold, min_size=params.min_size)
+    return masks
+
+
+def test_stitched_stack_equals_cellpose_eval(trained_cpnet_path):
+    net = load_model(trained_cpnet_path)
+    labels = random_volume_labels((6, 240, 232), 60, radius=(11, 16), anisotropy=2.0, seed=2)
+    gray = render_volume(labels, seed=2, z_blur=1.0)
+    stack = np.stack([gray, np.zeros_like(gray)], axis=1)[:, : net.nchan]
+    params = SegmentParams()
+    with TorchRunner(net) as runner:
+        ours = segment_stitched(runner, stack, params, 0.25)
+    reference = cellpose_stitched(net, stack, params, 0.25)
+    assert reference.max() > 20 and ours.shape == labels.shape
+    assert (ours > 0).any(axis=(1, 2)).all()
+    np.testing.assert_array_equal(ours, reference)
+    # linked: most 3-D masks span several planes
+    spans = [len(np.unique(np.nonzero(ours == k)[0])) for k in range(1, int(ours.max()) + 1)]
+    assert np.median(spans) >= 2
+
+
+def test_stitched_stack_of_a_random_vit_equals_cellpose_eval(tiny_cpsam):
+    """Hundreds of small masks per plane (QC and size filter off) stress the linking."""
+    labels = random_volume_labels((4, 100, 110), 20, radius=(8, 12), seed=4)
+    gray = render_volume(labels, seed=4)
+    stack = np.stack([gray, 0.5 * gray, np.zeros_like(gray)], axis=1)
+    params = SegmentParams(cellprob_threshold=-0.5, flow_threshold=0.0, min_size=0)
+    with TorchRunner(tiny_cpsam) as runner:
+        ours = segment_stitched(runner, stack, params, 0.1)
+    reference = cellpose_stitched(tiny_cpsam, stack, params, 0.1)
+    assert reference.max() > 50
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_stitch_threshold_outside_its_range_is_refused(tiny_cpsam):
+    stack = np.zeros((2, 3, 32, 32), np.float32)
+    with TorchRunner(tiny_cpsam) as runner, pytest.raises(SaDeployError, match="stitch-threshold"):
+        segment_stitched(runner, stack, SegmentParams(), 0.0)
