@@ -91,6 +91,23 @@ class Segmenter:
         return self.segment_many([image], channels, channel_axis, **settings)[0].masks
 
 
+def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: int | None,
+                        save_flows: bool) -> None:
+    """The Z-stack options make sense together, before any work."""
+    from selfadapt_deploy.volume import check_stitch_threshold
+
+    if stitch_threshold:
+        check_stitch_threshold(stitch_threshold)
+        if planes:
+            raise SaDeployError("--stitch-threshold links the planes of a stack and --planes keeps "
+                                "them apart; choose one")
+        if save_flows:
+            raise SaDeployError("--save-flows is not written for stitched Z-stacks; drop one of them")
+    elif z_axis is not None and not planes:
+        raise SaDeployError(f"--z-axis {z_axis} names the Z axis of stacks, but no stack mode is "
+                            "given: add --stitch-threshold T (planes linked in 3-D) or --planes")
+
+
 def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str | Path | None = None,
                   runner: tuple[Runner, str] | None = None, device: str = "auto",
                   runtime: str = "auto", precision: str = "auto", onnx_provider: str = "auto",
@@ -99,7 +116,10 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
                   series: int | None = None, save_flows: bool = False, overwrite: bool = False,
                   stream: bool | None = None, block_size: int = 2048, halo: int = 0,
                   out_format: str = "tiff", resume: bool = False, dask: str | None = None,
+                  stitch_threshold: float | None = None, planes: bool = False,
+                  z_axis: int | None = None,
                   block_progress: Callable[[Path, int, int], None] | None = None,
+                  stack_progress: Callable[[Path, int, int], None] | None = None,
                   report: Callable[[str], None] | None = None, **settings: Any) -> Iterator[tuple]:
     """``sa-deploy segment``: label image files (and folders of them) into ``out``. Images that fit
     in memory go through the batched pipeline; larger ones (by :func:`wsi.memory.choose`; all with
@@ -112,9 +132,12 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     ``("slide", path, summary | SaDeployError)`` per streamed slide (``block_progress(path, done,
     total)`` as its blocks finish); ``("images", n)``; one ``("image", ImageResult)`` per image read
     whole (a failed image is a result, the others go on). ``report`` is told, before it starts,
-    of a one-time export into the graph cache (``--runtime auto`` on the CPU)."""
+    of a one-time export into the graph cache (``--runtime auto`` on the CPU). Z-stacks (a Z axis
+    in the file, or ``z_axis``) are refused unless ``stitch_threshold`` links their planes' masks
+    into 3-D labels (cellpose's ``stitch_threshold``) or ``planes`` segments each plane as its own
+    image; stacks are read whole (``stack_progress(path, planes done, planes)`` as they go)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs, image_pixels
+    from selfadapt_deploy.io.readers import expand_inputs, has_z_axis, image_pixels
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
@@ -129,6 +152,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
         raise SaDeployError("--triton runs the network on one server; drop --dask")
     if dask is not None and stream is False:
         raise SaDeployError("--dask streams every image's blocks to its workers; drop --no-stream")
+    check_stack_options(stitch_threshold, planes, z_axis, save_flows)
     out = Path(out)
     params = Segmenter._params(SegmentParams(), settings)
     picked = list(channels) if channels is not None else None
@@ -153,8 +177,15 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     spec = the_runner.spec
     mode = "stream" if stream or dask is not None else "whole" if stream is False else "auto"
     rescale = rescale_factor(spec, params.diameter)
+    stacks = [f for f in files
+              if (stitch_threshold or planes) and (z_axis is not None or has_z_axis(f, series))]
+    if stacks and stream:
+        raise SaDeployError(f"--stream streams 2-D slides, but {stacks[0]} is a Z-stack (read whole, "
+                            "plane by plane); drop --stream")
     in_memory, slides, choices = split_inputs(
-        files, series, lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
+        [f for f in files if f not in stacks], series,
+        lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
+    in_memory = [f for f in files if f in stacks or f in in_memory]  # input order kept
     if slides and channel_axis is not None:  # the block reader takes axes from the file only
         raise SaDeployError(f"--channel-axis applies to images read whole, but {slides[0][0]} "
                             "streams block by block, with the axes its own metadata records; drop "
@@ -181,8 +212,9 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
             yield "slide", path, summary
         yield "images", len(in_memory)
         if in_memory:
-            job = SegmentJob(the_runner, out, params, dev, picked, save_flows, overwrite)
-            for result in segment_files(in_memory, job, channel_axis, series):
+            job = SegmentJob(the_runner, out, params, dev, picked, save_flows, overwrite,
+                             stitch_threshold, z_axis, planes)
+            for result in segment_files(in_memory, job, channel_axis, series, stack_progress):
                 yield "image", result
     finally:
         the_runner.deactivate()

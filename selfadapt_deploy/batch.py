@@ -31,6 +31,7 @@ from selfadapt_deploy.segment import (
     tiles_per_image,
     use_device_pipeline,
 )
+from selfadapt_deploy.volume import segment_stitched
 
 MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
 
@@ -59,6 +60,14 @@ class SegmentJob:
     channels: Sequence[int] | None = None
     save_flows: bool = False
     overwrite: bool = False
+    stitch_threshold: float | None = None  # Z-stacks: planes linked at this IoU (volume.py)
+    z_axis: int | None = None
+    planes: bool = False  # Z-stacks: each plane its own 2-D image
+
+    @property
+    def stack_mode(self) -> str:
+        """How files with a Z axis are read (:data:`io.readers.STACK_MODES`)."""
+        return "volume" if self.stitch_threshold else "planes" if self.planes else "refuse"
 
 
 #: the work done on one image: (image, its data with the network's channels) → the count to report
@@ -81,11 +90,14 @@ class Grouping:
 def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path], work: Work,
                   channels: Sequence[int] | None = None, overwrite: bool = False,
                   channel_axis: int | None = None, series: int | None = None,
-                  grouping: Grouping | None = None) -> Iterator[ImageResult]:
+                  grouping: Grouping | None = None, z_axis: int | None = None,
+                  stack: str = "refuse") -> Iterator[ImageResult]:
     """Run ``work`` on every image in ``paths`` (each series of multi-series files) with ``runner``
     active; yield one result per image, in input order, as it finishes. ``output(name)`` is the
     file whose presence means the image is done: it is skipped (resume) unless ``overwrite``.
-    With ``grouping``, consecutive small images go through ``grouping.work_many`` together."""
+    With ``grouping``, consecutive small images go through ``grouping.work_many`` together.
+    ``z_axis``, ``stack``: how files with a Z axis are read (:func:`io.readers.read_images`); a
+    Z-stack's data is Z×C×Y×X and always runs alone."""
     claimed: set[str] = set()
     pending: list[tuple[Image, np.ndarray, bool]] = []
     background: deque[tuple[Image, bool, Future]] = deque()  # at most one image, finishing
@@ -121,13 +133,14 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
             yield from run_one(image, data, last)
 
     with contextlib.nullcontext() if runner.is_active else runner:  # the caller's, or ours
-        for item in _todo(paths, runner, output, channels, overwrite, channel_axis, series, claimed):
+        for item in _todo(paths, runner, output, channels, overwrite, (channel_axis, series, z_axis, stack),
+                          claimed):
             if isinstance(item, ImageResult):
                 yield from flush()
                 yield from settle()
                 yield item
                 continue
-            if grouping is None or grouping.size(item[1]) >= grouping.capacity:
+            if grouping is None or item[1].ndim == 4 or grouping.size(item[1]) >= grouping.capacity:
                 yield from flush()
                 yield from run_one(*item)
                 continue
@@ -139,11 +152,12 @@ def process_files(paths: Sequence[Path], runner: Runner, output: Callable[[str],
 
 
 def _todo(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path],
-          channels: Sequence[int] | None, overwrite: bool, channel_axis: int | None,
-          series: int | None, claimed: set[str]) -> Iterator[ImageResult | tuple[Image, np.ndarray, bool]]:
+          channels: Sequence[int] | None, overwrite: bool, reading: tuple, claimed: set[str]
+          ) -> Iterator[ImageResult | tuple[Image, np.ndarray, bool]]:
     """Each image in turn: a finished result (unreadable, skipped, name clash, bad channels), or
-    (image, its data with the network's channels, last series of its file) to work on."""
-    for path, read in read_ahead(paths, channel_axis, series):
+    (image, its data with the network's channels, last series of its file) to work on.
+    ``reading``: :func:`read_ahead`'s (channel_axis, series, z_axis, stack)."""
+    for path, read in read_ahead(paths, *reading):
         try:
             images = read.result()
         except ImageReadError as exc:
@@ -160,14 +174,23 @@ def _todo(paths: Sequence[Path], runner: Runner, output: Callable[[str], Path],
                 yield ImageResult(image.source, image.name, "skipped", last_in_file=last)
             else:
                 try:
-                    spec = runner.spec  # Cellpose 3 nets take exactly nchan channels: pad with zeros
-                    data = select_channels(image.data, channels, spec.nchan, str(image.source),
-                                           pad=not spec.fewer_channels_ok)
+                    data = network_channels(image.data, runner, channels, str(image.source))
                 except SaDeployError as exc:
                     yield _failed(image, exc, last)
                     continue
                 claimed.add(image.name)
                 yield image, data, last
+
+
+def network_channels(data: np.ndarray, runner: Runner, channels: Sequence[int] | None,
+                     where: str) -> np.ndarray:
+    """An image's (C×Y×X) or a stack's (Z×C×Y×X, each plane) channels as the network takes them:
+    Cellpose 3 nets take exactly nchan channels, missing ones zero-padded."""
+    spec = runner.spec
+    if data.ndim == 4:
+        return np.stack([select_channels(plane, channels, spec.nchan, where, pad=not spec.fewer_channels_ok)
+                         for plane in data])
+    return select_channels(data, channels, spec.nchan, where, pad=not spec.fewer_channels_ok)
 
 
 def _failed(image: Image, exc: SaDeployError, last: bool) -> ImageResult:
@@ -193,6 +216,7 @@ READ_AHEAD = 2  # files read (decoded) in a background thread while the current 
 
 
 def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | None,
+               z_axis: int | None = None, stack: str = "refuse",
                depth: int = READ_AHEAD) -> Iterator[tuple[Path, Future]]:
     """(path, future of its images) in order, the next ``depth`` files read by a reader thread
     meanwhile, so decoding TIFFs overlaps the network and post-processing (which release the
@@ -205,7 +229,7 @@ def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | No
             path = next(upcoming, None)
             if path is not None:
                 pending.append((path, pool.submit(read_images, path, channel_axis=channel_axis,
-                                                  series=series)))
+                                                  series=series, z_axis=z_axis, stack=stack)))
 
         for _ in range(depth):
             submit_next()
@@ -216,10 +240,13 @@ def read_ahead(paths: Sequence[Path], channel_axis: int | None, series: int | No
 
 
 def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | None = None,
-                  series: int | None = None) -> Iterator[ImageResult]:
+                  series: int | None = None,
+                  stack_progress: Callable[[Path, int, int], None] | None = None) -> Iterator[ImageResult]:
     """Segment every image in ``paths``; yield one result per image as it finishes. On the host
     pipeline an image's flows → masks and writing run on a thread of their own while the network
-    runs on the next image (same masks; at most one image in flight)."""
+    runs on the next image (same masks; at most one image in flight). A Z-stack (with
+    ``job.stitch_threshold``) is segmented plane by plane and linked, ``stack_progress(path, planes
+    done, planes)`` told as its planes finish."""
 
     def masks_path(name: str) -> Path:
         return job.out_dir / f"{name}{MASKS_SUFFIX}"
@@ -231,6 +258,15 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
         return int(seg.masks.max())
 
     def segment(image: Image, data: np.ndarray) -> int | Future[int]:
+        if data.ndim == 4:  # a Z-stack, planes linked (--stitch-threshold)
+            def progress(done: int, total: int) -> None:
+                if stack_progress is not None:
+                    stack_progress(image.source, done, total)
+
+            masks = segment_stitched(job.runner, data, job.params, job.stitch_threshold, job.device,
+                                     progress)
+            write_masks(masks_path(image.name), masks)
+            return int(masks.max())
         if use_device_pipeline(job.params, job.runner.device):
             return write(image, segment_image(job.runner, data, job.params, job.device))
         predicted = predict_on_host(job.runner, [data], job.params)
@@ -247,7 +283,7 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
     grouping = Grouping(segment_many, tiles, job.params.batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-deploy-masks") as finisher:
         yield from process_files(paths, job.runner, masks_path, segment, job.channels, job.overwrite,
-                                 channel_axis, series, grouping)
+                                 channel_axis, series, grouping, job.z_axis, job.stack_mode)
 
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],

@@ -37,6 +37,7 @@ from selfadapt_deploy.cli_options import (
     PrecisionOpt,
     RuntimeOpt,
     SeriesOpt,
+    ZAxisOpt,
     console,
     err_console,
     fail,
@@ -115,6 +116,13 @@ def segment(
     channels: ChannelsOpt = None,
     channel_axis: ChannelAxisOpt = None,
     series: SeriesOpt = None,
+    stitch_threshold: Annotated[float, typer.Option(help="Z-stacks: segment every plane in 2-D and "
+                                                    "link masks of adjacent planes whose IoU is at "
+                                                    "least this (cellpose's stitch_threshold), "
+                                                    "writing one ZYX label stack; 0 = off.")] = 0.0,
+    planes: Annotated[bool, typer.Option(help="Z-stacks: segment each plane as its own 2-D image "
+                                         "(<stem>_zNNN_masks.tif).")] = False,
+    z_axis: ZAxisOpt = None,
     save_flows: Annotated[bool, typer.Option(help="Also write <stem>_flows.tif (dY, dX, "
                                              "cellprob).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Recompute images whose masks exist (default: "
@@ -152,7 +160,8 @@ def segment(
         onnx_provider=onnx_provider, compile=compile, attention=attention, compile_cache=compile_cache,
         channels=parse_channels(channels), channel_axis=channel_axis, series=series,
         save_flows=save_flows, overwrite=overwrite, stream=stream, block_size=block_size, halo=halo,
-        out_format=out_format, resume=resume, dask=dask, block_progress=bars.update,
+        out_format=out_format, resume=resume, dask=dask, stitch_threshold=stitch_threshold or None,
+        planes=planes, z_axis=z_axis, block_progress=bars.update,
         report=lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False),
         diameter=diameter or None, flow_threshold=flow_threshold,
         cellprob_threshold=cellprob_threshold, min_size=min_size, niter=niter or None,

@@ -4,8 +4,9 @@ cellpose 4.2's ``eval(stitch_threshold=T)`` on a Z×C×Y×X stack, step for step
 normalised as a whole (``norm3D``), every plane goes through the 2-D pipeline with the size filter
 off (holes are still filled per plane), the planes' labels are linked by IoU ≥ T
 (``postprocess.stitch``), then holes are filled and masks under ``min_size`` voxels dropped in 3-D.
-Planes go through the network in groups that fill one batch, and only one group's network outputs
-are held at a time: the stack and its labels are the only volume-sized arrays.
+Planes are normalised (by the stack's percentiles) and go through the network in groups that fill
+one batch, so only one group's float planes and network outputs are held at a time: the stack as
+read and its labels are the only volume-sized arrays.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.normalize import normalize_volume
+from selfadapt_deploy.io.normalize import normalize_plane, stack_percentiles
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.stitch import PlaneStitcher
 from selfadapt_deploy.runtime.base import Runner
@@ -45,16 +46,19 @@ def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, 
     if volume.ndim != 4:
         raise SaDeployError(f"a stack for stitching is Z×C×Y×X, got shape {volume.shape}")
     z = volume.shape[0]
-    stack = normalize_volume(volume) if params.normalize else volume.astype(np.float32)
+    bounds = stack_percentiles(volume) if params.normalize else None
+
+    def plane(k: int) -> np.ndarray:  # normalised one at a time: no float copy of the stack
+        return normalize_plane(volume[k], bounds) if bounds is not None else volume[k].astype(np.float32)
+
     if z == 1:  # one plane: cellpose segments it as a 2-D image (nothing to link)
-        only = segment_images(runner, [stack[0]], replace(params, normalize=False), device)[0]
-        return only.masks[None]
+        return segment_images(runner, [plane(0)], replace(params, normalize=False), device)[0].masks[None]
     plane_params = replace(params, normalize=False, min_size=0)  # cellpose: min_size −1 per plane
     stitcher = PlaneStitcher(threshold)
     labels = np.zeros((z, *volume.shape[2:]), np.uint32)
     group = planes_per_group(runner, volume.shape[2:], params)
     for start in range(0, z, group):
-        planes = list(stack[start:start + group])
+        planes = [plane(k) for k in range(start, min(start + group, z))]
         for k, seg in enumerate(segment_images(runner, planes, plane_params, device)):
             labels[start + k] = stitcher.add(seg.masks)
         if progress is not None:

@@ -126,7 +126,7 @@ def test_files_are_read_ahead_in_a_reader_thread_in_order(monkeypatch):
 
     started: list[tuple[str, str]] = []
 
-    def fake_read(path, channel_axis=None, series=None):
+    def fake_read(path, channel_axis=None, series=None, **stack_options):
         started.append((str(path), threading.current_thread().name))
         return [str(path)]
 

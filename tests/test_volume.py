@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
 
 from selfadapt_deploy.errors import SaDeployError
@@ -134,3 +137,107 @@ def test_stitch_threshold_outside_its_range_is_refused(tiny_cpsam):
     stack = np.zeros((2, 3, 32, 32), np.float32)
     with TorchRunner(tiny_cpsam) as runner, pytest.raises(SaDeployError, match="stitch-threshold"):
         segment_stitched(runner, stack, SegmentParams(), 0.0)
+
+
+# ---- the command line: Z-stacks refused without a mode, stitched, or split into planes ----------
+@pytest.fixture
+def stack_file(tmp_path) -> tuple[Path, np.ndarray]:
+    """A ZCYX OME-TIFF of generated cells (uint16) and its Z×C×Y×X pixels."""
+    labels = random_volume_labels((5, 240, 232), 60, radius=(11, 16), anisotropy=2.0, seed=3)
+    gray = (render_volume(labels, seed=3) * 1000).astype(np.uint16)
+    stack = np.stack([gray, np.zeros_like(gray)], axis=1)
+    path = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(path, stack, metadata={"axes": "ZCYX"}, ome=True)
+    return path, stack
+
+
+def test_a_z_stack_without_a_mode_is_refused_naming_both(tmp_path, stack_file, trained_cpnet_path):
+    out = tmp_path / "out"
+    result = cli(["segment", str(stack_file[0]), "--model", str(trained_cpnet_path), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "Z axis of 5 planes" in result.output and "--stitch-threshold" in result.output
+    assert "--planes" in result.output
+    assert not list(out.glob("*.tif"))
+
+
+def test_segment_stitches_a_stack_as_the_library_does(tmp_path, stack_file, trained_cpnet_path):
+    path, stack = stack_file
+    out = tmp_path / "out"
+    result = cli(["segment", str(path), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--stitch-threshold", "0.25", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(out / "stack_masks.tif") as tif:
+        written, axes = tif.asarray(), tif.series[0].axes
+    assert axes == "ZYX" and written.shape == (5, 240, 232)
+    with TorchRunner(load_model(trained_cpnet_path)) as runner:
+        expected = segment_stitched(runner, stack, SegmentParams(), 0.25)
+    np.testing.assert_array_equal(written, expected)
+    assert expected.max() > 20
+
+
+def test_segment_planes_writes_one_image_per_plane(tmp_path, stack_file, trained_cpnet_path):
+    path = stack_file[0]
+    out = tmp_path / "out"
+    result = cli(["segment", str(path), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--planes", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*_masks.tif")) == [f"stack_z{k:03d}_masks.tif" for k in range(5)]
+    assert tifffile.imread(out / "stack_z002_masks.tif").ndim == 2
+
+
+def test_a_stack_without_axes_needs_z_axis(tmp_path, stack_file, trained_cpnet_path):
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, stack_file[1][:, 0])  # Z×Y×X, no axes recorded
+    args = ["segment", str(plain), "--model", str(trained_cpnet_path), "--runtime", "torch"]
+    refused = cli([*args, "--out", str(tmp_path / "a"), "--stitch-threshold", "0.25"])
+    assert refused.exit_code == 1 and "--z-axis" in refused.output
+    done = cli([*args, "--out", str(tmp_path / "b"), "--stitch-threshold", "0.25", "--z-axis", "0"])
+    assert done.exit_code == 0, done.output
+    assert tifffile.imread(tmp_path / "b" / "plain_masks.tif").shape == (5, 240, 232)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--z-axis", "0"], "no stack mode"),
+    (["--stitch-threshold", "0.3", "--planes"], "choose one"),
+    (["--stitch-threshold", "1.5"], "stitch-threshold must be"),
+    (["--stitch-threshold", "0.3", "--save-flows"], "save-flows"),
+])
+def test_stack_options_that_do_not_fit_are_one_error(tmp_path, stack_file, trained_cpnet_path, extra,
+                                                    message):
+    out = tmp_path / "out"
+    result = cli(["segment", str(stack_file[0]), "--model", str(trained_cpnet_path), "--out", str(out),
+                  *extra])
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists() or not list(out.iterdir())
+
+
+def cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from selfadapt_deploy.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("axes, layout", [("ZCYX", (0, 1, 2, 3)), ("CZYX", (1, 0, 2, 3))])
+@pytest.mark.parametrize("how", ["ome", "imagej"])
+def test_the_z_axis_is_read_from_ome_or_imagej_metadata(tmp_path, axes, layout, how):
+    from selfadapt_deploy.errors import ImageReadError
+    from selfadapt_deploy.io.readers import has_z_axis, read_images
+
+    stack = np.random.default_rng(0).integers(0, 999, (4, 2, 30, 40)).astype(np.uint16)
+    path = tmp_path / "s.ome.tif"
+    if how == "imagej":
+        if axes != "ZCYX":
+            pytest.skip("ImageJ hyperstacks are always TZCYXS")
+        tifffile.imwrite(path, stack, imagej=True, metadata={"axes": axes})
+    else:
+        tifffile.imwrite(path, stack.transpose(layout), metadata={"axes": axes}, ome=True)
+    assert has_z_axis(path)
+    with pytest.raises(ImageReadError, match="Z axis of 4 planes"):
+        read_images(path)
+    (volume,) = read_images(path, stack="volume")
+    np.testing.assert_array_equal(volume.data, stack)
+    planes = read_images(path, stack="planes")
+    assert [p.name for p in planes] == [f"s_z{k:03d}" for k in range(4)]
+    np.testing.assert_array_equal(planes[2].data, stack[2])

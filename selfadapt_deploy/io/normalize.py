@@ -52,14 +52,35 @@ def normalize_image(img: np.ndarray, lower: float = 1.0, upper: float = 99.0) ->
     return out
 
 
-def normalize_volume(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
-    """Z×C×Y×X stack → float32, each channel normalised by percentiles of the whole stack (cellpose's
-    ``norm3D``, its default for stitched and 3-D segmentation); constant channels become 0."""
-    out = np.zeros(volume.shape, np.float32)
+def stack_percentiles(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0
+                      ) -> list[tuple[float, float] | None]:
+    """Per channel of a Z×C×Y×X stack, the (p_lower, p_upper) of the whole stack (cellpose's
+    ``norm3D``, its default for stitched and 3-D segmentation), None for a constant channel."""
+    out: list[tuple[float, float] | None] = []
     for c in range(volume.shape[1]):
-        if np.ptp(volume[:, c]) > 0:
-            out[:, c] = normalize_channel(volume[:, c], lower, upper)
+        channel = volume[:, c]
+        if np.ptp(channel) > 0:
+            sample = channel[tuple(slice(None, None, step) for step in subsample_steps(channel.shape))]
+            out.append(percentiles(sample.astype(np.float32), lower, upper))
+        else:
+            out.append(None)
     return out
+
+
+def normalize_plane(plane: np.ndarray, bounds: list[tuple[float, float] | None]) -> np.ndarray:
+    """One C×Y×X plane of a stack normalised by :func:`stack_percentiles` — the same float32
+    arithmetic as normalising the stack at once, without a float copy of the stack."""
+    out = np.zeros(plane.shape, np.float32)
+    for c, bound in enumerate(bounds):
+        if bound is not None:
+            out[c] = apply_percentiles(plane[c].astype(np.float32), *bound)
+    return out
+
+
+def normalize_volume(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+    """Z×C×Y×X stack → float32, each channel normalised by percentiles of the whole stack."""
+    bounds = stack_percentiles(volume, lower, upper)
+    return np.stack([normalize_plane(plane, bounds) for plane in volume])
 
 
 def _percentile_torch(sample: torch.Tensor, q: float) -> torch.Tensor:

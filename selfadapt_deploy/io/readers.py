@@ -1,4 +1,5 @@
-"""Read 2-D images (TIFF / OME-TIFF incl. multi-series, PNG/JPEG) into C×Y×X arrays."""
+"""Read images (TIFF / OME-TIFF incl. multi-series, PNG/JPEG) into C×Y×X arrays, and Z-stacks into
+Z×C×Y×X arrays (or their planes) when a stack mode asks for them."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CHANNEL_LETTERS = "CS"  # tifffile's axes: C = channel, S = sample (RGB)
 STACK_LETTERS = "ZT"  # axes that make an image 3-D / a time series
 MAX_GUESSED_CHANNELS = 8
+#: what a file with a Z axis becomes: refused (no stack mode given), its planes as 2-D images
+#: (``--planes``), or one Z×C×Y×X stack (``--stitch-threshold``)
+STACK_MODES = ("refuse", "planes", "volume")
+STACK_MODES_HINT = ("segment it as a volume with --stitch-threshold T (every plane in 2-D, masks "
+                    "of adjacent planes linked at IoU ≥ T, as cellpose's stitch_threshold) or each "
+                    "plane as its own image with --planes")
 
 
 @dataclass(frozen=True)
 class Image:
-    """One 2-D image: ``data`` is C×Y×X in the file's dtype; ``name`` is the output stem."""
+    """One 2-D image (``data`` C×Y×X) or Z-stack (Z×C×Y×X) in the file's dtype; ``name`` is the
+    output stem."""
 
     name: str
     source: Path
@@ -50,11 +58,15 @@ def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) ->
     keep = [i for i, n in enumerate(arr.shape) if n > 1 or (channel_axis is not None and i == 0)]
     arr = arr.reshape([arr.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
+    if "Z" in axes and arr.ndim > 2:
+        raise ImageReadError(f"{where}: has a Z axis of {arr.shape[axes.index('Z')]} planes (shape "
+                             f"{arr.shape}, axes {axes}); {STACK_MODES_HINT}")
     for letter in STACK_LETTERS:
         if letter in axes and arr.ndim > 2:
             n = arr.shape[axes.index(letter)]
             raise ImageReadError(f"{where}: has a {letter} axis of {n} planes (shape {arr.shape}, "
-                                 f"axes {axes}); sa-deploy segments 2-D images — extract planes first")
+                                 f"axes {axes}); sa-deploy segments 2-D images and Z-stacks — "
+                                 "extract the planes first")
     if arr.ndim == 2:
         return arr[None], ""
     if arr.ndim != 3:
@@ -76,6 +88,37 @@ def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) ->
                          "pass --channel-axis")
 
 
+def _z_index(arr: np.ndarray, axes: str, z_axis: int | None, where: str) -> int | None:
+    """The array's Z axis: ``--z-axis``, else the file's own ``Z`` of more than one plane; None
+    for an image without one."""
+    if z_axis is not None:
+        if arr.ndim < 3:
+            raise ImageReadError(f"{where}: is a 2-D image (shape {arr.shape}); --z-axis names the "
+                                 "Z axis of stacks")
+        if not -arr.ndim <= z_axis < arr.ndim:
+            raise ImageReadError(f"{where}: --z-axis {z_axis} is out of range for an image of shape "
+                                 f"{arr.shape}")
+        return z_axis % arr.ndim
+    if "Z" in axes and arr.shape[axes.index("Z")] > 1:
+        return axes.index("Z")
+    return None
+
+
+def _to_zcyx(arr: np.ndarray, axes: str, z: int, channel_axis: int | None, where: str
+             ) -> tuple[np.ndarray, str]:
+    """A stack with its Z axis at ``z`` → Z×C×Y×X, each plane read as :func:`_to_cyx` reads an image
+    (``channel_axis`` counts the file's axes, Z included)."""
+    plane_channel = None
+    if channel_axis is not None:
+        if not -arr.ndim <= channel_axis < arr.ndim or channel_axis % arr.ndim == z:
+            raise ImageReadError(f"{where}: --channel-axis {channel_axis} is out of range or is the Z "
+                                 f"axis ({z}) of an image of shape {arr.shape}")
+        plane_channel = channel_axis % arr.ndim - (channel_axis % arr.ndim > z)
+    arr, rest = np.moveaxis(arr, z, 0), axes[:z] + axes[z + 1:]
+    planes = [_to_cyx(plane, rest, plane_channel, where) for plane in arr]
+    return np.stack([data for data, _ in planes]), planes[0][1]
+
+
 def _check_values(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -88,7 +131,8 @@ def _check_values(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
-def _read_tiff(path: Path, channel_axis: int | None, series: int | None) -> list[Image]:
+def _read_tiff(path: Path, channel_axis: int | None, series: int | None, z_axis: int | None = None,
+               stack: str = "refuse") -> list[Image]:
     try:
         with tifffile.TiffFile(path) as tif:
             all_series = tif.series
@@ -107,10 +151,25 @@ def _read_tiff(path: Path, channel_axis: int | None, series: int | None) -> list
     images = []
     for i, arr, axes in arrays:
         where = f"{path} (series {i})" if multi else str(path)
-        data, note = _to_cyx(arr, axes, channel_axis, where)
         name = f"{image_stem(path)}_s{i}" if multi and series is None else image_stem(path)
-        images.append(Image(name=name, source=path, data=_check_values(data, where),
-                            series=i if multi else None, note=note))
+        z = _z_index(arr, axes, z_axis, where) if stack != "refuse" else None
+        if z is None:
+            data, note = _to_cyx(arr, axes, channel_axis, where)
+            if note and stack != "refuse":  # a stack mode, and no axis says Z or channels
+                raise ImageReadError(f"{where}: shape {arr.shape} has no axis marked as Z or as "
+                                     "channels; pass --z-axis for a Z-stack (e.g. --z-axis 0), or "
+                                     "--channel-axis for a 2-D image with channels")
+            images.append(Image(name=name, source=path, data=_check_values(data, where),
+                                series=i if multi else None, note=note))
+            continue
+        data, note = _to_zcyx(arr, axes, z, channel_axis, where)
+        data = _check_values(data, where)
+        if stack == "volume":
+            images.append(Image(name=name, source=path, data=data, series=i if multi else None,
+                                note=note))
+        else:  # --planes: each plane its own 2-D image
+            images += [Image(name=f"{name}_z{k:03d}", source=path, data=plane,
+                             series=i if multi else None, note=note) for k, plane in enumerate(data)]
     return images
 
 
@@ -128,13 +187,14 @@ def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
 
 
 def image_pixels(path: Path, series: int | None = None) -> int | None:
-    """Y×X pixels the file holds (summed over the series that would be segmented), from its
-    header only; None when that cannot be told without reading it."""
+    """Y×X pixels the file holds (summed over the series that would be segmented, times the planes
+    of a Z-stack), from its header only; None when that cannot be told without reading it."""
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 picked = [tif.series[series]] if series is not None else tif.series
-                return sum(_yx_pixels(s.shape, s.axes) for s in picked) or None
+                return sum(_yx_pixels(s.shape, s.axes) * (s.shape[s.axes.index("Z")] if "Z" in s.axes else 1)
+                           for s in picked) or None
         if path.suffix.lower() in PLAIN_SUFFIXES:
             from PIL import Image as PILImage
 
@@ -143,6 +203,18 @@ def image_pixels(path: Path, series: int | None = None) -> int | None:
     except Exception:  # unreadable: the reader says why, later
         return None
     return None
+
+
+def has_z_axis(path: Path, series: int | None = None) -> bool:
+    """Whether a TIFF's header marks a Z axis of more than one plane (in a series to segment)."""
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            picked = [tif.series[series]] if series is not None else tif.series
+            return any("Z" in s.axes and s.shape[s.axes.index("Z")] > 1 for s in picked)
+    except Exception:  # unreadable: the reader says why, later
+        return False
 
 
 def _yx_pixels(shape: Sequence[int], axes: str) -> int:
@@ -182,15 +254,17 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def read_images(path: str | Path, channel_axis: int | None = None,
-                series: int | None = None) -> list[Image]:
-    """All 2-D images in ``path``: every series of a multi-series OME-TIFF unless ``series`` picks one."""
+def read_images(path: str | Path, channel_axis: int | None = None, series: int | None = None,
+                z_axis: int | None = None, stack: str = "refuse") -> list[Image]:
+    """All images in ``path``: every series of a multi-series OME-TIFF unless ``series`` picks one.
+    A series with a Z axis (the file's, or ``z_axis``) is refused unless ``stack`` (one of
+    :data:`STACK_MODES`) makes it one Z×C×Y×X image or one image per plane (``<name>_zNNN``)."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path, channel_axis, series)
+        return _read_tiff(path, channel_axis, series, z_axis, stack)
     if suffix in PLAIN_SUFFIXES:
         return _read_plain(path, channel_axis)
     raise ImageReadError(f"{path}: unsupported file type '{suffix}'; sa-deploy reads TIFF/OME-TIFF "

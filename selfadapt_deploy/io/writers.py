@@ -92,9 +92,11 @@ def label_dtype(masks: np.ndarray) -> np.dtype:
 
 
 def write_masks(path: Path, masks: np.ndarray) -> None:
-    """Label image as TIFF (0 = background, 1..N = objects)."""
+    """Label image as TIFF (0 = background, 1..N = objects); Z×Y×X labels as a ZYX OME-TIFF stack
+    (napari and Fiji open it as a volume)."""
+    volume = {"metadata": {"axes": "ZYX"}, "ome": True} if masks.ndim == 3 else {}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, masks.astype(label_dtype(masks)), compression="zlib")
+        tifffile.imwrite(tmp, masks.astype(label_dtype(masks)), compression="zlib", **volume)
 
 
 def write_flows(path: Path, flows: np.ndarray, cellprob: np.ndarray) -> None:
