@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.readers import image_from_array, select_channels
+from selfadapt_deploy.io.readers import image_from_array, select_channels, stack_from_array
 from selfadapt_deploy.io.writers import check_new_dir, label_dtype
 from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime.base import Runner
@@ -83,6 +83,21 @@ class Segmenter:
         for seg in results:
             seg.masks = seg.masks.astype(label_dtype(seg.masks), copy=False)
         return results
+
+    def segment_stack(self, stack: np.ndarray, stitch_threshold: float,
+                      channels: Sequence[int] | None = None, z_axis: int = 0,
+                      channel_axis: int | None = None, **settings: Any) -> np.ndarray:
+        """Z×Y×X labels of a Z-stack (Z×Y×X, or with channels), every plane segmented and masks of
+        adjacent planes linked at IoU ≥ ``stitch_threshold``: exactly ``sa-deploy segment
+        --stitch-threshold`` (cellpose's ``eval(stitch_threshold=…)``)."""
+        from selfadapt_deploy.batch import network_channels
+        from selfadapt_deploy.volume import segment_stitched
+
+        if not self.runner.is_active:
+            raise SaDeployError("this Segmenter was closed; open a new one")
+        data = network_channels(stack_from_array(stack, z_axis, channel_axis), self.runner, channels, "stack")
+        return segment_stitched(self.runner, data, self._params(self.defaults, settings),
+                                stitch_threshold, self.device)
 
     def segment(self, image: np.ndarray, channels: Sequence[int] | None = None,
                 channel_axis: int | None = None, **settings: Any) -> np.ndarray:

@@ -241,3 +241,16 @@ def test_the_z_axis_is_read_from_ome_or_imagej_metadata(tmp_path, axes, layout, 
     planes = read_images(path, stack="planes")
     assert [p.name for p in planes] == [f"s_z{k:03d}" for k in range(4)]
     np.testing.assert_array_equal(planes[2].data, stack[2])
+
+
+def test_segmenter_segment_stack_is_the_command_lines_stitching(stack_file, trained_cpnet_path):
+    from selfadapt_deploy.api import Segmenter
+
+    _, stack = stack_file
+    with Segmenter(trained_cpnet_path, runtime="torch", device="cpu") as seg:
+        grey = seg.segment_stack(stack[:, 0], 0.25)  # Z×Y×X: the second channel zero-padded
+        moved = seg.segment_stack(np.moveaxis(stack, 0, 2), 0.25, z_axis=2, channel_axis=0)
+    with TorchRunner(load_model(trained_cpnet_path)) as runner:
+        expected = segment_stitched(runner, stack, SegmentParams(), 0.25)
+    np.testing.assert_array_equal(grey, expected)
+    np.testing.assert_array_equal(moved, expected)

@@ -233,6 +233,19 @@ def image_from_array(arr: np.ndarray, channel_axis: int | None = None, where: st
     return _check_values(_to_cyx(arr, axes, channel_axis, where)[0], where)
 
 
+def stack_from_array(arr: np.ndarray, z_axis: int = 0, channel_axis: int | None = None,
+                     where: str = "stack") -> np.ndarray:
+    """An in-memory Z-stack (Z×Y×X, or with a channel axis anywhere) as Z×C×Y×X, checked as a
+    file's pixels are; each plane's channel axis guessed as for images unless ``channel_axis``
+    (counting the array's axes, Z included) says."""
+    arr = np.asarray(arr)
+    if arr.ndim not in (3, 4):
+        raise ImageReadError(f"{where}: expected Z×Y×X or a Z-stack with channels, got shape {arr.shape}")
+    axes = "Q" * (arr.ndim - 2) + "YX"
+    z = _z_index(arr, axes, z_axis, where)
+    return _check_values(_to_zcyx(arr, axes, z, channel_axis, where)[0], where)
+
+
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (*TIFF_SUFFIXES, *PLAIN_SUFFIXES)
 
