@@ -152,11 +152,11 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     into 3-D labels (cellpose's ``stitch_threshold``) or ``planes`` segments each plane as its own
     image; stacks are read whole (``stack_progress(path, planes done, planes)`` as they go)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs, has_z_axis, image_pixels
+    from selfadapt_deploy.io.readers import expand_inputs, has_z_axis, image_pixels, stack_headers
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
-    from selfadapt_deploy.wsi import segment_slide
+    from selfadapt_deploy.wsi import memory, segment_slide
     from selfadapt_deploy.wsi.memory import choose
     from selfadapt_deploy.wsi.slide import split_inputs, streamable
     from selfadapt_deploy.wsi.stream import StreamSettings, output_path
@@ -197,6 +197,9 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     if stacks and stream:
         raise SaDeployError(f"--stream streams 2-D slides, but {stacks[0]} is a Z-stack (read whole, "
                             "plane by plane); drop --stream")
+    for path in stacks if stitch_threshold else ():  # one that cannot fit fails before any work
+        for planes_, ly, lx, stored in stack_headers(path, series, z_axis):
+            memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale)
     in_memory, slides, choices = split_inputs(
         [f for f in files if f not in stacks], series,
         lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))

@@ -254,3 +254,18 @@ def test_segmenter_segment_stack_is_the_command_lines_stitching(stack_file, trai
         expected = segment_stitched(runner, stack, SegmentParams(), 0.25)
     np.testing.assert_array_equal(grey, expected)
     np.testing.assert_array_equal(moved, expected)
+
+
+def test_a_stack_that_would_not_fit_is_refused_before_any_work(tmp_path, stack_file, trained_cpnet_path,
+                                                              monkeypatch):
+    from selfadapt_deploy.wsi import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda *a, **k: 5 * 2**20)  # 5 MiB
+    out = tmp_path / "out"
+    result = cli(["segment", str(stack_file[0]), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--stitch-threshold", "0.25", "--runtime", "torch"])
+    assert result.exit_code == 1
+    assert "5-plane 240×232 stack needs about" in result.output and "--planes" in result.output
+    assert not out.exists() or not list(out.glob("*.tif"))
+    need = memory.stitched_stack_bytes(5, 240, 232, stack_file[1].nbytes, 2, 1.0)
+    assert stack_file[1].nbytes + 5 * 240 * 232 * 8 < need < 64 * 2**20

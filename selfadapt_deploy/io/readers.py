@@ -207,14 +207,28 @@ def image_pixels(path: Path, series: int | None = None) -> int | None:
 
 def has_z_axis(path: Path, series: int | None = None) -> bool:
     """Whether a TIFF's header marks a Z axis of more than one plane (in a series to segment)."""
+    return any(planes > 1 for planes, *_ in stack_headers(path, series, None))
+
+
+def stack_headers(path: Path, series: int | None, z_axis: int | None) -> list[tuple[int, int, int, int]]:
+    """(planes, Y, X, bytes as stored) of each series to segment of a TIFF, from its header only
+    (planes: ``z_axis``'s length, else the recorded Z's, else 1); [] when unreadable or not a TIFF."""
     if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
-        return False
+        return []
     try:
         with tifffile.TiffFile(path) as tif:
             picked = [tif.series[series]] if series is not None else tif.series
-            return any("Z" in s.axes and s.shape[s.axes.index("Z")] > 1 for s in picked)
+            out = []
+            for s in picked:
+                shape, axes = s.shape, s.axes
+                z = shape[z_axis] if z_axis is not None and -len(shape) <= z_axis < len(shape) else \
+                    shape[axes.index("Z")] if "Z" in axes else 1
+                ly, lx = (shape[axes.index("Y")], shape[axes.index("X")]) if "Y" in axes and "X" in axes \
+                    else shape[-2:]
+                out.append((int(z), int(ly), int(lx), int(np.prod(shape)) * s.dtype.itemsize))
+            return out
     except Exception:  # unreadable: the reader says why, later
-        return False
+        return []
 
 
 def _yx_pixels(shape: Sequence[int], axes: str) -> int:

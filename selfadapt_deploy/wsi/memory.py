@@ -42,6 +42,31 @@ def whole_image_bytes(ly: int, lx: int, nchan: int, rescale: float) -> int:
             + network_pixels * (BYTES_PER_NETWORK_PIXEL + BYTES_PER_NETWORK_PIXEL_CHANNEL * nchan))
 
 
+STACK_LABEL_BYTES = 8  # per voxel: the uint32 labels and the 3-D clean-up's uint32 copy
+
+
+def stitched_stack_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
+                         rescale: float) -> int:
+    """Estimated peak memory of ``segment --stitch-threshold`` on a stack: the stack as read
+    (``stored_bytes``), its labels, and one plane's whole-image working set (planes are segmented
+    a batch at a time; a group of several planes is of small ones)."""
+    return stored_bytes + planes * ly * lx * STACK_LABEL_BYTES + 2 * whole_image_bytes(ly, lx, nchan, rescale)
+
+
+def check_stack_fits(path: Path, planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
+                     rescale: float, available: int | None = None) -> None:
+    """One clear error, before anything is read, for a stack whose stitching would not fit."""
+    from selfadapt_deploy.errors import SaDeployError
+
+    need = stitched_stack_bytes(planes, ly, lx, stored_bytes, nchan, rescale)
+    available = available_memory() if available is None else available
+    if need > available:
+        raise SaDeployError(f"{path}: stitching this {planes}-plane {ly}×{lx} stack needs about "
+                            f"{gib(need)} (the stack as read, its labels, one plane's working set) "
+                            f"but {gib(available)} is available; free memory, crop the stack, or "
+                            "segment it with --planes (one plane at a time)")
+
+
 CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory limit and usage
 
 
