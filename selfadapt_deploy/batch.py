@@ -288,13 +288,14 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
 
 def evaluate_files(preds: Sequence[Path], gts: Sequence[Path],
                    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> list[APResult]:
-    """AP per (prediction, ground truth) pair, in order."""
+    """AP per (prediction, ground truth) pair, in order; Z×Y×X label stacks are matched by 3-D IoU
+    (as cellpose's ``average_precision`` does for volumes)."""
     if len(preds) != len(gts):
         raise SaDeployError(f"--pred has {len(preds)} files but --gt has {len(gts)}; pass them in "
                             "matching pairs")
     results = []
     for pred_path, gt_path in zip(preds, gts, strict=True):
-        pred, gt = read_label_image(pred_path), read_label_image(gt_path)
+        pred, gt = read_label_image(pred_path, stacks=True), read_label_image(gt_path, stacks=True)
         if pred.shape != gt.shape:
             raise SaDeployError(f"{pred_path} {pred.shape} and {gt_path} {gt.shape} differ in shape")
         results.append(average_precision(gt, pred, thresholds))

@@ -269,3 +269,21 @@ def test_a_stack_that_would_not_fit_is_refused_before_any_work(tmp_path, stack_f
     assert not out.exists() or not list(out.glob("*.tif"))
     need = memory.stitched_stack_bytes(5, 240, 232, stack_file[1].nbytes, 2, 1.0)
     assert stack_file[1].nbytes + 5 * 240 * 232 * 8 < need < 64 * 2**20
+
+
+def test_evaluate_scores_label_stacks_by_3d_iou_as_cellpose(tmp_path):
+    from cellpose.metrics import average_precision as cellpose_ap
+
+    truth = random_volume_labels((8, 64, 64), 25, radius=(6, 10), seed=5).astype(np.uint16)
+    pred = stitch_planes(plane_labels(9, z=8, shape=(64, 64)), 0.25).astype(np.uint16)
+    pred[truth > 0] = np.where(pred[truth > 0] == 0, truth[truth > 0] + 1000, pred[truth > 0])
+    tifffile.imwrite(tmp_path / "gt.tif", truth)
+    tifffile.imwrite(tmp_path / "pred.tif", pred)
+    result = cli(["evaluate", "--pred", str(tmp_path / "pred.tif"), "--gt", str(tmp_path / "gt.tif")])
+    assert result.exit_code == 0, result.output
+    from selfadapt_deploy.batch import evaluate_files
+
+    (ours,) = evaluate_files([tmp_path / "pred.tif"], [tmp_path / "gt.tif"])
+    ap, tp, fp, fn = cellpose_ap([truth], [pred], threshold=list(ours.thresholds))
+    np.testing.assert_allclose(ours.ap, ap[0])
+    assert list(ours.tp) == list(tp[0]) and ours.tp[0] > 0

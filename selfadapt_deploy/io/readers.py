@@ -365,8 +365,8 @@ def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, chan
     return images
 
 
-def read_label_image(path: Path) -> np.ndarray:
-    """A 2-D integer label image (squeezing singleton axes)."""
+def read_label_image(path: Path, stacks: bool = False) -> np.ndarray:
+    """A 2-D integer label image (squeezing singleton axes); with ``stacks`` also Z×Y×X labels."""
     if Path(path).is_dir():
         raise ImageReadError(f"{path} is a folder, not a label image file; give the files")
     if not Path(path).is_file():
@@ -375,7 +375,9 @@ def read_label_image(path: Path) -> np.ndarray:
         arr = np.squeeze(tifffile.imread(path))
     except Exception as exc:  # tifffile raises several types for unreadable files
         raise ImageReadError(f"{path}: not a readable TIFF label image ({exc})") from exc
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
-        raise ImageReadError(f"{path}: expected a 2-D non-negative integer label image, got "
+    if arr.ndim not in ((2, 3) if stacks else (2,)) or not np.issubdtype(arr.dtype, np.integer) \
+            or arr.min() < 0:
+        what = "a 2-D or Z×Y×X" if stacks else "a 2-D"
+        raise ImageReadError(f"{path}: expected {what} non-negative integer label image, got "
                              f"{arr.dtype} {arr.shape}")
     return arr
