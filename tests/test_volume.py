@@ -285,5 +285,6 @@ def test_evaluate_scores_label_stacks_by_3d_iou_as_cellpose(tmp_path):
 
     (ours,) = evaluate_files([tmp_path / "pred.tif"], [tmp_path / "gt.tif"])
     ap, tp, fp, fn = cellpose_ap([truth], [pred], threshold=list(ours.thresholds))
+    assert list(ours.fp) == list(fp[0]) and list(ours.fn) == list(fn[0])
     np.testing.assert_allclose(ours.ap, ap[0])
     assert list(ours.tp) == list(tp[0]) and ours.tp[0] > 0
