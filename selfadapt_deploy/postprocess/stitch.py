@@ -10,6 +10,7 @@ an early empty plane can share a label — the oracle's output, which this modul
 
 from __future__ import annotations
 
+import fastremap
 import numpy as np
 
 
@@ -18,11 +19,13 @@ def plane_iou(current: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np
     ``previous`` (columns, ascending), and those labels: cellpose's ``_intersection_over_union``
     restricted to the columns that are not all zero (the others can never be chosen)."""
     n = int(current.max())
-    labels, prev_index = np.unique(previous, return_inverse=True)
+    labels = fastremap.unique(previous)
     if labels[0] != 0:  # no background in the plane: keep the column layout (0 first)
-        labels, prev_index = np.concatenate([[0], labels]), prev_index + 1
-    overlap = np.bincount(current.ravel().astype(np.int64) * len(labels) + prev_index.ravel(),
-                          minlength=(n + 1) * len(labels)).reshape(n + 1, len(labels))
+        labels = np.concatenate([[0], labels])
+    column = np.zeros(int(labels[-1]) + 1, np.int64)
+    column[labels] = np.arange(len(labels))
+    pairs = current.astype(np.int64).ravel() * len(labels) + column[previous.ravel()]
+    overlap = np.bincount(pairs, minlength=(n + 1) * len(labels)).reshape(n + 1, len(labels))
     area_prev = overlap.sum(axis=0, keepdims=True)
     area_cur = overlap.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
