@@ -1,4 +1,5 @@
-"""Z-stacks segmented plane by plane and linked in 3-D (cellpose's ``stitch_threshold`` mode).
+"""Z-stacks: plane by plane and linked in 3-D (cellpose's ``stitch_threshold`` mode), or in 3-D
+(cellpose's ``do_3D`` mode).
 
 cellpose 4.2's ``eval(stitch_threshold=T)`` on a Z×C×Y×X stack, step for step: the stack is
 normalised as a whole (``norm3D``), every plane goes through the 2-D pipeline with the size filter
@@ -7,6 +8,12 @@ off (holes are still filled per plane), the planes' labels are linked by IoU ≥
 Planes are normalised (by the stack's percentiles) and go through the network in groups that fill
 one batch, so only one group's float planes and network outputs are held at a time: the stack as
 read and its labels are the only volume-sized arrays.
+
+``do_3D`` is cellpose 4.2's ``eval(do_3D=True)``: the stack normalised as a whole, resized by
+(anisotropy × rescale, rescale, rescale), the 2-D network run on its YX, ZY and ZX planes (each
+orientation's planes sharing network batches, any runtime), the three predictions summed into
+(dZ, dY, dX) and a cell probability, resized back, optionally smoothed, then 3-D flows → masks
+(``postprocess.volume_masks``).
 """
 
 from __future__ import annotations
@@ -18,11 +25,21 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
-from selfadapt_deploy.io.normalize import normalize_plane, stack_percentiles
+from selfadapt_deploy.io.normalize import normalize_plane, normalize_volume, stack_percentiles
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.stitch import PlaneStitcher
+from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
 from selfadapt_deploy.runtime.base import Runner
-from selfadapt_deploy.segment import SegmentParams, segment_images, tiles_per_image
+from selfadapt_deploy.segment import (
+    SegmentParams,
+    mask_params,
+    predict_images,
+    rescale_factor,
+    resize_chw,
+    segment_images,
+    tiles_per_image,
+    tta_predict,
+)
 
 STITCH_THRESHOLD_RULE = "a number in (0, 1]: the IoU at which masks of adjacent planes are linked"
 
@@ -65,3 +82,69 @@ def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, 
             progress(min(start + group, z), z)
     masks = fill_holes_and_remove_small(labels, params.min_size)
     return masks.astype(np.uint16 if masks.max(initial=0) < 2**16 else np.uint32)
+
+
+def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Bilinear resize of a Z×C×Y×X float array to (Z', Y', X'), as cellpose's ``resize_image_3d``:
+    each plane in Y/X, then each Y row's Z×X slice in Z (OpenCV, linear)."""
+    lz, ly, lx = shape
+    if volume.shape[2:] != (ly, lx):
+        volume = np.stack([resize_chw(plane, ly, lx) for plane in volume])
+    if volume.shape[0] != lz:
+        rows = [resize_chw(np.ascontiguousarray(volume[:, :, y].transpose(1, 0, 2)), lz, lx)
+                for y in range(volume.shape[2])]  # each C×Z×X → C×Z'×X
+        volume = np.stack(rows, axis=2).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(volume)
+
+
+#: the planes of each orientation: (axes of the Z×Y×X volume that make a plane's rows and columns,
+#: the volume axis the planes run along), and which of dZ, dY, dX a plane's two flows feed
+ORIENTATIONS = (("YX", 0, (1, 2)), ("ZX", 1, (0, 2)), ("ZY", 2, (0, 1)))
+
+
+def predict_3d(runner: Runner, volume: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Normalised Z×C×Y×X volume at the network's scale → 4×Z×Y×X (dZ, dY, dX, cellprob): the 2-D
+    network on every YX, ZX and ZY plane (cellpose's ``run_3D``), predictions summed per axis."""
+    spec = runner.spec
+    predict = tta_predict(runner) if params.tta else runner.infer
+    out = np.zeros((4, volume.shape[0], *volume.shape[2:]), np.float32)
+    for _, along, flow_axes in ORIENTATIONS:
+        planes = np.moveaxis(volume, {0: 0, 1: 2, 2: 3}[along], 0)  # P×…: the plane axis first
+        if along:
+            planes = planes.transpose(0, 2, 1, 3)  # P×C×rows×cols
+        ys, _ = predict_images(predict, spec, [np.ascontiguousarray(p) for p in planes], spec.diam_mean,
+                               params.tile_overlap, params.batch_size, runner.device, spec.fixed_tile)
+        stacked = np.moveaxis(np.stack(ys), 0, along + 1)  # 3×Z×Y×X in volume order
+        out[flow_axes[0] + 0] += stacked[0]
+        out[flow_axes[1] + 0] += stacked[1]
+        out[3] += stacked[2]
+    return out
+
+
+def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisotropy: float = 1.0,
+               smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Z×C×Y×X stack (the network's channels) → (Z×Y×X labels, 4×Z×Y×X dZ, dY, dX, cellprob), as
+    cellpose 4.2's ``eval(do_3D=True, anisotropy=…, flow3D_smooth=…)``. No flow QC in 3-D."""
+    if volume.ndim != 4:
+        raise SaDeployError(f"a stack for 3-D segmentation is Z×C×Y×X, got shape {volume.shape}")
+    if not anisotropy > 0:
+        raise SaDeployError(f"--anisotropy must be > 0 (Z step ÷ Y/X pixel size), got {anisotropy:g}")
+    lz, ly, lx = volume.shape[0], *volume.shape[2:]
+    x = normalize_volume(volume) if params.normalize else volume.astype(np.float32)
+    rescale = rescale_factor(runner.spec, params.diameter)
+    if rescale != 1.0 or anisotropy != 1.0:
+        x = resize_volume(x, (int(lz * anisotropy * rescale), int(ly * rescale), int(lx * rescale)))
+        if min(x.shape[0], *x.shape[2:]) < 1:
+            raise SaDeployError(f"--anisotropy {anisotropy:g} and the rescale {rescale:.3g} shrink the "
+                                f"{lz}×{ly}×{lx} stack to nothing; check them")
+    y = predict_3d(runner, x, params)
+    if y.shape[1:] != (lz, ly, lx):
+        y = resize_volume(y.transpose(1, 0, 2, 3), (lz, ly, lx)).transpose(1, 0, 2, 3)
+    flows, cellprob = y[:3], y[3]
+    if any(s > 0 for s in smooth):
+        from scipy.ndimage import gaussian_filter
+
+        flows = gaussian_filter(flows, [0, *smooth])
+    masks = flows_to_masks_3d(flows, cellprob, mask_params(params, rescale))
+    return masks, np.concatenate([flows, cellprob[None]])
+

@@ -83,6 +83,21 @@ def test_3d_clean_up_equals_cellpose_fill_holes_and_remove_small_masks():
     assert filled[4, 9, 9] == 1 and filled[4, 15, 3] == 0
 
 
+def test_3d_hole_filling_follows_fill_voids_face_scan():
+    """fill_voids seeds its flood only where a run of background starts in its face scan (runs
+    continue across row ends), so some face voxels shut off inside a box count as holes: cellpose's
+    result, label for label, on masks full of small cavities and notches."""
+    from cellpose.utils import fill_holes_and_remove_small_masks
+
+    rng = np.random.default_rng(1)
+    for seed in range(6):
+        masks = random_volume_labels((12, 48, 52), 30, radius=(5, 9), seed=seed).astype(np.uint16)
+        masks[rng.random(masks.shape) < 0.08] = 0  # salt: cavities, notches on box faces
+        ours = fill_holes_and_remove_small(masks, 0)
+        np.testing.assert_array_equal(ours, fill_holes_and_remove_small_masks(masks.copy(), 0))
+        assert (ours > 0).sum() > (masks > 0).sum()  # something was filled
+
+
 def test_stack_normalisation_equals_cellpose_norm3d():
     from cellpose.transforms import normalize_img
 
@@ -288,3 +303,58 @@ def test_evaluate_scores_label_stacks_by_3d_iou_as_cellpose(tmp_path):
     assert list(ours.fp) == list(fp[0]) and list(ours.fn) == list(fn[0])
     np.testing.assert_allclose(ours.ap, ap[0])
     assert list(ours.tp) == list(tp[0]) and ours.tp[0] > 0
+
+
+# ---- do_3D: the network on YX, ZX and ZY planes, 3-D flows → masks -----------------------------------
+def synthetic_flows_3d(shape=(20, 80, 90), seed=1):
+    """(flows 3×Z×Y×X in network units, cellprob logits) pointing to the centres of generated cells."""
+    labels = random_volume_labels(shape, 25, radius=(8, 12), seed=seed)
+    dist = ndimage.gaussian_filter(ndimage.distance_transform_edt(labels > 0), 1.0)
+    grad = np.stack(np.gradient(dist))
+    rng = np.random.default_rng(seed)
+    flows = 5 * grad / (np.linalg.norm(grad, axis=0) + 1e-6) + rng.normal(0, 0.5, grad.shape)
+    cellprob = np.where(labels > 0, 3.0, -3.0) + rng.normal(0, 1.5, shape)
+    return flows.astype(np.float32), cellprob.astype(np.float32)
+
+
+@pytest.mark.parametrize("min_size", [0, 15])
+def test_3d_flows_to_masks_equals_cellpose_compute_masks(min_size):
+    from cellpose.dynamics import resize_and_compute_masks
+
+    from selfadapt_deploy.postprocess import MaskParams
+    from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
+
+    flows, cellprob = synthetic_flows_3d()
+    reference = resize_and_compute_masks(flows, cellprob, niter=150, cellprob_threshold=0.0,
+                                         do_3D=True, min_size=min_size, max_size_fraction=0.4)
+    ours = flows_to_masks_3d(flows, cellprob, MaskParams(niter=150, min_size=min_size))
+    assert reference.max() > 10
+    np.testing.assert_array_equal(ours, reference)
+
+
+def cellpose_3d(net, stack_zcyx, params: SegmentParams, anisotropy: float, smooth=0):
+    diameter = 30.0 * (params.diameter or net.default_diameter) / net.diam_mean
+    masks, flows, _ = cellpose4_model(net).eval(
+        stack_zcyx.transpose(0, 2, 3, 1).copy(), channel_axis=-1, z_axis=0, do_3D=True,
+        anisotropy=anisotropy, flow3D_smooth=smooth, diameter=diameter, bsize=net.tile_size,
+        cellprob_threshold=params.cellprob_threshold, min_size=params.min_size)
+    return masks, flows[1], flows[2]
+
+
+@pytest.mark.parametrize("params, anisotropy, smooth", [
+    (SegmentParams(cellprob_threshold=-0.5, min_size=0), 2.0, 0),  # Z resized ×2, hundreds of masks
+    (SegmentParams(diameter=40.0, cellprob_threshold=-0.5), 1.0, 1.0),  # rescaled, smoothed
+])
+def test_do_3d_equals_cellpose_eval(tiny_cpsam, params, anisotropy, smooth):
+    from selfadapt_deploy.volume import segment_3d
+
+    labels = random_volume_labels((10, 60, 70), 12, radius=(8, 12), anisotropy=2.0, seed=4)
+    gray = render_volume(labels, seed=4)
+    stack = np.stack([gray, 0.5 * gray, np.zeros_like(gray)], axis=1)
+    with TorchRunner(tiny_cpsam) as runner:
+        ours, output = segment_3d(runner, stack, params, anisotropy, (smooth,) * 3)
+    masks, dP, cellprob = cellpose_3d(tiny_cpsam, stack, params, anisotropy, smooth)
+    np.testing.assert_allclose(output[:3], dP, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(output[3], cellprob, atol=1e-5, rtol=0)
+    assert masks.max() > 50
+    np.testing.assert_array_equal(ours, masks)

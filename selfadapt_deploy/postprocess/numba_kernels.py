@@ -228,37 +228,61 @@ def fill_holes(masks: np.ndarray, boxes: np.ndarray) -> None:
 
 
 @numba.njit(**_NUMBA_OPTS)
+def _seed_face_run(masks, label, z, y, x, reached, stack, top, placed, oz, oy, ox):
+    """fill_voids' face scan step: push the voxel when it starts a run of background in scan order
+    (``placed`` says the previous scanned voxel was background — across row ends too)."""
+    if masks[oz + z, oy + y, ox + x] != label:
+        if not placed and not reached[z, y, x]:
+            reached[z, y, x] = True
+            stack[top] = (z * reached.shape[1] + y) * reached.shape[2] + x
+            top += 1
+        return top, True
+    return top, False
+
+
+@numba.njit(**_NUMBA_OPTS)
 def fill_holes_3d(masks: np.ndarray, boxes: np.ndarray) -> None:
-    """:func:`fill_holes` for Z×Y×X labels: the box's faces seed a 6-connected flood of the pixels
-    outside the mask (``fill_voids.fill`` in 3-D, as cellpose); what it cannot reach is the mask's."""
+    """:func:`fill_holes` for Z×Y×X labels, exactly as ``fill_voids.fill`` on each mask's box (what
+    cellpose calls): the box's faces are scanned in fill_voids' order (it sees the box in Fortran
+    order: Z fastest) and a background voxel seeds the 6-connected flood only when it starts a run
+    of background in that scan — a run that continues across a row end seeds no new point, so a
+    face voxel shut off inside the box there counts as a hole, as in fill_voids. What the flood
+    cannot reach is given to the mask."""
     for k in range(boxes.shape[0]):
         label = k + 1
-        z0, y0, x0 = boxes[k, 0], boxes[k, 2], boxes[k, 4]
-        hz, hy, hx = boxes[k, 1] - z0, boxes[k, 3] - y0, boxes[k, 5] - x0
-        reached = np.zeros((hz, hy, hx), np.bool_)
-        stack = np.empty(hz * hy * hx, np.int64)
+        oz, oy, ox = boxes[k, 0], boxes[k, 2], boxes[k, 4]
+        a, b, c = boxes[k, 1] - oz, boxes[k, 3] - oy, boxes[k, 5] - ox  # fill_voids' sx, sy, sz
+        reached = np.zeros((a, b, c), np.bool_)
+        stack = np.empty(a * b * c + 1, np.int64)
         top = 0
-        for z in range(hz):
-            for y in range(hy):
-                for x in range(hx):
-                    face = z == 0 or z == hz - 1 or y == 0 or y == hy - 1 or x == 0 or x == hx - 1
-                    if face and masks[z0 + z, y0 + y, x0 + x] != label:
-                        reached[z, y, x] = True
-                        stack[top] = (z * hy + y) * hx + x
-                        top += 1
+        front, back = False, False
+        for j in range(b):  # faces c = 0 and c = C−1, x (= Z) fastest
+            for i in range(a):
+                top, front = _seed_face_run(masks, label, i, j, 0, reached, stack, top, front, oz, oy, ox)
+                top, back = _seed_face_run(masks, label, i, j, c - 1, reached, stack, top, back, oz, oy, ox)
+        front, back = False, False
+        for m in range(c):  # faces b = 0 and b = B−1
+            for i in range(a):
+                top, front = _seed_face_run(masks, label, i, 0, m, reached, stack, top, front, oz, oy, ox)
+                top, back = _seed_face_run(masks, label, i, b - 1, m, reached, stack, top, back, oz, oy, ox)
+        front, back = False, False
+        for m in range(c):  # faces a = 0 and a = A−1
+            for j in range(b):
+                top, front = _seed_face_run(masks, label, 0, j, m, reached, stack, top, front, oz, oy, ox)
+                top, back = _seed_face_run(masks, label, a - 1, j, m, reached, stack, top, back, oz, oy, ox)
         while top > 0:
             top -= 1
             i = stack[top]
-            z, y, x = i // (hy * hx), (i // hx) % hy, i % hx
+            z, y, x = i // (b * c), (i // c) % b, i % c
             for dz, dy, dx in ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)):
                 zz, yy, xx = z + dz, y + dy, x + dx
-                if (0 <= zz < hz and 0 <= yy < hy and 0 <= xx < hx and not reached[zz, yy, xx]
-                        and masks[z0 + zz, y0 + yy, x0 + xx] != label):
+                if (0 <= zz < a and 0 <= yy < b and 0 <= xx < c and not reached[zz, yy, xx]
+                        and masks[oz + zz, oy + yy, ox + xx] != label):
                     reached[zz, yy, xx] = True
-                    stack[top] = (zz * hy + yy) * hx + xx
+                    stack[top] = (zz * b + yy) * c + xx
                     top += 1
-        for z in range(hz):
-            for y in range(hy):
-                for x in range(hx):
+        for z in range(a):
+            for y in range(b):
+                for x in range(c):
                     if not reached[z, y, x]:
-                        masks[z0 + z, y0 + y, x0 + x] = label
+                        masks[oz + z, oy + y, ox + x] = label

@@ -1,0 +1,120 @@
+"""3-D flows → masks, as cellpose 4.2's ``compute_masks(do_3D=True)`` (the torch reference path).
+
+Flow following is cellpose's ``steps_interp`` in 3-D: every foreground voxel walks ``niter`` Euler
+steps through the trilinear ``grid_sample`` of the (dX, dY, dZ) field in normalised coordinates,
+clamped to the volume, in float32 with cellpose's order of operations. Mask assembly is
+``get_masks_torch`` in 3-D (:mod:`postprocess.masks` holds its 2-D rules): a histogram of final
+positions padded by 20, seeds at 5×5×5 maxima above 10 hits, grown over 11³ windows by five 3×3×3
+dilations on bins above 2 hits, later (higher-count) seeds winning; masks over
+``max_size_fraction`` of the volume are dropped. There is no flow QC in 3-D (cellpose documents
+``flow_threshold`` as unused there); holes are filled and small masks dropped in 3-D.
+"""
+
+from __future__ import annotations
+
+import fastremap
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.postprocess import MaskParams
+from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
+from selfadapt_deploy.postprocess.masks import (
+    GROW_RADIUS,
+    GROW_STEPS,
+    MIN_GROW_COUNT,
+    MIN_SEED_COUNT,
+    RPAD,
+    SEED_WINDOW,
+)
+
+
+@torch.no_grad()
+def follow_flows_3d(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int
+                    ) -> tuple[tuple[np.ndarray, ...], torch.Tensor]:
+    """flows 3×Z×Y×X (dZ, dY, dX; network units), cellprob Z×Y×X → (foreground (z, y, x) indices,
+    3×N float32 final positions (z, y, x) in voxels)."""
+    fg = cellprob > threshold
+    inds = np.nonzero(fg)
+    shape = np.array(cellprob.shape)[::-1].astype(np.float64) - 1  # (x, y, z) extents
+    field = flows * fg / 5.0  # cellpose's dP * mask / 5 (float32)
+    if not np.isfinite(field).all():
+        raise SaDeployError("the network's flows contain NaN or infinite values inside cells; the "
+                            "model or the input stack is broken, or reduced precision overflowed "
+                            "(try --precision fp32)")
+    im = torch.from_numpy(np.ascontiguousarray(field[::-1], dtype=np.float32))[None]  # 1×3×Z×Y×X (x, y, z)
+    pt = torch.stack([torch.from_numpy(i).float() for i in inds[::-1]], dim=-1)[None, None, None]
+    for k in range(3):
+        im[:, k] *= 2.0 / shape[k]
+        pt[..., k] /= shape[k]
+    pt = pt * 2 - 1
+    for _ in range(niter):
+        step = F.grid_sample(im, pt, align_corners=False)  # 1×3×1×1×N
+        for k in range(3):
+            pt[..., k] += step[:, k]
+            torch.clamp_(pt[..., k], -1.0, 1.0)
+    pt = (pt + 1) * 0.5
+    for k in range(3):
+        pt[..., k] *= shape[k]
+    return inds, pt[0, 0, 0].flip(-1).T.contiguous()
+
+
+def _max_filter_3d(h: torch.Tensor, size: int) -> torch.Tensor:
+    """size³ maximum filter of N×Z×Y×X, edges seeing only in-bounds values."""
+    return F.max_pool3d(h[:, None], size, stride=1, padding=size // 2)[:, 0]
+
+
+@torch.no_grad()
+def assemble_masks_3d(inds: tuple[np.ndarray, ...], positions: torch.Tensor, shape: tuple[int, int, int],
+                      max_size_fraction: float = 0.4) -> np.ndarray:
+    """Z×Y×X labels (1..N in order of appearance) from final positions (3×N)."""
+    pt = positions.int() + RPAD
+    pt.clamp_(min=0)
+    for i in range(3):
+        pt[i].clamp_(max=shape[i] + RPAD - 1)
+    padded = tuple(int(n) + 2 * RPAD for n in shape)
+    hist = torch.zeros(padded, dtype=torch.int32)
+    hist.index_put_(tuple(pt.long()), torch.ones(pt.shape[1], dtype=torch.int32), accumulate=True)
+    hmax = _max_filter_3d(hist[None].float(), SEED_WINDOW)[0]
+    seeds = torch.nonzero((hist - hmax > -1e-6) & (hist > MIN_SEED_COUNT))
+    if len(seeds) == 0:
+        return np.zeros(shape, np.uint16)
+    seeds = seeds[hist[seeds[:, 0], seeds[:, 1], seeds[:, 2]].argsort()]  # stronger seeds win
+    offs = torch.arange(-GROW_RADIUS, GROW_RADIUS + 1)
+    width = len(offs)
+    oz, oy, ox = torch.meshgrid(offs, offs, offs, indexing="ij")
+    flat = (oz * padded[1] * padded[2] + oy * padded[2] + ox).flatten()
+    flat = flat + (seeds[:, 0] * padded[1] * padded[2] + seeds[:, 1] * padded[2] + seeds[:, 2])[:, None]
+    counts = hist.view(-1)[flat].reshape(len(seeds), width, width, width)
+    grown = torch.zeros(counts.shape)
+    grown[:, GROW_RADIUS, GROW_RADIUS, GROW_RADIUS] = 1
+    for _ in range(GROW_STEPS):
+        grown = _max_filter_3d(grown, 3) * (counts > MIN_GROW_COUNT)
+    dtype = torch.int32 if len(seeds) < 2**16 else torch.int64
+    label_of_bin = torch.zeros(int(np.prod(padded)), dtype=dtype)
+    ipix = torch.nonzero(grown).to(dtype)
+    which = ipix[:, 0]
+    where = ipix[:, 1:] + seeds[which].to(dtype) - GROW_RADIUS
+    bins = where[:, 0] * padded[1] * padded[2] + where[:, 1] * padded[2] + where[:, 2]
+    label_of_bin.scatter_reduce_(0, bins.long(), which + 1, reduce="amax", include_self=False)
+    point_labels = label_of_bin.reshape(padded)[pt[0].long(), pt[1].long(), pt[2].long()]
+    masks = np.zeros(shape, np.uint16 if len(seeds) < 2**16 else np.uint32)
+    masks[inds] = point_labels.numpy()
+    labels, sizes = fastremap.unique(masks, return_counts=True)
+    big = labels[sizes > np.prod(shape) * max_size_fraction]
+    if len(big) > 0 and (len(big) > 1 or big[0] != 0):
+        masks = fastremap.mask(masks, big)
+    fastremap.renumber(masks, in_place=True)
+    return masks
+
+
+def flows_to_masks_3d(flows: np.ndarray, cellprob: np.ndarray, params: MaskParams) -> np.ndarray:
+    """3×Z×Y×X flows (dZ, dY, dX; network units) and Z×Y×X cellprob logits → Z×Y×X labels
+    (uint16, or uint32), as cellpose 4.2's ``resize_and_compute_masks(do_3D=True)``."""
+    if not (cellprob > params.cellprob_threshold).any():
+        return np.zeros(cellprob.shape, np.uint16)
+    inds, positions = follow_flows_3d(flows, cellprob, params.cellprob_threshold, params.niter)
+    masks = assemble_masks_3d(inds, positions, cellprob.shape, params.max_size_fraction)
+    masks = fill_holes_and_remove_small(masks, params.min_size)
+    return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)
