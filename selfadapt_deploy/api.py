@@ -107,20 +107,33 @@ class Segmenter:
 
 
 def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: int | None,
-                        save_flows: bool) -> None:
-    """The Z-stack options make sense together, before any work."""
+                        save_flows: bool, do_3d: bool = False, anisotropy: float = 1.0,
+                        flow3d_smooth: Sequence[float] = (0.0,)) -> tuple[float, float, float]:
+    """The Z-stack options make sense together, before any work; the (Z, Y, X) smoothing sigmas."""
     from selfadapt_deploy.volume import check_stitch_threshold
 
+    smooth = tuple(float(v) for v in flow3d_smooth)
+    if len(smooth) == 1:
+        smooth = smooth * 3
+    if len(smooth) != 3 or any(not v >= 0 for v in smooth):
+        raise SaDeployError(f"--flow3d-smooth takes one sigma or three (Z,Y,X), each ≥ 0 voxels; got "
+                            f"{','.join(map(str, flow3d_smooth))}")
+    if not anisotropy > 0:
+        raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
+    modes = [name for name, on in (("--stitch-threshold", stitch_threshold), ("--do-3d", do_3d),
+                                   ("--planes", planes)) if on]
+    if len(modes) > 1:
+        raise SaDeployError(f"{' and '.join(modes)} are different stack modes; choose one")
+    if (anisotropy != 1.0 or any(smooth)) and not do_3d:
+        raise SaDeployError("--anisotropy and --flow3d-smooth apply to --do-3d; add it or drop them")
     if stitch_threshold:
         check_stitch_threshold(stitch_threshold)
-        if planes:
-            raise SaDeployError("--stitch-threshold links the planes of a stack and --planes keeps "
-                                "them apart; choose one")
         if save_flows:
             raise SaDeployError("--save-flows is not written for stitched Z-stacks; drop one of them")
-    elif z_axis is not None and not planes:
+    elif z_axis is not None and not planes and not do_3d:
         raise SaDeployError(f"--z-axis {z_axis} names the Z axis of stacks, but no stack mode is "
-                            "given: add --stitch-threshold T (planes linked in 3-D) or --planes")
+                            "given: add --stitch-threshold T (planes linked in 3-D), --do-3d or --planes")
+    return smooth
 
 
 def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str | Path | None = None,
@@ -132,7 +145,8 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
                   stream: bool | None = None, block_size: int = 2048, halo: int = 0,
                   out_format: str = "tiff", resume: bool = False, dask: str | None = None,
                   stitch_threshold: float | None = None, planes: bool = False,
-                  z_axis: int | None = None,
+                  z_axis: int | None = None, do_3d: bool = False, anisotropy: float = 1.0,
+                  flow3d_smooth: Sequence[float] = (0.0,),
                   block_progress: Callable[[Path, int, int], None] | None = None,
                   stack_progress: Callable[[Path, int, int], None] | None = None,
                   report: Callable[[str], None] | None = None, **settings: Any) -> Iterator[tuple]:
@@ -149,7 +163,8 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     whole (a failed image is a result, the others go on). ``report`` is told, before it starts,
     of a one-time export into the graph cache (``--runtime auto`` on the CPU). Z-stacks (a Z axis
     in the file, or ``z_axis``) are refused unless ``stitch_threshold`` links their planes' masks
-    into 3-D labels (cellpose's ``stitch_threshold``) or ``planes`` segments each plane as its own
+    into 3-D labels (cellpose's ``stitch_threshold``), ``do_3d`` segments them in 3-D (cellpose's
+    ``do_3D`` with ``anisotropy`` and ``flow3d_smooth``) or ``planes`` segments each plane as its own
     image; stacks are read whole (``stack_progress(path, planes done, planes)`` as they go)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
     from selfadapt_deploy.io.readers import expand_inputs, has_z_axis, image_pixels, stack_headers
@@ -167,7 +182,8 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
         raise SaDeployError("--triton runs the network on one server; drop --dask")
     if dask is not None and stream is False:
         raise SaDeployError("--dask streams every image's blocks to its workers; drop --no-stream")
-    check_stack_options(stitch_threshold, planes, z_axis, save_flows)
+    smooth = check_stack_options(stitch_threshold, planes, z_axis, save_flows, do_3d, anisotropy,
+                                 flow3d_smooth)
     out = Path(out)
     params = Segmenter._params(SegmentParams(), settings)
     picked = list(channels) if channels is not None else None
@@ -193,13 +209,14 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     mode = "stream" if stream or dask is not None else "whole" if stream is False else "auto"
     rescale = rescale_factor(spec, params.diameter)
     stacks = [f for f in files
-              if (stitch_threshold or planes) and (z_axis is not None or has_z_axis(f, series))]
+              if (stitch_threshold or planes or do_3d) and (z_axis is not None or has_z_axis(f, series))]
     if stacks and stream:
         raise SaDeployError(f"--stream streams 2-D slides, but {stacks[0]} is a Z-stack (read whole, "
                             "plane by plane); drop --stream")
-    for path in stacks if stitch_threshold else ():  # one that cannot fit fails before any work
+    for path in stacks if stitch_threshold or do_3d else ():  # one that cannot fit fails first
         for planes_, ly, lx, stored in stack_headers(path, series, z_axis):
-            memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale)
+            memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale,
+                                    anisotropy if do_3d else None)
     in_memory, slides, choices = split_inputs(
         [f for f in files if f not in stacks], series,
         lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
@@ -231,7 +248,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
         yield "images", len(in_memory)
         if in_memory:
             job = SegmentJob(the_runner, out, params, dev, picked, save_flows, overwrite,
-                             stitch_threshold, z_axis, planes)
+                             stitch_threshold, z_axis, planes, do_3d, anisotropy, smooth)
             for result in segment_files(in_memory, job, channel_axis, series, stack_progress):
                 yield "image", result
     finally:

@@ -31,7 +31,7 @@ from selfadapt_deploy.segment import (
     tiles_per_image,
     use_device_pipeline,
 )
-from selfadapt_deploy.volume import segment_stitched
+from selfadapt_deploy.volume import segment_3d, segment_stitched
 
 MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
 
@@ -63,11 +63,14 @@ class SegmentJob:
     stitch_threshold: float | None = None  # Z-stacks: planes linked at this IoU (volume.py)
     z_axis: int | None = None
     planes: bool = False  # Z-stacks: each plane its own 2-D image
+    do_3d: bool = False  # Z-stacks: 3-D segmentation (volume.segment_3d)
+    anisotropy: float = 1.0
+    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def stack_mode(self) -> str:
         """How files with a Z axis are read (:data:`io.readers.STACK_MODES`)."""
-        return "volume" if self.stitch_threshold else "planes" if self.planes else "refuse"
+        return "volume" if self.stitch_threshold or self.do_3d else "planes" if self.planes else "refuse"
 
 
 #: the work done on one image: (image, its data with the network's channels) → the count to report
@@ -258,6 +261,12 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
         return int(seg.masks.max())
 
     def segment(image: Image, data: np.ndarray) -> int | Future[int]:
+        if data.ndim == 4 and job.do_3d:  # a Z-stack in 3-D (--do-3d)
+            masks, output = segment_3d(job.runner, data, job.params, job.anisotropy, job.smooth)
+            if job.save_flows:
+                write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", output[:3], output[3])
+            write_masks(masks_path(image.name), masks)
+            return int(masks.max())
         if data.ndim == 4:  # a Z-stack, planes linked (--stitch-threshold)
             def progress(done: int, total: int) -> None:
                 if stack_progress is not None:

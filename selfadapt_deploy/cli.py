@@ -42,6 +42,7 @@ from selfadapt_deploy.cli_options import (
     err_console,
     fail,
     parse_channels,
+    parse_floats,
     plain,
 )
 from selfadapt_deploy.errors import SaDeployError
@@ -93,7 +94,7 @@ def segment(
                                             "(Cellpose 3: its diam_labels, as cellpose 3 does; "
                                             "Cellpose-SAM: no rescale).")] = 0.0,
     flow_threshold: Annotated[float, typer.Option(help="Max flow error per mask; 0 turns flow "
-                                                  "QC off.")] = 0.4,
+                                                  "QC off (2-D only: unused by --do-3d).")] = 0.4,
     cellprob_threshold: Annotated[float, typer.Option(help="Cell-probability logit "
                                                       "threshold.")] = 0.0,
     min_size: Annotated[int, typer.Option(help="Remove masks smaller than this (pixels).")] = 15,
@@ -120,6 +121,14 @@ def segment(
                                                     "link masks of adjacent planes whose IoU is at "
                                                     "least this (cellpose's stitch_threshold), "
                                                     "writing one ZYX label stack; 0 = off.")] = 0.0,
+    do_3d: Annotated[bool, typer.Option("--do-3d", help="Z-stacks: segment in 3-D (cellpose's "
+                                        "do_3D: the network on YX, ZY and ZX planes, 3-D flows; "
+                                        "--flow-threshold is not used in 3-D).")] = False,
+    anisotropy: Annotated[float, typer.Option(help="--do-3d: the Z step ÷ the Y/X pixel size (the "
+                                              "stack is resized by it along Z).")] = 1.0,
+    flow3d_smooth: Annotated[str, typer.Option("--flow3d-smooth", help="--do-3d: Gaussian sigma "
+                                               "(voxels) smoothing the 3-D flows, one value or "
+                                               "Z,Y,X; 0 = off.")] = "0",
     planes: Annotated[bool, typer.Option(help="Z-stacks: segment each plane as its own 2-D image "
                                          "(<stem>_zNNN_masks.tif).")] = False,
     z_axis: ZAxisOpt = None,
@@ -161,7 +170,8 @@ def segment(
         channels=parse_channels(channels), channel_axis=channel_axis, series=series,
         save_flows=save_flows, overwrite=overwrite, stream=stream, block_size=block_size, halo=halo,
         out_format=out_format, resume=resume, dask=dask, stitch_threshold=stitch_threshold or None,
-        planes=planes, z_axis=z_axis, block_progress=bars.update,
+        planes=planes, z_axis=z_axis, do_3d=do_3d, anisotropy=anisotropy,
+        flow3d_smooth=parse_floats(flow3d_smooth, "--flow3d-smooth"), block_progress=bars.update,
         report=lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False),
         diameter=diameter or None, flow_threshold=flow_threshold,
         cellprob_threshold=cellprob_threshold, min_size=min_size, niter=niter or None,

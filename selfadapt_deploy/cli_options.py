@@ -55,6 +55,14 @@ def plain(target: Console):
     return lambda message: target.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
+def parse_floats(text: str, option: str) -> list[float]:
+    """``1.5`` or ``1,2,2`` → floats; anything else is one error naming ``option``."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise fail(f"{option} takes numbers separated by commas (e.g. 1 or 1,2,2), got '{text}'") from None
+
+
 def parse_channels(text: str | None) -> list[int] | None:
     """``--channels`` text → indices, checked by the one channel rule (``io.readers``) before any work."""
     from selfadapt_deploy.io.readers import check_channels

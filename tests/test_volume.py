@@ -358,3 +358,45 @@ def test_do_3d_equals_cellpose_eval(tiny_cpsam, params, anisotropy, smooth):
     np.testing.assert_allclose(output[3], cellprob, atol=1e-5, rtol=0)
     assert masks.max() > 50
     np.testing.assert_array_equal(ours, masks)
+
+
+def test_segment_do_3d_writes_the_library_s_masks_and_flows(tmp_path, tiny_cpsam):
+    from selfadapt_deploy.volume import segment_3d
+
+    labels = random_volume_labels((8, 48, 56), 10, radius=(8, 12), anisotropy=2.0, seed=6)
+    gray = (render_volume(labels, seed=6) * 1000).astype(np.uint16)
+    path = tmp_path / "v.ome.tif"
+    tifffile.imwrite(path, gray, metadata={"axes": "ZYX"}, ome=True)
+    weights = tmp_path / "cpsam.pt"
+    tiny_cpsam.save(weights)
+    out = tmp_path / "out"
+    result = cli(["segment", str(path), "--model", str(weights), "--out", str(out), "--do-3d",
+                  "--anisotropy", "2", "--flow3d-smooth", "1,0.5,0.5", "--cellprob-threshold", "-0.5",
+                  "--save-flows", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    with TorchRunner(tiny_cpsam) as runner:
+        expected, output = segment_3d(runner, gray[:, None], SegmentParams(cellprob_threshold=-0.5),
+                                      2.0, (1.0, 0.5, 0.5))  # Z×1×Y×X: the file's one channel
+    with tifffile.TiffFile(out / "v_masks.tif") as tif:
+        assert tif.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tif.asarray(), expected)
+    flows = tifffile.imread(out / "v_flows.tif")
+    assert flows.shape == (4, 8, 48, 56)
+    np.testing.assert_allclose(flows, output, atol=1e-6)
+    assert expected.max() > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--do-3d", "--planes"], "choose one"),
+    (["--anisotropy", "2"], "apply to --do-3d"),
+    (["--do-3d", "--anisotropy", "0"], "anisotropy must be > 0"),
+    (["--do-3d", "--flow3d-smooth", "1,2"], "one sigma or three"),
+    (["--do-3d", "--flow3d-smooth", "a"], "numbers separated by commas"),
+])
+def test_do_3d_options_that_do_not_fit_are_one_error(tmp_path, stack_file, trained_cpnet_path, extra,
+                                                    message):
+    out = tmp_path / "out"
+    result = cli(["segment", str(stack_file[0]), "--model", str(trained_cpnet_path), "--out", str(out),
+                  *extra])
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists() or not list(out.iterdir())

@@ -100,8 +100,10 @@ def write_masks(path: Path, masks: np.ndarray) -> None:
 
 
 def write_flows(path: Path, flows: np.ndarray, cellprob: np.ndarray) -> None:
-    """Float32 TIFF with 3 planes: dY, dX (network units, ≈5× unit vectors) and cellprob logit."""
+    """Float32 OME-TIFF of the network's output: dY, dX (network units, ≈5× unit vectors) and the
+    cellprob logit as CYX; for a volume dZ, dY, dX and cellprob as CZYX."""
     stack = np.concatenate([flows, cellprob[None]], axis=0).astype(np.float32)
+    names = ["dZ", "dY", "dX", "cellprob"] if stack.ndim == 4 else ["dY", "dX", "cellprob"]
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, stack, metadata={"axes": "CYX", "Channel": {
-            "Name": ["dY", "dX", "cellprob"]}}, ome=True, compression="zlib")
+        tifffile.imwrite(tmp, stack, metadata={"axes": "CZYX" if stack.ndim == 4 else "CYX",
+                                               "Channel": {"Name": names}}, ome=True, compression="zlib")

@@ -53,18 +53,37 @@ def stitched_stack_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan
     return stored_bytes + planes * ly * lx * STACK_LABEL_BYTES + 2 * whole_image_bytes(ly, lx, nchan, rescale)
 
 
+def volume_3d_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int, rescale: float,
+                    anisotropy: float) -> int:
+    """Estimated peak memory of ``segment --do-3d``: the stack as read; at the network's scale the
+    resized float stack, the summed network outputs (4 per voxel) and one orientation's outputs
+    (3 per voxel); at the stack's size its flows and cell probability (4 per voxel), the padded
+    histogram of final positions, the labels and the clean-up's copy."""
+    voxels = planes * ly * lx
+    net = max(1, int(planes * anisotropy * rescale)) * max(1, int(ly * rescale)) * max(1, int(lx * rescale))
+    histogram = (planes + 40) * (ly + 40) * (lx + 40) * 8
+    return stored_bytes + net * 4 * (nchan + 4 + 3) + voxels * (16 + 12 + STACK_LABEL_BYTES) + histogram
+
+
 def check_stack_fits(path: Path, planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
-                     rescale: float, available: int | None = None) -> None:
-    """One clear error, before anything is read, for a stack whose stitching would not fit."""
+                     rescale: float, anisotropy: float | None = None, available: int | None = None) -> None:
+    """One clear error, before anything is read, for a stack whose stitching (or, with an
+    ``anisotropy``, 3-D segmentation) would not fit."""
     from selfadapt_deploy.errors import SaDeployError
 
-    need = stitched_stack_bytes(planes, ly, lx, stored_bytes, nchan, rescale)
+    in_3d = anisotropy is not None
+    need = (volume_3d_bytes(planes, ly, lx, stored_bytes, nchan, rescale, anisotropy) if in_3d
+            else stitched_stack_bytes(planes, ly, lx, stored_bytes, nchan, rescale))
     available = available_memory() if available is None else available
     if need > available:
-        raise SaDeployError(f"{path}: stitching this {planes}-plane {ly}×{lx} stack needs about "
-                            f"{gib(need)} (the stack as read, its labels, one plane's working set) "
-                            f"but {gib(available)} is available; free memory, crop the stack, or "
-                            "segment it with --planes (one plane at a time)")
+        what = "segmenting" if in_3d else "stitching"
+        held = ("the stack as read, its flows in 3-D at the network's scale and its own"
+                if in_3d else "the stack as read, its labels, one plane's working set")
+        instead = ("a smaller --anisotropy, --stitch-threshold (planes one at a time), or a crop"
+                   if in_3d else "a crop, or --planes (one plane at a time)")
+        raise SaDeployError(f"{path}: {what} this {planes}-plane {ly}×{lx} stack needs about "
+                            f"{gib(need)} ({held}) but {gib(available)} is available; free memory, "
+                            f"or use {instead}")
 
 
 CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's memory limit and usage
