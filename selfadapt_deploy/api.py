@@ -84,20 +84,26 @@ class Segmenter:
             seg.masks = seg.masks.astype(label_dtype(seg.masks), copy=False)
         return results
 
-    def segment_stack(self, stack: np.ndarray, stitch_threshold: float,
-                      channels: Sequence[int] | None = None, z_axis: int = 0,
-                      channel_axis: int | None = None, **settings: Any) -> np.ndarray:
-        """Z×Y×X labels of a Z-stack (Z×Y×X, or with channels), every plane segmented and masks of
-        adjacent planes linked at IoU ≥ ``stitch_threshold``: exactly ``sa-deploy segment
-        --stitch-threshold`` (cellpose's ``eval(stitch_threshold=…)``)."""
+    def segment_stack(self, stack: np.ndarray, stitch_threshold: float | None = None, *,
+                      do_3d: bool = False, anisotropy: float = 1.0,
+                      flow3d_smooth: Sequence[float] = (0.0,), channels: Sequence[int] | None = None,
+                      z_axis: int = 0, channel_axis: int | None = None, **settings: Any) -> np.ndarray:
+        """Z×Y×X labels of a Z-stack (Z×Y×X, or with channels): every plane segmented and masks of
+        adjacent planes linked at IoU ≥ ``stitch_threshold``, or with ``do_3d`` segmented in 3-D —
+        exactly ``sa-deploy segment --stitch-threshold`` / ``--do-3d`` (cellpose's modes)."""
         from selfadapt_deploy.batch import network_channels
-        from selfadapt_deploy.volume import segment_stitched
+        from selfadapt_deploy.volume import segment_3d, segment_stitched
 
         if not self.runner.is_active:
             raise SaDeployError("this Segmenter was closed; open a new one")
+        if not (stitch_threshold or do_3d):
+            raise SaDeployError("segment_stack needs a mode: stitch_threshold=T or do_3d=True")
+        smooth = check_stack_options(stitch_threshold, False, None, False, do_3d, anisotropy, flow3d_smooth)
         data = network_channels(stack_from_array(stack, z_axis, channel_axis), self.runner, channels, "stack")
-        return segment_stitched(self.runner, data, self._params(self.defaults, settings),
-                                stitch_threshold, self.device)
+        params = self._params(self.defaults, settings)
+        if do_3d:
+            return segment_3d(self.runner, data, params, anisotropy, smooth)[0]
+        return segment_stitched(self.runner, data, params, stitch_threshold, self.device)
 
     def segment(self, image: np.ndarray, channels: Sequence[int] | None = None,
                 channel_axis: int | None = None, **settings: Any) -> np.ndarray:

@@ -400,3 +400,20 @@ def test_do_3d_options_that_do_not_fit_are_one_error(tmp_path, stack_file, train
                   *extra])
     assert result.exit_code == 1 and message in result.output
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_segmenter_segment_stack_in_3d(tiny_cpsam, tmp_path):
+    from selfadapt_deploy.api import Segmenter
+    from selfadapt_deploy.volume import segment_3d
+
+    labels = random_volume_labels((6, 40, 44), 8, radius=(7, 10), seed=8)
+    gray = render_volume(labels, seed=8)
+    weights = tmp_path / "cpsam.pt"
+    tiny_cpsam.save(weights)
+    with Segmenter(weights, runtime="torch", device="cpu", cellprob_threshold=-0.5) as seg:
+        ours = seg.segment_stack(gray, do_3d=True, anisotropy=1.5)
+        with pytest.raises(SaDeployError, match="needs a mode"):
+            seg.segment_stack(gray)
+    with TorchRunner(tiny_cpsam) as runner:
+        expected, _ = segment_3d(runner, gray[:, None], SegmentParams(cellprob_threshold=-0.5), 1.5)
+    np.testing.assert_array_equal(ours, expected)
