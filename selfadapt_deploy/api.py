@@ -266,12 +266,15 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
           channel_axis: int | None = None, series: int | None = None,
           val: Sequence[str | Path] = (), val_fraction: float = 0.2, keep_snapshots: bool = True,
           labelled: Sequence[str] = (), val_labelled: Sequence[str] = (), source: Sequence[str] = (),
-          model2: str | None = None, device: str = "auto", report: Callable[[str], None] = print,
+          model2: str | None = None, z_axis: int | None = None, anisotropy: float = 1.0,
+          device: str = "auto", report: Callable[[str], None] = print,
           progress: Callable[[int, dict], None] | None = None, **options: Any) -> dict:
     """Adapt ``model`` to ``images`` into the new run directory ``out``; returns the run summary
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
     (iterations, lr, stop, method, ...); ``labelled`` implies ``method="actis"``. The older
-    spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too."""
+    spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too. Z-stacks
+    (axes recorded, or ``z_axis``) are trained on as their YX, ZX and ZY planes, Z resized by
+    ``anisotropy``."""
     from selfadapt_deploy.trainer.config import AdaptConfig, respelled
     from selfadapt_deploy.trainer.run import SETTINGS, RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
@@ -293,7 +296,8 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
     inputs = RunInputs(images=images, model=model, config=config, diameter=diameter or None,
                        channels=channels, channel_axis=channel_axis, series=series, val_images=val,
                        val_fraction=val_fraction, keep_snapshots=keep_snapshots, labelled=labelled,
-                       val_labelled=val_labelled, source=source, model2=model2)
+                       val_labelled=val_labelled, source=source, model2=model2, z_axis=z_axis,
+                       anisotropy=anisotropy)
     return _run(inputs, out, False, device, report, progress)
 
 

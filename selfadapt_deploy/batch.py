@@ -190,9 +190,6 @@ def network_channels(data: np.ndarray, runner: Runner, channels: Sequence[int] |
     """An image's (C×Y×X) or a stack's (Z×C×Y×X, each plane) channels as the network takes them:
     Cellpose 3 nets take exactly nchan channels, missing ones zero-padded."""
     spec = runner.spec
-    if data.ndim == 4:
-        return np.stack([select_channels(plane, channels, spec.nchan, where, pad=not spec.fewer_channels_ok)
-                         for plane in data])
     return select_channels(data, channels, spec.nchan, where, pad=not spec.fewer_channels_ok)
 
 

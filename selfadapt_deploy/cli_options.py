@@ -39,8 +39,7 @@ ChannelsOpt = Annotated[str | None, typer.Option(help="Comma-separated 0-based c
 ChannelAxisOpt = Annotated[int | None, typer.Option(help="Axis of the channels in the file's array, "
                                                     "if not recorded.")]
 ZAxisOpt = Annotated[int | None, typer.Option(help="Axis of Z in the file's array, for stacks whose "
-                                             "metadata does not record it (with --stitch-threshold "
-                                             "or --planes).")]
+                                             "metadata does not record it.")]
 SeriesOpt = Annotated[int | None, typer.Option(help="Only this series of multi-series files "
                                                "(default: every series).")]
 

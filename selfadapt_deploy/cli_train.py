@@ -14,6 +14,7 @@ from selfadapt_deploy.cli_options import (
     ChannelsOpt,
     DeviceOpt,
     SeriesOpt,
+    ZAxisOpt,
     console,
     err_console,
     fail,
@@ -98,6 +99,9 @@ def adapt(
     channels: ChannelsOpt = None,
     channel_axis: ChannelAxisOpt = None,
     series: SeriesOpt = None,
+    z_axis: ZAxisOpt = None,
+    anisotropy: Annotated[float, typer.Option(help="Z-stacks: the Z step ÷ the Y/X pixel size; their "
+                                              "ZX and ZY planes are resized by it along Z.")] = 1.0,
 ):
     """Adapt a pretrained model to unlabeled images (SelfAdapt), with a few labelled target
     images (ACTIS) or with two cooperating networks (CULPICO); resumable with --resume RUN."""
@@ -136,7 +140,7 @@ def adapt(
                 augment=augment, seed=seed, teacher_runtime=teacher_runtime,
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
                 compile_teacher=compile_teacher, method=method, labelled_fraction=labelled_fraction,
-                select=select, **common)
+                select=select, z_axis=z_axis, anisotropy=anisotropy, **common)
     finally:
         bar.stop()
     run = resume or out

@@ -148,3 +148,22 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
     masks = flows_to_masks_3d(flows, cellprob, mask_params(params, rescale))
     return masks, np.concatenate([flows, cellprob[None]])
 
+
+
+def orthogonal_planes(stack: np.ndarray, anisotropy: float = 1.0) -> list[np.ndarray]:
+    """A Z×C×Y×X stack as 2-D C×rows×cols training images, as cellpose trains its 2-D network for
+    3-D: every YX plane, then — the stack resized along Z by ``anisotropy`` — ZX and ZY planes,
+    every k-th so that each orientation gives about as many planes as YX (float32, unnormalised)."""
+    if not anisotropy > 0:
+        raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
+    x = stack.astype(np.float32)
+    planes = list(x)
+    lz = max(1, round(x.shape[0] * anisotropy))
+    if lz > 1:
+        x = resize_volume(x, (lz, *x.shape[2:])) if lz != x.shape[0] else x
+        z = len(planes)
+        for axis in (2, 3):  # ZX planes (along Y), then ZY planes (along X)
+            step = max(1, round(x.shape[axis] / z))
+            planes += [np.ascontiguousarray(np.take(x, k, axis=axis).transpose(1, 0, 2))
+                       for k in range(0, x.shape[axis], step)]
+    return planes

@@ -417,3 +417,37 @@ def test_segmenter_segment_stack_in_3d(tiny_cpsam, tmp_path):
     with TorchRunner(tiny_cpsam) as runner:
         expected, _ = segment_3d(runner, gray[:, None], SegmentParams(cellprob_threshold=-0.5), 1.5)
     np.testing.assert_array_equal(ours, expected)
+
+
+# ---- adaptation on volumes: a 2-D network trained on a stack's YX, ZX and ZY planes --------------
+def test_orthogonal_planes_are_the_stack_s_planes_after_the_z_resize():
+    from selfadapt_deploy.volume import orthogonal_planes, resize_volume
+
+    stack = np.random.default_rng(0).random((6, 2, 30, 36)).astype(np.float32)
+    planes = orthogonal_planes(stack, 2.0)
+    yx, rest = planes[:6], planes[6:]
+    np.testing.assert_array_equal(np.stack(yx), stack)
+    resized = resize_volume(stack, (12, 30, 36))
+    zx = [p for p in rest if p.shape == (2, 12, 36)]
+    zy = [p for p in rest if p.shape == (2, 12, 30)]
+    assert len(zx) == len(range(0, 30, 5)) and len(zy) == len(range(0, 36, 6))  # about Z planes each
+    np.testing.assert_array_equal(zx[1], resized[:, :, 5].transpose(1, 0, 2))
+    np.testing.assert_array_equal(zy[2], resized[:, :, :, 12].transpose(1, 0, 2))
+
+
+def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):
+    from selfadapt_deploy import api
+    from selfadapt_deploy.trainer.run import RunInputs
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, stack_file[1][:, 0])  # Z×Y×X without axes: --z-axis says which
+    out = tmp_path / "run"
+    summary = api.adapt([plain], trained_cpnet_path, out, z_axis=0, anisotropy=2.0, iterations=2,
+                        batch_size=2, eval_every=2, stop="none", select="last", device="cpu",
+                        report=lambda _: None)
+    assert summary["iterations_run"] == 2 and (out / "model.pt").is_file()
+    inputs = RunInputs.load(out)
+    assert (inputs.z_axis, inputs.anisotropy) == (0, 2.0)
+    with pytest.raises(SaDeployError, match="--z-axis"):
+        api.adapt([plain], trained_cpnet_path, tmp_path / "run2", iterations=2, device="cpu",
+                  report=lambda _: None)

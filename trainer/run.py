@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
@@ -32,8 +33,18 @@ from selfadapt_deploy.trainer.loop import (
 from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
+from selfadapt_deploy.volume import orthogonal_planes
 
 SETTINGS = "settings.json"
+
+
+def training_images(images: list[np.ndarray], anisotropy: float) -> list[np.ndarray]:
+    """2-D images as they are; each Z-stack (Z×C×Y×X) as its YX, ZX and ZY planes
+    (``volume.orthogonal_planes``)."""
+    out: list[np.ndarray] = []
+    for image in images:
+        out += orthogonal_planes(image, anisotropy) if image.ndim == 4 else [image]
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class RunInputs:
     val_labelled: tuple[str, ...] = ()  # held-out labelled images that score every candidate
     source: tuple[str, ...] = ()  # CULPICO: labelled source images
     model2: str | None = None  # CULPICO: its second network
+    z_axis: int | None = None  # Z-stacks whose axes are not recorded
+    anisotropy: float = 1.0  # Z-stacks: Z step ÷ Y/X pixel size (ZX/ZY planes resized by it)
 
     def __post_init__(self) -> None:
         """Sequences from callers and JSON become tuples (paths as strings), so the inputs are
@@ -114,8 +127,10 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     labelled_pairs = read_pairs(find_pairs(source if culpico else labelled), net.nchan, pad, channels,
                                 channel_axis, series)
     val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series)
-    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report)
-    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report)
+    data = training_images(read_network_images(images, net.nchan, pad, channels, channel_axis, series,
+                                               report, True, inputs.z_axis), inputs.anisotropy)
+    held_out = training_images(read_network_images(val_images, net.nchan, pad, channels, channel_axis,
+                                                   series, report, True, inputs.z_axis), inputs.anisotropy)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
     if held_out:

@@ -81,8 +81,8 @@ def _to_cyx(arr: np.ndarray, axes: str, channel_axis: int | None, where: str) ->
     if min(first, last) <= MAX_GUESSED_CHANNELS:
         axis = 0 if first <= last else arr.ndim - 1
         note = (f"no axis of the file is marked as channels: its {arr.shape[axis]} planes along axis "
-                f"{axis} of {arr.shape} were read as channels, as cellpose does (a Z-stack or time "
-                "series would be wrong here; --channel-axis chooses)")
+                f"{axis} of {arr.shape} were read as channels, as cellpose does (for a Z-stack "
+                "--z-axis names its Z axis; --channel-axis chooses the channels)")
         return np.moveaxis(arr, axis, 0), note
     raise ImageReadError(f"{where}: cannot tell which axis holds channels in shape {arr.shape}; "
                          "pass --channel-axis")
@@ -320,7 +320,10 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
 
     A single-channel image on a 2-channel CPnet becomes [image, zeros] — cellpose 3's
     ``channels=[0, 0]``. More image channels than the network takes must be chosen explicitly.
+    A Z×C×Y×X stack has each plane's channels picked so.
     """
+    if img.ndim == 4:
+        return np.stack([select_channels(plane, channels, nchan, where, pad) for plane in img])
     check_channels(channels)
     if channels is not None:
         bad = [c for c in channels if not 0 <= c < img.shape[0]]
@@ -340,16 +343,23 @@ def select_channels(img: np.ndarray, channels: Sequence[int] | None, nchan: int,
 
 
 def read_network_images(paths: Sequence[str | Path], nchan: int, pad: bool, channels, channel_axis,
-                        series, report: Callable[[str], None] | None = None) -> list[np.ndarray]:
+                        series, report: Callable[[str], None] | None = None, stacks: bool = False,
+                        z_axis: int | None = None) -> list[np.ndarray]:
     """Every image as C×Y×X with the network's channels. The images are one set (a training or
     validation set), so an unreadable one is not skipped: one error names every file that failed
     and why, before the caller has written anything. ``report`` hears each kind of
-    :attr:`Image.note` once (the first file and how many more)."""
+    :attr:`Image.note` once (the first file and how many more). With ``stacks``, a file whose axes
+    record Z (or every file, with ``z_axis``) comes back as one Z×C×Y×X stack."""
     images, failed, files, notes = [], [], expand_inputs(paths), {}
     for path in files:
+        stack = "volume" if stacks and (z_axis is not None or has_z_axis(path, series)) else "refuse"
         try:
-            for image in read_images(path, channel_axis=channel_axis, series=series):
-                images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
+            for image in read_images(path, channel_axis=channel_axis, series=series, z_axis=z_axis,
+                                     stack=stack):
+                try:
+                    images.append(select_channels(image.data, channels, nchan, str(image.source), pad))
+                except SaDeployError as exc:  # a guessed channel axis is part of what went wrong
+                    raise ImageReadError(f"{exc}; {image.note}" if image.note else str(exc)) from None
                 if image.note:
                     notes.setdefault(image.note, []).append(image.source)
         except SaDeployError as exc:
