@@ -153,9 +153,9 @@ def test_segment_device_pipeline_on_cpu_writes_the_host_pipelines_masks(tmp_path
 def test_segment_passes_parsed_options_to_the_library(tmp_path, weights, monkeypatch):
     seen = {}
 
-    def fake_segment_files(paths, job, channel_axis, series):
+    def fake_segment_files(paths, job, channel_axis, series, stack_progress=None):
         seen.update(params=job.params, channels=job.channels, series=series,
-                    save_flows=job.save_flows)
+                    save_flows=job.save_flows, stack_mode=job.stack_mode)
         return iter(())
 
     monkeypatch.setattr("selfadapt_deploy.batch.segment_files", fake_segment_files)
@@ -167,6 +167,7 @@ def test_segment_passes_parsed_options_to_the_library(tmp_path, weights, monkeyp
     p = seen["params"]
     assert (p.diameter, p.niter, p.flow_threshold, p.tta) == (25.0, 50, 0.0, True)
     assert seen["channels"] == [2, 1] and seen["series"] == 1 and seen["save_flows"] is False
+    assert seen["stack_mode"] == "refuse"  # no stack option: a Z-stack would be refused
 
 
 def test_evaluate_prints_table_and_writes_json(tmp_path):
