@@ -162,15 +162,21 @@ def scoring_runtime() -> str:
     return os.environ.get("SELECTION_SCORING_RUNTIME", "torch")
 
 
-def _segment(net, images: list[np.ndarray], params: SegmentParams, run: Path) -> list:
+def _segment(net, images: list[np.ndarray], params: SegmentParams, run: Path) -> tuple[list, str]:
+    """The candidate's segmentations and the runtime that made them: onnxruntime when asked and
+    the candidate's graph passes the export's validation, else torch."""
     if scoring_runtime() == "torch":
-        return segment_results(net, images, params)
+        return segment_results(net, images, params), "torch"
     from selfadapt_deploy.export.graph_cache import cached_graph
+    from selfadapt_deploy.export.onnx_export import ExportValidationError
     from selfadapt_deploy.runtime import MODEL_GRAPH, OrtRunner
 
-    entry = cached_graph(net, "candidate", MODEL_GRAPH, root=run / "bench" / "graphs")
+    try:
+        entry = cached_graph(net, "candidate", MODEL_GRAPH, root=run / "bench" / "graphs")
+    except ExportValidationError:  # e.g. an adapted net's outputs past the fp32 bound: torch
+        return segment_results(net, images, params), "torch"
     with OrtRunner(entry.path / "model.onnx", net.spec, MODEL_GRAPH, "cpu") as runner:
-        return segment_images(runner, images, params, "cpu")
+        return segment_images(runner, images, params, "cpu"), "onnx"
 
 
 def _score_candidate(name: str, path: Path, run: Path, labelled: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -180,7 +186,7 @@ def _score_candidate(name: str, path: Path, run: Path, labelled: Sequence[tuple[
     """One candidate's row: AP on the labels, its held-out predictions into ``pool``, dropout."""
     tic = time.perf_counter()
     net = load_model(path, "cpu")
-    segs = _segment(net, [im for im, _ in labelled], params, run)
+    segs, runtime = _segment(net, [im for im, _ in labelled], params, run)
     seg_s = time.perf_counter() - tic
     ap = pooled([average_precision(gt, s.masks) for (_, gt), s in zip(labelled, segs, strict=True)]).ap
     if val_index is not None:  # the held-out images are labelled ones: their share of the time
@@ -188,12 +194,12 @@ def _score_candidate(name: str, path: Path, run: Path, labelled: Sequence[tuple[
         val_s = seg_s * sum(im.size for im in val_images) / sum(im.size for im, _ in labelled)
     else:
         t = time.perf_counter()
-        val_segs = _segment(net, list(val_images), params, run)
+        val_segs, _ = _segment(net, list(val_images), params, run)
         val_s = time.perf_counter() - t
     pool.add(name, val_segs)
     iteration = int(name[5:]) if name.startswith("iter_") else None
     row = {"candidate": name, "iteration": iteration, "ap50": float(ap[0]), "ap75": float(ap[1]),
-           "scored_with": scoring_runtime(),
+           "scored_with": runtime,
            "segment_val_s": val_s, **(signals[iteration] if iteration is not None else {})}
     for rate in DROPOUT_RATES:
         t = time.perf_counter()

@@ -81,8 +81,17 @@ def _open(model: str | Path, runtime: str, device: torch.device, precision: str 
             runner = TorchRunner(net.to(device), device, precision, graph, **torch_options)
             return runner, net.family, f"{runner.name} on {device}" + (f"; {why}" if why else "")
         from selfadapt_deploy.export.graph_cache import cached_graph
+        from selfadapt_deploy.export.onnx_export import ExportValidationError
 
-        entry = cached_graph(net, str(model), graph, precision or "fp32", report=report, where=where)
+        try:
+            entry = cached_graph(net, str(model), graph, precision or "fp32", report=report, where=where)
+        except ExportValidationError as exc:
+            if runtime == "onnx":  # asked for: the disagreement is the answer
+                raise
+            runner = TorchRunner(net.to(device), device, precision, graph, **torch_options)
+            first = str(exc).splitlines()[0]
+            return runner, net.family, (f"{runner.name} on {device}; auto: its ONNX graph did not pass "
+                                        f"validation ({first}), so torch runs it")
         path, runtime = entry.path, "onnx"
         cached = (f"{why}; exported once into the graph cache ({entry.seconds:.0f} s)" if entry.made
                   else f"{why}; cached graph {entry.path}")

@@ -179,3 +179,19 @@ def test_cache_list_and_clear(cache, made_entry):
     assert not graph_cache.list_entries(cache) and cache_dir("graphs") == cache
     bad = cli.invoke(app, ["cache", "purge"])
     assert bad.exit_code == 1 and "list or clear" in bad.output
+
+
+def test_a_graph_that_fails_validation_leaves_auto_in_torch_and_fails_onnx(cache, trained_cpnet_path,
+                                                                          monkeypatch):
+    from selfadapt_deploy.export.onnx_export import ExportValidationError
+
+    def disagreeing(*args, **kwargs):
+        raise ExportValidationError("model.onnx disagrees with torch (fp32); not written:\n  "
+                                    "flows_cellprob: max |Δ| 0.5 > 0.0089")
+
+    monkeypatch.setattr(graph_cache, "cached_graph", disagreeing)
+    runner, said = open_runner(trained_cpnet_path, "auto", "cpu")
+    assert runner.name.startswith("torch") and "did not pass validation" in said
+    with pytest.raises(ExportValidationError, match="disagrees with torch"):
+        open_runner(trained_cpnet_path, "onnx", "cpu")
+    assert not graph_cache.list_entries(cache)  # nothing was cached

@@ -40,7 +40,7 @@ class RunnerTeacher:
         if sync_every < 1:
             raise SaDeployError(f"--teacher-sync must be ≥ 1, got {sync_every}")
         self.runner, self.teacher, self.sync_every = runner, teacher, sync_every
-        self.tolerance, self.relative = tolerance(precision, runner.device)
+        self.tolerance = tolerance(precision, runner.device)
         # at fp32 the graph module shares the EMA's parameters: its state_dict is always current,
         # named as the exported graph's initializers
         self.weights = graph_module(teacher, TEACHER_GRAPH)
@@ -54,7 +54,7 @@ class RunnerTeacher:
         out = TeacherOutput.from_graph(self.runner.run(x))
         reference = teacher_predict(self.teacher, x)
         err = out.max_abs_diff(reference)
-        bound = self.tolerance * (max(1.0, float(reference.flows.abs().max())) if self.relative else 1)
+        bound = self.tolerance * max(1.0, float(reference.flows.abs().max()))
         if not err <= bound:
             raise SaDeployError(f"{self.runner.name}'s teacher disagrees with the torch teacher at step "
                                 f"{step} (max |Δ| {err:.3g} > {bound:.3g}); its pseudo-labels cannot "
