@@ -116,7 +116,7 @@ def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: in
                         save_flows: bool, do_3d: bool = False, anisotropy: float = 1.0,
                         flow3d_smooth: Sequence[float] = (0.0,)) -> tuple[float, float, float]:
     """The Z-stack options make sense together, before any work; the (Z, Y, X) smoothing sigmas."""
-    from selfadapt_deploy.volume import check_stitch_threshold
+    from selfadapt_deploy.volume import check_anisotropy, check_stitch_threshold
 
     smooth = tuple(float(v) for v in flow3d_smooth)
     if len(smooth) == 1:
@@ -124,8 +124,7 @@ def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: in
     if len(smooth) != 3 or any(not v >= 0 for v in smooth):
         raise SaDeployError(f"--flow3d-smooth takes one sigma or three (Z,Y,X), each ≥ 0 voxels; got "
                             f"{','.join(map(str, flow3d_smooth))}")
-    if not anisotropy > 0:
-        raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
+    check_anisotropy(anisotropy)
     modes = [name for name, on in (("--stitch-threshold", stitch_threshold), ("--do-3d", do_3d),
                                    ("--planes", planes)) if on]
     if len(modes) > 1:

@@ -44,6 +44,11 @@ from selfadapt_deploy.segment import (
 STITCH_THRESHOLD_RULE = "a number in (0, 1]: the IoU at which masks of adjacent planes are linked"
 
 
+def check_anisotropy(anisotropy: float) -> None:
+    if not anisotropy > 0:
+        raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
+
+
 def check_stitch_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise SaDeployError(f"--stitch-threshold must be {STITCH_THRESHOLD_RULE}, got {threshold:g}")
@@ -127,8 +132,7 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
     cellpose 4.2's ``eval(do_3D=True, anisotropy=…, flow3D_smooth=…)``. No flow QC in 3-D."""
     if volume.ndim != 4:
         raise SaDeployError(f"a stack for 3-D segmentation is Z×C×Y×X, got shape {volume.shape}")
-    if not anisotropy > 0:
-        raise SaDeployError(f"--anisotropy must be > 0 (Z step ÷ Y/X pixel size), got {anisotropy:g}")
+    check_anisotropy(anisotropy)
     lz, ly, lx = volume.shape[0], *volume.shape[2:]
     x = normalize_volume(volume) if params.normalize else volume.astype(np.float32)
     rescale = rescale_factor(runner.spec, params.diameter)
@@ -154,8 +158,7 @@ def orthogonal_planes(stack: np.ndarray, anisotropy: float = 1.0) -> list[np.nda
     """A Z×C×Y×X stack as 2-D C×rows×cols training images, as cellpose trains its 2-D network for
     3-D: every YX plane, then — the stack resized along Z by ``anisotropy`` — ZX and ZY planes,
     every k-th so that each orientation gives about as many planes as YX (float32, unnormalised)."""
-    if not anisotropy > 0:
-        raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
+    check_anisotropy(anisotropy)
     x = stack.astype(np.float32)
     planes = list(x)
     lz = max(1, round(x.shape[0] * anisotropy))
