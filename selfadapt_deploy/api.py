@@ -172,7 +172,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     ``do_3D`` with ``anisotropy`` and ``flow3d_smooth``) or ``planes`` segments each plane as its own
     image; stacks are read whole (``stack_progress(path, planes done, planes)`` as they go)."""
     from selfadapt_deploy.batch import SegmentJob, segment_files
-    from selfadapt_deploy.io.readers import expand_inputs, has_z_axis, image_pixels, stack_headers
+    from selfadapt_deploy.io.readers import expand_inputs, image_pixels, stack_headers
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
@@ -213,13 +213,14 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     spec = the_runner.spec
     mode = "stream" if stream or dask is not None else "whole" if stream is False else "auto"
     rescale = rescale_factor(spec, params.diameter)
-    stacks = [f for f in files
-              if (stitch_threshold or planes or do_3d) and (z_axis is not None or has_z_axis(f, series))]
+    headers = {f: stack_headers(f, series, z_axis) for f in files} if stitch_threshold or planes or do_3d \
+        else {}  # one header read per file: which are stacks, and what they need
+    stacks = [f for f, h in headers.items() if z_axis is not None or any(z > 1 for z, *_ in h)]
     if stacks and stream:
         raise SaDeployError(f"--stream streams 2-D slides, but {stacks[0]} is a Z-stack (read whole, "
                             "plane by plane); drop --stream")
     for path in stacks if stitch_threshold or do_3d else ():  # one that cannot fit fails first
-        for planes_, ly, lx, stored in stack_headers(path, series, z_axis):
+        for planes_, ly, lx, stored in headers[path]:
             memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale,
                                     anisotropy if do_3d else None)
     in_memory, slides, choices = split_inputs(

@@ -42,9 +42,10 @@ def random_labels(shape: tuple[int, int], n_cells: int, radius: tuple[float, flo
     return labels
 
 
-def render(labels: np.ndarray, seed: int = 0, blur: float = 1.0, noise: float = 0.05,
+def render(labels: np.ndarray, seed: int = 0, blur: float | tuple[float, ...] = 1.0, noise: float = 0.05,
            background: float = 0.1, gamma: float = 1.0) -> np.ndarray:
-    """Fluorescence-like float32 image of ``labels`` (cells bright, nuclei brighter)."""
+    """Fluorescence-like float32 image (or stack) of ``labels`` (cells bright, nuclei brighter);
+    ``blur``: one Gaussian sigma, or one per axis."""
     rng = np.random.default_rng(seed)
     n = int(labels.max())
     brightness = np.r_[0.0, rng.uniform(0.5, 1.0, n)]
@@ -83,13 +84,9 @@ def random_volume_labels(shape: tuple[int, int, int], n_cells: int, radius: tupl
 
 def render_volume(labels: np.ndarray, seed: int = 0, blur: float = 1.0, z_blur: float = 1.0,
                   noise: float = 0.05, background: float = 0.1) -> np.ndarray:
-    """Fluorescence-like float32 Z×Y×X stack of ``labels``: :func:`render`'s cells, blurred by
-    ``z_blur`` planes along Z (the axial spread of a widefield or confocal stack) and ``blur`` in Y/X."""
-    rng = np.random.default_rng(seed)
-    brightness = np.r_[0.0, rng.uniform(0.5, 1.0, int(labels.max()))]
-    img = brightness[labels] * (1 + 0.5 * (ndimage.distance_transform_edt(labels > 0) > 3))
-    img = ndimage.gaussian_filter(img, (z_blur, blur, blur)) + background
-    return np.clip(img + rng.normal(0, noise, img.shape), 0, None).astype(np.float32)
+    """:func:`render` of Z×Y×X labels, blurred by ``z_blur`` planes along Z (the axial spread of a
+    widefield or confocal stack) and ``blur`` in Y/X."""
+    return render(labels, seed, (z_blur, blur, blur), noise, background)
 
 
 @dataclass(frozen=True)

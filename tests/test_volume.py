@@ -216,6 +216,11 @@ def test_a_stack_without_axes_needs_z_axis(tmp_path, stack_file, trained_cpnet_p
     (["--stitch-threshold", "0.3", "--planes"], "choose one"),
     (["--stitch-threshold", "1.5"], "stitch-threshold must be"),
     (["--stitch-threshold", "0.3", "--save-flows"], "save-flows"),
+    (["--do-3d", "--planes"], "choose one"),
+    (["--anisotropy", "2"], "apply to --do-3d"),
+    (["--do-3d", "--anisotropy", "0"], "anisotropy must be > 0"),
+    (["--do-3d", "--flow3d-smooth", "1,2"], "one sigma or three"),
+    (["--do-3d", "--flow3d-smooth", "a"], "numbers separated by commas"),
 ])
 def test_stack_options_that_do_not_fit_are_one_error(tmp_path, stack_file, trained_cpnet_path, extra,
                                                     message):
@@ -384,22 +389,6 @@ def test_segment_do_3d_writes_the_library_s_masks_and_flows(tmp_path, tiny_cpsam
     assert flows.shape == (4, 8, 48, 56)
     np.testing.assert_allclose(flows, output, atol=1e-6)
     assert expected.max() > 0
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--do-3d", "--planes"], "choose one"),
-    (["--anisotropy", "2"], "apply to --do-3d"),
-    (["--do-3d", "--anisotropy", "0"], "anisotropy must be > 0"),
-    (["--do-3d", "--flow3d-smooth", "1,2"], "one sigma or three"),
-    (["--do-3d", "--flow3d-smooth", "a"], "numbers separated by commas"),
-])
-def test_do_3d_options_that_do_not_fit_are_one_error(tmp_path, stack_file, trained_cpnet_path, extra,
-                                                    message):
-    out = tmp_path / "out"
-    result = cli(["segment", str(stack_file[0]), "--model", str(trained_cpnet_path), "--out", str(out),
-                  *extra])
-    assert result.exit_code == 1 and message in result.output
-    assert not out.exists() or not list(out.iterdir())
 
 
 def test_segmenter_segment_stack_in_3d(tiny_cpsam, tmp_path):
