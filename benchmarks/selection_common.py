@@ -373,8 +373,8 @@ def pick_default(real: dict[str, dict], synthetic: dict[str, dict] | None, candi
             and (synthetic is None or synthetic[n]["harmful"] == 0)]
     best = max(safe, key=gain, default=None)
     if best is not None and gain(best) >= 0.7:
-        return best, f"no harmful run; highest mean AP@0.5 gain captured ({gain(best):.2f})"
+        return best, f"no harmful run; highest mean AP@0.5 gain captured ({gain(best):.3f})"
     best = min(candidates, key=lambda n: (real[n]["harmful"] + (synthetic or {}).get(n, {}).get("harmful", 0),
                                           -gain(n)))
     return best, (f"no rule reaches 0.7 without harm; fewest harmful runs "
-                  f"({real[best]['harmful']} real), then highest gain ({gain(best):.2f})")
+                  f"({real[best]['harmful']} real), then highest gain ({gain(best):.3f})")

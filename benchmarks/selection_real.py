@@ -189,6 +189,8 @@ def costs(runs: list[dict]) -> dict[str, float]:
                 out.setdefault(f"guarded-{guard}{suffix}", []).append(out["consensus"][-1] + extra)
             out.setdefault(f"guarded-{guard}-anchored", []).append(out["consensus-anchored"][-1] + extra)
         out.setdefault("guarded-flow+dropout", []).append(out["consensus"][-1] + dropout)
+        out.setdefault("guarded-dropout-averages", []).append(  # + each average's dropout pass
+            out["consensus-averages"][-1] + dropout * (1 + len(AVERAGES) / len(evals)))
     result = {k: mean(v) for k, v in out.items()}
     result["dropout"] = result[f"dropout@{DROPOUT_RATE}"]
     return result
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rule, why = pick_default(real, synthetic, label_free)
     print(f"\npre-registered choice: {rule} ({why}); the library's default: {DEFAULT_LABEL_FREE}")
     default = DEFAULT_LABEL_FREE if DEFAULT_LABEL_FREE in real else next(iter(RULES))
-    print(f"ratio={real[default]['mean_ap50']:.2f}")
+    print(f"ratio={real[default]['mean_ap50']:.3f}")
     return 0
 
 

@@ -88,8 +88,9 @@ def adapt(
         help="Held-out labelled images (same forms): AP@0.5 of every snapshot.")] = None,
     select: Annotated[str, typer.Option(help="Deployed candidate (θ0, a snapshot or a weight average): "
                                         "auto (labelled with --val-labelled, else label-free), "
-                                        "label-free (the label-free default), guarded-flow, "
-                                        "guarded-dropout, consensus, consensus-anchored, "
+                                        "label-free (the label-free default), "
+                                        "guarded-dropout-averages, guarded-dropout, guarded-flow, "
+                                        "consensus, consensus-anchored, "
                                         "consensus-averages, dropout, swa, "
                                         "wise-0.25, wise-0.50, wise-0.75, stop (what --stop selects), "
                                         "last or labelled. README: Choosing the snapshot without "

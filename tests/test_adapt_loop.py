@@ -85,7 +85,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_cpne
             == (tmp_path / "full" / "metrics.csv").read_text())
 
 
-@pytest.mark.parametrize("select", ["consensus-averages", "guarded-dropout"])
+@pytest.mark.parametrize("select", ["consensus-averages", "guarded-dropout-averages"])
 def test_a_resumed_run_keeps_its_pool_and_selects_as_an_uninterrupted_run(tmp_path, trained_cpnet_path,
                                                                           select):
     cfg = AdaptConfig(**{**CONFIG.__dict__, "select": select, "lr": 1e-2})
@@ -106,11 +106,10 @@ def test_a_resumed_run_keeps_its_pool_and_selects_as_an_uninterrupted_run(tmp_pa
     table = list(csv.DictReader(open(tmp_path / "full" / "selection.csv")))
     names = [r["candidate"] for r in table]
     assert names[:3] == ["iter_000000", "iter_000003", "iter_000006"]
-    if select == "consensus-averages":
-        assert names[3:] == ["swa", "wise-0.25", "wise-0.50", "wise-0.75"]
-        assert all(0 <= float(r["consensus50_averages"]) <= 1 for r in table)
-        assert load_model(tmp_path / "full" / "averages" / "swa.pt").family == "cpnet"
-    else:
+    assert names[3:] == ["swa", "wise-0.25", "wise-0.50", "wise-0.75"]
+    assert all(0 <= float(r["consensus50_averages"]) <= 1 for r in table)
+    assert load_model(tmp_path / "full" / "averages" / "swa.pt").family == "cpnet"
+    if select == "guarded-dropout-averages":  # every candidate, the averages too, has its dropout signal
         assert all(0 <= float(r["dropout_err"]) <= 1 for r in table)
 
 
@@ -360,7 +359,8 @@ def test_the_run_says_plainly_when_the_pretrained_model_is_deployed(tmp_path, tr
     assert "adaptation did not improve" in selection["why"]
     assert "pretrained model is deployed" in selection["why"]
     table = list(csv.DictReader(open(tmp_path / "run" / "selection.csv")))
-    assert [r["candidate"] for r in table] == ["iter_000000", "iter_000003", "iter_000006"]
+    assert [r["candidate"] for r in table] == ["iter_000000", "iter_000003", "iter_000006",
+                                               "swa", "wise-0.25", "wise-0.50", "wise-0.75"]
 
 
 def test_vit_resume_is_bit_identical_and_the_callers_rng_is_left_alone(tmp_path):

@@ -122,6 +122,21 @@ def test_the_dropout_guard_vetoes_by_dropout_disagreement():
     assert RULES["guarded-dropout"].dropout and not RULES["guarded-flow"].dropout
 
 
+def test_a_saturated_dropout_signal_hands_the_guard_to_the_flow_error():
+    rows = guard_table({THETA0: 0.30, "iter_000010": 0.25}, "iter_000010")  # flow error better
+    for row in rows:
+        row["dropout_err"] = 1.0  # every match lost under dropout, θ0 and the snapshot alike
+    assert choose("guarded-dropout", rows)["candidate"] == "iter_000010"
+    why = explain("guarded-dropout", rows[1], rows)
+    assert "dropout_err 1.000 is saturated" in why and "flow_err 0.2500, θ0 0.3000" in why
+    rows[1]["flow_err"] = 0.35  # the flow error vetoes as guarded-flow does
+    assert choose("guarded-dropout", rows)["candidate"] == THETA0
+    rows[0]["dropout_err"] = rows[1]["dropout_err"] = 0.98  # below saturation: dropout guards again
+    assert choose("guarded-dropout", rows)["candidate"] == THETA0
+    rows[1]["dropout_err"] = 0.90
+    assert choose("guarded-dropout", rows)["candidate"] == "iter_000010"
+
+
 def test_pool_members_and_weights():
     rows = [{"candidate": THETA0, "iteration": 0}, {"candidate": "iter_000010", "iteration": 10},
             {"candidate": "iter_000020", "iteration": 20}, {"candidate": "swa", "iteration": None}]
@@ -230,6 +245,7 @@ def test_rules_resolve_and_refuse():
     assert resolve_rule("auto", has_labelled=True) == "labelled"
     assert resolve_rule("auto", has_labelled=False) == resolve_rule("label-free", False)
     default = resolve_rule("label-free", False)
+    assert default == "guarded-dropout-averages"  # chosen on the real runs (benchmarks/selection_real.py)
     assert default in RULES and not RULES[default].labelled
     with pytest.raises(SaDeployError, match="needs held-out labelled images"):
         resolve_rule("labelled", has_labelled=False)

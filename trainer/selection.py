@@ -125,11 +125,25 @@ def _consensus(pool: str) -> Callable[[Sequence[Row], StopRule], Row]:
 
 GUARD_MARGIN = FLOW_MIN_DELTA  # a guard signal counts as better when ≥ 2 % lower (as --stop flow)
 GUARDS = {"flow": "flow_err", "dropout": "dropout_err"}  # guarded-<name>: the signal that vetoes
+# θ0's value of a guard signal at or above which the signal cannot rank candidates, and the signal
+# that guards instead: at a dropout disagreement ≥ 0.99 feature dropout destroys (nearly) every
+# match at IoU 0.75 — the demo's small CPnet: 1.0 for θ0 and every snapshot — so no candidate
+# could ever show it is better; cellpose's flow check still can.
+SATURATED = {"dropout_err": (0.99, "flow_err")}
+
+
+def guard_signal(signal: str, base: Row) -> str:
+    """The signal that guards against θ0 (``base``): ``signal``, or its fallback where θ0's value
+    saturates it (:data:`SATURATED`)."""
+    limit, fallback = SATURATED.get(signal, (math.inf, signal))
+    value = base.get(signal, math.nan)
+    return fallback if math.isfinite(value) and value >= limit else signal
 
 
 def passes_guard(row: Row, base: Row, signal: str, margin: float = GUARD_MARGIN) -> bool:
-    """Whether ``row``'s ``signal`` (lower is better) is at least the fraction ``margin`` below
-    θ0's (``base``); a non-finite value never passes."""
+    """Whether ``row``'s guard signal (``signal`` or, saturated on θ0, its fallback; lower is
+    better) is at least the fraction ``margin`` below θ0's (``base``); non-finite never passes."""
+    signal = guard_signal(signal, base)
     value, reference = row.get(signal, math.nan), base.get(signal, math.nan)
     return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - margin)
 
@@ -145,13 +159,18 @@ def _guarded(pool: str, signal: str) -> Callable[[Sequence[Row], StopRule], Row]
 
 
 _GUARD_HELP = {"flow": "flow error (cellpose's mask-quality check)",
-               "dropout": "dropout disagreement (see dropout)"}
+               "dropout": "dropout disagreement (see dropout; the flow error where θ0's is ≥ "
+                          f"{SATURATED['dropout_err'][0]:g}, saturated)"}
 RULES: dict[str, Rule] = {
     **{f"guarded-{name}": Rule(f"consensus's choice if its {_GUARD_HELP[name]} on the held-out "
                                f"images is ≥ {GUARD_MARGIN:.0%} below θ0's, else θ0",
                                _guarded("snapshots", signal), pool="snapshots", dropout=name == "dropout",
                                guard=signal)
        for name, signal in GUARDS.items()},
+    "guarded-dropout-averages": Rule("as guarded-dropout, the consensus that of consensus-averages "
+                                     "(θ0, the snapshots, SWA and WiSE-FT models)",
+                                     _guarded("averages", GUARDS["dropout"]), pool="averages", dropout=True,
+                                     guard=GUARDS["dropout"], averages=AVERAGES),
     "consensus": Rule("candidate agreeing best with the consensus of θ0 and every snapshot "
                       "(EnsV)", _consensus("snapshots"), pool="snapshots"),
     "consensus-anchored": Rule("as consensus, θ0 weighted as much as all snapshots together",
@@ -171,9 +190,10 @@ RULES: dict[str, Rule] = {
                      lambda rows, _s: best_row(snapshots(rows), lambda r: r.get("ap50_labelled", math.nan)),
                      labelled=True),
 }
-# benchmarks/selection_real.py pre-registered guarded-dropout; its signal saturates on small networks
-# (README: Choosing the snapshot without labels), so the default is the flow-guarded rule
-DEFAULT_LABEL_FREE = "guarded-flow"
+# chosen by issue 18's pre-registered criterion on six real runs (benchmarks/selection_real.py;
+# README: Choosing the snapshot without labels): 0 harmful runs, real and synthetic, then the
+# highest gain among those
+DEFAULT_LABEL_FREE = "guarded-dropout-averages"
 SELECTIONS = ("auto", "label-free", *RULES)
 
 
@@ -200,9 +220,12 @@ def explain(rule: str, chosen: Row, rows: Sequence[Row]) -> str:
     name, base = chosen["candidate"], theta0(rows)
     detail = ""
     if RULES[rule].guard is not None:
-        pick, signal = consensus_pick(rows, RULES[rule].pool), RULES[rule].guard
+        pick, signal = consensus_pick(rows, RULES[rule].pool), guard_signal(RULES[rule].guard, base)
+        saturated = (f"; θ0's {RULES[rule].guard} {base[RULES[rule].guard]:.3f} is saturated, so the "
+                     f"{signal} guards" if signal != RULES[rule].guard else "")
         detail = (f" (consensus chose {pick['candidate']}: {signal} {pick.get(signal, math.nan):.4f}, "
-                  f"θ0 {base.get(signal, math.nan):.4f}; deployed only if ≥ {GUARD_MARGIN:.0%} lower)")
+                  f"θ0 {base.get(signal, math.nan):.4f}; deployed only if ≥ {GUARD_MARGIN:.0%} lower"
+                  f"{saturated})")
     elif RULES[rule].pool is not None:
         detail = (f" (consensus agreement {consensus_score(chosen, RULES[rule].pool):.3f}; "
                   f"θ0 {consensus_score(base, RULES[rule].pool):.3f})")
