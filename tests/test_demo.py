@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from selfadapt_deploy.cli import app
 from selfadapt_deploy.models import load_model
-from selfadapt_deploy.trainer.demo import DemoConfig, run_demo
+from selfadapt_deploy.trainer.demo import DemoConfig, DemoResult, run_demo
 
 
-def test_adaptation_improves_target_ap_and_demo_folder_is_complete(tmp_path):
-    result = run_demo(tmp_path, DemoConfig.quick(), "cpu", seed=0, report=lambda _: None)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[Path, DemoResult]:
+    """The quick demo's folder and result (its source model is reused by the ACTIS test)."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, DemoConfig.quick(), "cpu", seed=0, report=lambda _: None)
+
+
+def test_adaptation_improves_target_ap_and_demo_folder_is_complete(quick_demo):
+    tmp_path, result = quick_demo
     target, source = "target (6× noise)", "source (clean)"
     # the source model is good on its own domain and clearly worse under the shift
     assert result.before[source].ap[0] > 0.95
@@ -34,9 +44,13 @@ def test_adaptation_improves_target_ap_and_demo_folder_is_complete(tmp_path):
     assert "holds a demo run with other settings" in out.output
 
 
-def test_actis_with_two_labelled_target_images_beats_the_source_model(tmp_path):
-    """ACTIS on the demo's shift: 2 labelled target images in every batch (one of 4 tiles)."""
-    result = run_demo(tmp_path, DemoConfig.quick("actis"), "cpu", seed=0, report=lambda _: None)
+def test_actis_with_two_labelled_target_images_beats_the_source_model(tmp_path, quick_demo):
+    """ACTIS on the demo's shift: 2 labelled target images in every batch (one of 4 tiles). The
+    source model is the SelfAdapt demo's (same source settings and seed): the demo reuses it."""
+    shutil.copy(quick_demo[0] / "source_model.pt", tmp_path / "source_model.pt")
+    reports: list[str] = []
+    result = run_demo(tmp_path, DemoConfig.quick("actis"), "cpu", seed=0, report=reports.append)
+    assert any(r.startswith("reusing the trained source model") for r in reports)
     target = "target (6× noise)"
     assert result.after[target].ap[0] > result.before[target].ap[0] + 0.08
     run = json.loads((tmp_path / "adapt" / "run.json").read_text())
@@ -44,8 +58,6 @@ def test_actis_with_two_labelled_target_images_beats_the_source_model(tmp_path):
 
 
 def test_demo_has_a_small_cellpose_sam_variant(tmp_path):
-    import pytest
-
     from selfadapt_deploy.errors import SaDeployError
 
     config = DemoConfig.for_family("cpsam")

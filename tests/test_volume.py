@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from scipy import ndimage
 
 from selfadapt_deploy.errors import SaDeployError
@@ -322,8 +323,8 @@ def synthetic_flows_3d(shape=(20, 80, 90), seed=1):
     return flows.astype(np.float32), cellprob.astype(np.float32)
 
 
-@pytest.mark.parametrize("min_size", [0, 15])
-def test_3d_flows_to_masks_equals_cellpose_compute_masks(min_size):
+@pytest.mark.parametrize("min_size, integrator", [(0, "numba"), (15, "numba"), (15, "torch")])
+def test_3d_flows_to_masks_equals_cellpose_compute_masks(min_size, integrator):
     from cellpose.dynamics import resize_and_compute_masks
 
     from selfadapt_deploy.postprocess import MaskParams
@@ -332,9 +333,35 @@ def test_3d_flows_to_masks_equals_cellpose_compute_masks(min_size):
     flows, cellprob = synthetic_flows_3d()
     reference = resize_and_compute_masks(flows, cellprob, niter=150, cellprob_threshold=0.0,
                                          do_3D=True, min_size=min_size, max_size_fraction=0.4)
-    ours = flows_to_masks_3d(flows, cellprob, MaskParams(niter=150, min_size=min_size))
+    ours = flows_to_masks_3d(flows, cellprob, MaskParams(niter=150, min_size=min_size,
+                                                         integrator=integrator))
     assert reference.max() > 10
     np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 19), (16, 40, 33)])
+def test_the_3d_numba_integrator_is_bit_identical_to_torch_grid_sample(shape):
+    """Random flows (points wander everywhere, clamped at every face): every final position is
+    the same float32 as the torch reference's, not merely close."""
+    from selfadapt_deploy.postprocess.volume_masks import follow_flows_3d
+
+    rng = np.random.default_rng(sum(shape))
+    flows = (rng.normal(size=(3, *shape)) * 4).astype(np.float32)
+    cellprob = rng.normal(size=shape).astype(np.float32)
+    inds_t, torch_pos = follow_flows_3d(flows, cellprob, 0.0, 120, "torch")
+    inds_n, numba_pos = follow_flows_3d(flows, cellprob, 0.0, 120, "numba")
+    assert all(np.array_equal(a, b) for a, b in zip(inds_t, inds_n, strict=True))
+    assert torch_pos.shape[1] > 500 and torch.equal(torch_pos, numba_pos)
+    for k, n in enumerate(shape):  # some points reached each face
+        assert (torch_pos[k] == 0).any() and (torch_pos[k] == n - 1).any()
+
+
+def test_triton_is_refused_for_3d_flows_with_the_integrators_that_run():
+    from selfadapt_deploy.postprocess.volume_masks import integrator_3d
+
+    assert integrator_3d("auto") == "numba" and integrator_3d("torch") == "torch"
+    with pytest.raises(SaDeployError, match="use --integrator auto"):
+        integrator_3d("triton")
 
 
 def cellpose_3d(net, stack_zcyx, params: SegmentParams, anisotropy: float, smooth=0):

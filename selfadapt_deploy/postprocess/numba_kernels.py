@@ -286,3 +286,55 @@ def fill_holes_3d(masks: np.ndarray, boxes: np.ndarray) -> None:
                 for x in range(c):
                     if not reached[z, y, x]:
                         masks[oz + z, oy + y, ox + x] = label
+
+
+@numba.njit(parallel=True, **_NUMBA_OPTS)
+def integrate_field_3d(field: np.ndarray, start: np.ndarray, niter: int) -> np.ndarray:
+    """Final normalised positions (N×3, x, y, z, in [-1, 1]) of points ``start`` (N×3, same units).
+
+    ``field`` is (Z+2)×(Y+2)×(X+2)×3 float32, the (x, y, z) displacement per step in normalised
+    units, channels last, with a border of zeros (a corner outside the volume adds 0, as
+    ``grid_sample``'s zero padding skips it). The trilinear read is ATen's scalar CPU
+    ``grid_sampler_3d`` (align_corners=False), operation for operation: source index
+    ``((g + 1)·L − 1) / 2``, corner weights as products of the three axis distances (x, then y,
+    then z), the eight corners summed tnw, tne, tsw, tse, bnw, bne, bsw, bse, no FMAs — so the
+    positions are bit-identical to the torch reference, one point per iteration of a parallel loop
+    (torch's 3-D sampler runs one thread for a single volume).
+    """
+    n = start.shape[0]
+    d, h, w = field.shape[0] - 2, field.shape[1] - 2, field.shape[2] - 2
+    size_x, size_y, size_z = np.float32(w), np.float32(h), np.float32(d)
+    one, two = np.float32(1), np.float32(2)
+    flat = field.ravel()
+    row, plane = 3 * (w + 2), 3 * (w + 2) * (h + 2)
+    out = np.empty_like(start)
+    for i in numba.prange(n):
+        gx, gy, gz = start[i, 0], start[i, 1], start[i, 2]
+        for _ in range(niter):
+            ix = ((gx + one) * size_x - one) / two
+            iy = ((gy + one) * size_y - one) / two
+            iz = ((gz + one) * size_z - one) / two
+            x0f, y0f, z0f = np.floor(ix), np.floor(iy), np.floor(iz)
+            west, east = (x0f + one) - ix, ix - x0f
+            north, south = (y0f + one) - iy, iy - y0f
+            top, bottom = (z0f + one) - iz, iz - z0f
+            # clamped positions give corners in [-1, L-1]; inside the border after the +1 shift
+            x0 = min(max(np.int64(x0f), -1), w - 1) + 1
+            y0 = min(max(np.int64(y0f), -1), h - 1) + 1
+            z0 = min(max(np.int64(z0f), -1), d - 1) + 1
+            weights = (west * north * top, east * north * top, west * south * top, east * south * top,
+                       west * north * bottom, east * north * bottom, west * south * bottom,
+                       east * south * bottom)
+            k = z0 * plane + y0 * row + 3 * x0
+            corners = (k, k + 3, k + row, k + row + 3, k + plane, k + plane + 3, k + plane + row,
+                       k + plane + row + 3)
+            dx, dy, dz = flat[k] * weights[0], flat[k + 1] * weights[0], flat[k + 2] * weights[0]
+            for c in range(1, 8):
+                dx += flat[corners[c]] * weights[c]
+                dy += flat[corners[c] + 1] * weights[c]
+                dz += flat[corners[c] + 2] * weights[c]
+            gx = min(max(gx + dx, -one), one)
+            gy = min(max(gy + dy, -one), one)
+            gz = min(max(gz + dz, -one), one)
+        out[i, 0], out[i, 1], out[i, 2] = gx, gy, gz
+    return out

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.postprocess import MaskParams
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
+from selfadapt_deploy.postprocess.integrate import resolve_integrator
 from selfadapt_deploy.postprocess.masks import (
     GROW_RADIUS,
     GROW_STEPS,
@@ -30,11 +31,41 @@ from selfadapt_deploy.postprocess.masks import (
 )
 
 
+def integrator_3d(name: str) -> str:
+    """The 3-D integrator ``name`` means: flow following in 3-D runs on the CPU — ``numba``
+    (``auto``; bit-identical to the reference) or ``torch`` (cellpose's ``steps_interp``)."""
+    if name == "triton":
+        raise SaDeployError("--integrator triton is a 2-D kernel; 3-D flow following runs on the "
+                            "CPU: use --integrator auto (numba) or torch with --do-3d")
+    return resolve_integrator(name, "cpu")
+
+
+def _steps_torch(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor:
+    """cellpose's ``steps_interp`` loop in 3-D: one ``grid_sample`` of all points per step."""
+    for _ in range(niter):
+        step = F.grid_sample(im, pt, align_corners=False)  # 1×3×1×1×N
+        for k in range(3):
+            pt[..., k] += step[:, k]
+            torch.clamp_(pt[..., k], -1.0, 1.0)
+    return pt
+
+
+def _steps_numba(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor:
+    """The same walk in the numba kernel (channels last, a border of zeros)."""
+    from selfadapt_deploy.postprocess.numba_kernels import integrate_field_3d
+
+    field = np.zeros((*(n + 2 for n in im.shape[2:]), 3), np.float32)
+    field[1:-1, 1:-1, 1:-1] = im[0].permute(1, 2, 3, 0).numpy()
+    final = integrate_field_3d(field, np.ascontiguousarray(pt[0, 0, 0].numpy()), niter)
+    return torch.from_numpy(final)[None, None, None]
+
+
 @torch.no_grad()
-def follow_flows_3d(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int
-                    ) -> tuple[tuple[np.ndarray, ...], torch.Tensor]:
+def follow_flows_3d(flows: np.ndarray, cellprob: np.ndarray, threshold: float, niter: int,
+                    integrator: str = "auto") -> tuple[tuple[np.ndarray, ...], torch.Tensor]:
     """flows 3×Z×Y×X (dZ, dY, dX; network units), cellprob Z×Y×X → (foreground (z, y, x) indices,
-    3×N float32 final positions (z, y, x) in voxels)."""
+    3×N float32 final positions (z, y, x) in voxels). ``integrator``: see :func:`integrator_3d`."""
+    method = integrator_3d(integrator)
     fg = cellprob > threshold
     inds = np.nonzero(fg)
     shape = np.array(cellprob.shape)[::-1].astype(np.float64) - 1  # (x, y, z) extents
@@ -49,11 +80,7 @@ def follow_flows_3d(flows: np.ndarray, cellprob: np.ndarray, threshold: float, n
         im[:, k] *= 2.0 / shape[k]
         pt[..., k] /= shape[k]
     pt = pt * 2 - 1
-    for _ in range(niter):
-        step = F.grid_sample(im, pt, align_corners=False)  # 1×3×1×1×N
-        for k in range(3):
-            pt[..., k] += step[:, k]
-            torch.clamp_(pt[..., k], -1.0, 1.0)
+    pt = (_steps_numba if method == "numba" else _steps_torch)(im, pt, niter)
     pt = (pt + 1) * 0.5
     for k in range(3):
         pt[..., k] *= shape[k]
@@ -114,7 +141,8 @@ def flows_to_masks_3d(flows: np.ndarray, cellprob: np.ndarray, params: MaskParam
     (uint16, or uint32), as cellpose 4.2's ``resize_and_compute_masks(do_3D=True)``."""
     if not (cellprob > params.cellprob_threshold).any():
         return np.zeros(cellprob.shape, np.uint16)
-    inds, positions = follow_flows_3d(flows, cellprob, params.cellprob_threshold, params.niter)
+    inds, positions = follow_flows_3d(flows, cellprob, params.cellprob_threshold, params.niter,
+                                      params.integrator)
     masks = assemble_masks_3d(inds, positions, cellprob.shape, params.max_size_fraction)
     masks = fill_holes_and_remove_small(masks, params.min_size)
     return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)

@@ -1,0 +1,127 @@
+"""Benchmark: 3-D flows → masks (``--do-3d`` after the network), sa-deploy against cellpose 4.2.
+
+What is measured
+    The same noisy flows of a generated volume (``--shape``, default 64×512×512, ``--cells``
+    touching ellipsoids, planes ``--anisotropy`` apart): unit flows pointing to each cell's
+    centre plus Gaussian noise, and a noisy cell probability (``--noise``). Then, stage by stage,
+
+    * **cellpose 4.2**: ``dynamics.follow_flows`` (``steps_interp``: torch ``grid_sample`` in 3-D),
+      ``dynamics.get_masks_torch``, ``utils.fill_holes_and_remove_small_masks`` — what
+      ``compute_masks(do_3D=True)`` and ``resize_and_compute_masks`` run;
+    * **sa-deploy**: ``postprocess.volume_masks.follow_flows_3d`` (the numba integrator,
+      ``--integrator``), ``assemble_masks_3d``, ``postprocess.cleanup.fill_holes_and_remove_small``.
+
+    ``--repeats`` alternating rounds, medians, both on the threads torch and numba get by default
+    (``--threads`` sets both). The masks must be identical (exit code 2 otherwise).
+
+Output: per stage seconds and ratio; last line ``ratio=<cellpose s ÷ sa-deploy s, CPU flows → masks>``.
+
+Run (repository root)::
+
+    python benchmarks/volume_vs_cellpose.py --repeats 2
+    python benchmarks/volume_vs_cellpose.py --shape 32 256 256 --cells 300   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def noisy_flows(shape: tuple[int, int, int], cells: int, anisotropy: float, noise: float, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(flows 3×Z×Y×X in network units, cellprob logits) of generated cells: 5 × the unit vector
+    towards each cell's centre plus noise, cellprob ±3 plus noise."""
+    from scipy import ndimage
+
+    from selfadapt_deploy.synthetic import random_volume_labels
+
+    labels = random_volume_labels(shape, cells, radius=(8, 14), anisotropy=anisotropy, seed=seed)
+    centres = np.array(ndimage.center_of_mass(labels > 0, labels, np.arange(1, labels.max() + 1)))
+    grid = np.indices(shape, dtype=np.float32)
+    flows = np.zeros((3, *shape), np.float32)
+    inside = labels > 0
+    for k in range(3):
+        flows[k][inside] = centres[labels[inside] - 1, k] - grid[k][inside]
+    flows /= np.linalg.norm(flows, axis=0) + 1e-6
+    rng = np.random.default_rng(seed)
+    flows = 5 * flows + rng.normal(0, noise, flows.shape).astype(np.float32)
+    cellprob = np.where(inside, 3.0, -3.0).astype(np.float32) + rng.normal(0, 1.5, shape).astype(np.float32)
+    return flows.astype(np.float32), cellprob
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512])
+    ap.add_argument("--cells", type=int, default=2000)
+    ap.add_argument("--anisotropy", type=float, default=2.0)
+    ap.add_argument("--noise", type=float, default=0.5, help="std of the flow noise (network units)")
+    ap.add_argument("--niter", type=int, default=200)
+    ap.add_argument("--min-size", type=int, default=15)
+    ap.add_argument("--integrator", default="numba", choices=["numba", "torch"])
+    ap.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: their defaults)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch
+    from cellpose import dynamics, utils
+
+    from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
+    from selfadapt_deploy.postprocess.volume_masks import assemble_masks_3d, follow_flows_3d
+
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    shape = tuple(args.shape)
+    flows, cellprob = noisy_flows(shape, args.cells, args.anisotropy, args.noise, 0)
+    fg = cellprob > 0
+    print(f"volume_vs_cellpose: {'×'.join(map(str, shape))} volume, {args.cells} cells, "
+          f"{int(fg.sum())} foreground voxels, {args.niter} iterations, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+
+    def ours() -> tuple[np.ndarray, dict]:
+        t0 = time.perf_counter()
+        inds, pos = follow_flows_3d(flows, cellprob, 0.0, args.niter, args.integrator)
+        t1 = time.perf_counter()
+        masks = assemble_masks_3d(inds, pos, shape)
+        t2 = time.perf_counter()
+        masks = fill_holes_and_remove_small(masks, args.min_size)
+        return masks, {"follow flows": t1 - t0, "masks": t2 - t1, "clean-up": time.perf_counter() - t2}
+
+    def theirs() -> tuple[np.ndarray, dict]:
+        t0 = time.perf_counter()
+        inds = np.nonzero(fg)
+        p_final = dynamics.follow_flows(flows * fg / 5.0, inds=inds, niter=args.niter)
+        t1 = time.perf_counter()
+        masks = dynamics.get_masks_torch(p_final.int(), inds, shape, max_size_fraction=0.4)
+        t2 = time.perf_counter()
+        masks = utils.fill_holes_and_remove_small_masks(masks, min_size=args.min_size)
+        return masks, {"follow flows": t1 - t0, "masks": t2 - t1, "clean-up": time.perf_counter() - t2}
+
+    follow_flows_3d(flows[:, :8, :32, :32], cellprob[:8, :32, :32], 0.0, 2, args.integrator)  # compile
+    times: dict[str, list[dict]] = {"cellpose": [], "ours": []}
+    for _ in range(args.repeats):
+        ref, t = theirs()
+        times["cellpose"].append(t)
+        got, t = ours()
+        times["ours"].append(t)
+    identical = bool((ref.astype(np.int64) == got).all())
+    print(f"masks identical: {identical} ({int(got.max())} masks; cellpose {int(ref.max())})")
+    total = {}
+    for stage in ("follow flows", "masks", "clean-up"):
+        c = statistics.median(t[stage] for t in times["cellpose"])
+        o = statistics.median(t[stage] for t in times["ours"])
+        total[stage] = (c, o)
+        print(f"  {stage:<13} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s   ratio {c / o:6.1f}")
+    c, o = (sum(v[i] for v in total.values()) for i in (0, 1))
+    print(f"  {'total':<13} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s")
+    print(f"ratio={c / o:.1f}")
+    return 0 if identical else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
