@@ -88,8 +88,15 @@ def follow_flows_3d(flows: np.ndarray, cellprob: np.ndarray, threshold: float, n
 
 
 def _max_filter_3d(h: torch.Tensor, size: int) -> torch.Tensor:
-    """size³ maximum filter of N×Z×Y×X, edges seeing only in-bounds values."""
-    return F.max_pool3d(h[:, None], size, stride=1, padding=size // 2)[:, 0]
+    """size³ maximum filter of N×Z×Y×X, edges seeing only in-bounds values: one 1-D maximum per
+    axis (a box maximum is separable, exactly; as cellpose's ``max_pool_nd``), far faster on the
+    CPU than ``max_pool3d``."""
+    for axis in (1, 2, 3):
+        moved = h.movedim(axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        pooled = F.max_pool1d(flat, size, stride=1, padding=size // 2).reshape(moved.shape)
+        h = pooled.movedim(-1, axis)
+    return h.contiguous()
 
 
 @torch.no_grad()
