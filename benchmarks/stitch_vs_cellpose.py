@@ -25,8 +25,37 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
+
+Run = Callable[[], tuple[np.ndarray, dict]]  # one side's labels and its seconds per stage
+
+
+def alternate(theirs: Run, ours: Run, repeats: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[dict]]]:
+    """``repeats`` alternating rounds, cellpose first: (cellpose's labels, ours, stage seconds)."""
+    times: dict[str, list[dict]] = {"cellpose": [], "ours": []}
+    for _ in range(repeats):
+        ref, t = theirs()
+        times["cellpose"].append(t)
+        got, t = ours()
+        times["ours"].append(t)
+    return ref, got, times
+
+
+def print_stages(times: dict[str, list[dict]], stages: tuple[str, ...]) -> float:
+    """Per stage: median seconds of both and their ratio; the total's seconds. Returns the total
+    ratio (cellpose ÷ ours)."""
+    width = max(len(s) for s in (*stages, "total")) + 2
+    total = {}
+    for stage in stages:
+        c = statistics.median(t[stage] for t in times["cellpose"])
+        o = statistics.median(t[stage] for t in times["ours"])
+        total[stage] = (c, o)
+        print(f"  {stage:<{width}} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s   ratio {c / o:6.1f}")
+    c, o = (sum(v[i] for v in total.values()) for i in (0, 1))
+    print(f"  {'total':<{width}} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s")
+    return c / o
 
 
 def plane_masks(shape: tuple[int, int, int], cells: int, anisotropy: float, seed: int) -> np.ndarray:
@@ -76,22 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return clean, {"stitch": t1 - t0, "clean-up": time.perf_counter() - t1}
 
     ours()  # numba compiles once
-    times: dict[str, list[dict]] = {"cellpose": [], "ours": []}
-    for _ in range(args.repeats):
-        ref, t = theirs()
-        times["cellpose"].append(t)
-        got, t = ours()
-        times["ours"].append(t)
+    ref, got, times = alternate(theirs, ours, args.repeats)
     identical = bool((ref.astype(np.int64) == got).all())
     print(f"labels identical: {identical} ({int(got.max())} 3-D masks)")
-    total = {}
-    for stage in ("stitch", "clean-up"):
-        c = statistics.median(t[stage] for t in times["cellpose"])
-        o = statistics.median(t[stage] for t in times["ours"])
-        total[stage] = (c, o)
-        print(f"  {stage:<9} cellpose {c:7.2f} s   sa-deploy {o:7.3f} s   ratio {c / o:6.1f}")
-    c, o = (sum(v[i] for v in total.values()) for i in (0, 1))
-    print(f"ratio={c / o:.1f}")
+    print(f"ratio={print_stages(times, ('stitch', 'clean-up')):.1f}")
     return 0 if identical else 2
 
 

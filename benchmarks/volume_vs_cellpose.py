@@ -25,7 +25,6 @@ Run (repository root)::
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -67,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
     from cellpose import dynamics, utils
+    from stitch_vs_cellpose import alternate, print_stages
 
     from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
     from selfadapt_deploy.postprocess.volume_masks import assemble_masks_3d, follow_flows_3d
@@ -105,23 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     crop = (slice(0, 16), slice(0, 64), slice(0, 64))  # numba compiles (or loads its cache) once
     warm = follow_flows_3d(flows[(slice(None), *crop)], cellprob[crop], 0.0, 2, args.integrator)
     fill_holes_and_remove_small(assemble_masks_3d(*warm, cellprob[crop].shape), args.min_size)
-    times: dict[str, list[dict]] = {"cellpose": [], "ours": []}
-    for _ in range(args.repeats):
-        ref, t = theirs()
-        times["cellpose"].append(t)
-        got, t = ours()
-        times["ours"].append(t)
+    ref, got, times = alternate(theirs, ours, args.repeats)
     identical = bool((ref.astype(np.int64) == got).all())
     print(f"masks identical: {identical} ({int(got.max())} masks; cellpose {int(ref.max())})")
-    total = {}
-    for stage in ("follow flows", "masks", "clean-up"):
-        c = statistics.median(t[stage] for t in times["cellpose"])
-        o = statistics.median(t[stage] for t in times["ours"])
-        total[stage] = (c, o)
-        print(f"  {stage:<13} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s   ratio {c / o:6.1f}")
-    c, o = (sum(v[i] for v in total.values()) for i in (0, 1))
-    print(f"  {'total':<13} cellpose {c:8.2f} s   sa-deploy {o:8.3f} s")
-    print(f"ratio={c / o:.1f}")
+    print(f"ratio={print_stages(times, ('follow flows', 'masks', 'clean-up')):.1f}")
     return 0 if identical else 2
 
 
