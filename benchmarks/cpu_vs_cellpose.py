@@ -31,6 +31,15 @@ What is measured
     cellpose 4, and that pair's agreement is printed too. The script exits with status 2 when
     AP@0.5 agreement with cellpose 4.2's masks is below 0.99.
 
+    **Cellpose-SAM** (``--cellpose-sam yes``, the default; ``only`` skips cellpose 3): a small,
+    randomly initialised Cellpose-SAM (:data:`CPSAM_SIZE`, saved once to a file) segments every
+    set in both tools — ``sa-deploy segment`` with the file (``--runtime auto`` keeps Cellpose-SAM
+    in torch on the CPU) against cellpose 4.2's ``CellposeModel.eval`` in this environment running
+    the same network (cellpose 4.2 builds only the ViT-L from a file, so it is handed the net, as
+    the tests do), the image's own channels, each set's diameter; AP agreement against cellpose
+    4.2's masks. A random network's masks are not cells: this times the same computation on real
+    image sizes, it says nothing of quality.
+
 Output: per set the processes' seconds, the ratio, the agreement, and the stage table; last
 line ``ratio=<cellpose s ÷ sa-deploy s, all sets, Cellpose 3 model>``.
 
@@ -61,6 +70,8 @@ DEFAULT_SETS = SHARED / "data" / "labelled"
 DEFAULT_MODEL = SHARED / "models" / "cyto0_cp3.pth"
 DEFAULT_CP3 = REPO / ".venv-cp3" / "bin" / "python"
 MIN_AGREEMENT = 0.99
+#: the small Cellpose-SAM both sides run (build_cpsam: embed_dim, depth, heads, out_chans, patch, tile)
+CPSAM_SIZE = (192, 4, 3, 64, 8, 256)
 
 
 # ---- the two children (each runs in its own process) --------------------------------------------
@@ -115,6 +126,41 @@ def child_cellpose3(job: dict) -> dict:
                 np.savez(Path(job["flows"]) / f"{name}.npz", dP=flows[1], cellprob=flows[2],
                          niter=200 * job["diameter"] / model.diam_mean)  # eval's niter
     return clock.seconds
+
+
+def child_cellpose4(job: dict) -> dict:
+    """cellpose 4.2's ``CellposeModel.eval`` on every image, running the small Cellpose-SAM file
+    (``job["model"]``) in this environment: cellpose 4.2 builds only the ViT-L from a file, so its
+    ``CellposeModel`` is handed the same network (``tests.helpers.cellpose4_model``)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO))
+    import tifffile
+    from cellpose import dynamics, transforms, utils
+    from stage_timing import StageClock, patched
+
+    clock = StageClock()
+    with patched(clock, {"open model": (sys.modules[__name__], "load_model_for_cellpose4")}):
+        model = load_model_for_cellpose4(job["model"])
+    targets = {"normalize": (transforms, "normalize_img"), "network": (model, "_run_net"),
+               "integrate": (dynamics, "follow_flows"), "assemble": (dynamics, "get_masks_torch"),
+               "flow_qc": (dynamics, "remove_bad_flow_masks"),
+               "cleanup": (utils, "fill_holes_and_remove_small_masks")}
+    with patched(clock, targets):
+        for path in job["images"]:
+            image = tifffile.imread(path)
+            masks, _, _ = model.eval(image, diameter=job["diameter"], bsize=model.net.net.tile_size,
+                                     channel_axis=-1 if image.ndim == 3 else None)
+            name = Path(path).name.split(".")[0]
+            tifffile.imwrite(Path(job["out"]) / f"{name}_masks.tif", masks.astype("uint32"))
+    return clock.seconds
+
+
+def load_model_for_cellpose4(path: str):
+    """A cellpose 4.2 ``CellposeModel`` running the network in ``path`` (sa-deploy's loader)."""
+    from selfadapt_deploy.models import load_model
+    from tests.helpers import cellpose4_model
+
+    return cellpose4_model(load_model(path, "cpu").eval())
 
 
 def run_child(python: str, which: str, job: dict, env: dict | None = None) -> tuple[float, dict, str]:
@@ -176,75 +222,137 @@ def cellpose4_masks(flows: Path, out: Path, images: list[str]) -> None:
         tifffile.imwrite(out / f"{name}_masks.tif", masks.astype("uint32"))
 
 
+def alternate_pair(reference: tuple[str, str], job: dict, work: Path, repeats: int,
+                   env: dict) -> tuple[dict[str, list[float]], dict[str, list[dict]], str]:
+    """``repeats`` alternating runs of the reference child (python, name), then ours: seconds and
+    stage seconds of each, and the ``model:`` line ours printed; outputs in ``work/<who><r>``."""
+    said = ""
+    times: dict[str, list[float]] = {"cellpose": [], "ours": []}
+    stages: dict[str, list[dict]] = {"cellpose": [], "ours": []}
+    for r in range(repeats):
+        for who, python, child in (("cellpose", *reference), ("ours", sys.executable, "ours")):
+            s, st, line = run_child(python, child, {**job, "out": str(work / f"{who}{r}")}, env)
+            times[who].append(s)
+            stages[who].append(st)
+            said = line or said
+    return times, stages, said
+
+
+def print_times(times: dict[str, list[float]], stages: dict[str, list[dict]], label: str) -> dict:
+    """The medians, the ratio and the per-stage table of one set; returns the medians."""
+    med = {w: statistics.median(t) for w, t in times.items()}
+    runs = {w: ", ".join(f"{t:.1f}" for t in ts) for w, ts in times.items()}
+    print(f"  {label}: {med['cellpose']:.1f} s ({runs['cellpose']})   sa-deploy: {med['ours']:.1f} s "
+          f"({runs['ours']})   ratio {med['cellpose'] / med['ours']:.2f}")
+    print(f"  {'stage (median s)':<18} {label:>10} {'sa-deploy':>10}")
+    names = list(dict.fromkeys([*stages["cellpose"][0], *stages["ours"][0]]))
+    for name in [*names, "other"]:
+        cells = []
+        for w in ("cellpose", "ours"):
+            values = [(t - sum(st.values())) if name == "other" else st.get(name, 0.0)
+                      for t, st in zip(times[w], stages[w], strict=True)]
+            cells.append(statistics.median(values))
+        print(f"  {name:<18} {cells[0]:>10.2f} {cells[1]:>10.2f}")
+    return med
+
+
+def compare_cellpose3(sets: list[Path], args: argparse.Namespace, work: Path) -> tuple[dict, float]:
+    """Every set with the Cellpose 3 weights against cellpose 3: (total medians, worst AP@0.5
+    agreement with cellpose 4.2's masks from cellpose 3's flows)."""
+    total = {"cellpose": 0.0, "ours": 0.0}
+    worst = 1.0
+    cache = {"SA_DEPLOY_CACHE": str(work / "cache")}  # empty: the first use exports
+    for folder in sets:
+        job = set_job(folder, args.model)
+        here = work / "cp3" / folder.name
+        print(f"\n{folder.name}: {len(job['images'])} images, diameter {job['diameter']:g}, "
+              f"channels {job['channels'] or 'grey'}", flush=True)
+        first, _, said_first = run_child(sys.executable, "ours", {**job, "out": str(here / "first")}, cache)
+        flows = here / "cellpose3_flows"
+        flows.mkdir(parents=True)
+        run_child(args.cellpose3, "cellpose3", {**job, "out": str(here / "warm"), "flows": str(flows)})
+        cellpose4_masks(flows, here / "cellpose4", job["images"])
+        times, stages, said = alternate_pair((args.cellpose3, "cellpose3"), job, here, args.repeats, cache)
+        med = print_times(times, stages, "cellpose 3")
+        ap50, ap75 = agreement(here / "ours0", here / "cellpose0", job["images"])
+        same50, same75 = agreement(here / "ours0", here / "cellpose4", job["images"])
+        cp50, _ = agreement(here / "cellpose4", here / "cellpose0", job["images"])
+        worst = min(worst, same50)
+        for w in total:
+            total[w] += med[w]
+        print(f"  sa-deploy first use (empty graph cache): {first:.1f} s (ratio "
+              f"{med['cellpose'] / first:.2f})\n    {said_first}\n  then:\n    {said}")
+        print(f"  masks: AP@0.5 {ap50:.4f}, AP@0.75 {ap75:.4f} (sa-deploy against cellpose 3); "
+              f"{same50:.4f}, {same75:.4f} against cellpose 4.2's masks from cellpose 3's flows "
+              f"(cellpose 4.2 against cellpose 3 on the same flows: AP@0.5 {cp50:.4f})", flush=True)
+    return total, worst
+
+
+def compare_cellpose_sam(sets: list[Path], args: argparse.Namespace, work: Path) -> tuple[dict, float]:
+    """Every set with a small random Cellpose-SAM (the same file both sides) against cellpose 4.2's
+    ``eval``: (total medians, worst AP@0.5 agreement with cellpose 4.2's masks)."""
+    from selfadapt_deploy.models import build_cpsam
+
+    weights = work / "small_cpsam.pt"
+    build_cpsam(*CPSAM_SIZE, seed=0).save(weights)
+    total = {"cellpose": 0.0, "ours": 0.0}
+    worst = 1.0
+    for folder in sets:
+        job = {**set_job(folder, weights), "channels": None}  # both take the image's channels
+        here = work / "cpsam" / folder.name
+        print(f"\n{folder.name} (Cellpose-SAM): {len(job['images'])} images, diameter "
+              f"{job['diameter']:g}, the image's channels", flush=True)
+        run_child(sys.executable, "cellpose4", {**job, "out": str(here / "warm")})  # numba caches
+        times, stages, said = alternate_pair((sys.executable, "cellpose4"), job, here, args.repeats, {})
+        med = print_times(times, stages, "cellpose 4.2")
+        print(f"    {said}")
+        ap50, ap75 = agreement(here / "ours0", here / "cellpose0", job["images"])
+        worst = min(worst, ap50)
+        for w in total:
+            total[w] += med[w]
+        print(f"  masks: AP@0.5 {ap50:.4f}, AP@0.75 {ap75:.4f} (sa-deploy against cellpose 4.2)",
+              flush=True)
+    return total, worst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", nargs="*", type=Path)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--cellpose3", default=str(DEFAULT_CP3), help="python of cellpose 3's environment")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cellpose-sam", choices=["yes", "no", "only"], default="yes",
+                    help="also (or only) compare a small Cellpose-SAM against cellpose 4.2")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "benchmarks"))
     sets = args.sets or sorted(p for p in DEFAULT_SETS.iterdir() if p.is_dir())
-    if not args.model.is_file() or not Path(args.cellpose3).is_file():
+    cp3 = args.cellpose_sam != "only"
+    if cp3 and (not args.model.is_file() or not Path(args.cellpose3).is_file()):
         print(f"cpu_vs_cellpose: needs {args.model} and cellpose 3's python {args.cellpose3} (see the "
               "docstring); nothing run")
         return 0
-    total = {"cellpose": 0.0, "ours": 0.0}
     worst = 1.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cache = {"SA_DEPLOY_CACHE": str(work / "cache")}  # empty: the first use exports
-        for folder in sets:
-            job = set_job(folder, args.model)
-            print(f"\n{folder.name}: {len(job['images'])} images, diameter {job['diameter']:g}, "
-                  f"channels {job['channels'] or 'grey'}", flush=True)
-            first, _, said_first = run_child(sys.executable, "ours", {**job, "out": str(work / "first")},
-                                             cache)
-            flows = work / "cellpose3_flows"
-            flows.mkdir(exist_ok=True)
-            run_child(args.cellpose3, "cellpose3", {**job, "out": str(work / "warm"), "flows": str(flows)})
-            cellpose4_masks(flows, work / "cellpose4", job["images"])
-            times: dict[str, list[float]] = {"cellpose": [], "ours": []}
-            stages: dict[str, list[dict]] = {"cellpose": [], "ours": []}
-            for r in range(args.repeats):
-                for who, python, child in (("cellpose", args.cellpose3, "cellpose3"),
-                                           ("ours", sys.executable, "ours")):
-                    s, st, said = run_child(python, child, {**job, "out": str(work / f"{who}{r}")}, cache)
-                    times[who].append(s)
-                    stages[who].append(st)
-            med = {w: statistics.median(t) for w, t in times.items()}
-            ap50, ap75 = agreement(work / "ours0", work / "cellpose0", job["images"])
-            same50, same75 = agreement(work / "ours0", work / "cellpose4", job["images"])
-            cp50, _ = agreement(work / "cellpose4", work / "cellpose0", job["images"])
-            worst = min(worst, same50)
-            for w in total:
-                total[w] += med[w]
-            runs = {w: ", ".join(f"{t:.1f}" for t in ts) for w, ts in times.items()}
-            print(f"  cellpose 3: {med['cellpose']:.1f} s ({runs['cellpose']})   sa-deploy: "
-                  f"{med['ours']:.1f} s ({runs['ours']})   ratio {med['cellpose'] / med['ours']:.2f}")
-            print(f"  sa-deploy first use (empty graph cache): {first:.1f} s (ratio "
-                  f"{med['cellpose'] / first:.2f})\n    {said_first}\n  then:\n    {said}")
-            print(f"  masks: AP@0.5 {ap50:.4f}, AP@0.75 {ap75:.4f} (sa-deploy against cellpose 3); "
-                  f"{same50:.4f}, {same75:.4f} against cellpose 4.2's masks from cellpose 3's flows "
-                  f"(cellpose 4.2 against cellpose 3 on the same flows: AP@0.5 {cp50:.4f})")
-            print(f"  {'stage (median s)':<18} {'cellpose 3':>10} {'sa-deploy':>10}")
-            names = list(dict.fromkeys([*stages["cellpose"][0], *stages["ours"][0]]))
-            for name in [*names, "other"]:
-                cells = []
-                for w in ("cellpose", "ours"):
-                    values = [(t - sum(st.values())) if name == "other" else st.get(name, 0.0)
-                              for t, st in zip(times[w], stages[w], strict=True)]
-                    cells.append(statistics.median(values))
-                print(f"  {name:<18} {cells[0]:>10.2f} {cells[1]:>10.2f}")
-    print(f"\nall sets: cellpose 3 {total['cellpose']:.1f} s, sa-deploy {total['ours']:.1f} s; worst "
-          f"AP@0.5 agreement with cellpose's masks from cellpose 3's flows {worst:.4f}")
-    print(f"ratio={total['cellpose'] / total['ours']:.2f}")
+        if args.cellpose_sam != "no":
+            sam, sam_worst = compare_cellpose_sam(sets, args, work)
+            worst = min(worst, sam_worst)
+            print(f"\nall sets, small Cellpose-SAM: cellpose 4.2 {sam['cellpose']:.1f} s, sa-deploy "
+                  f"{sam['ours']:.1f} s, ratio {sam['cellpose'] / sam['ours']:.2f}; worst AP@0.5 "
+                  f"agreement {sam_worst:.4f}")
+        if cp3:
+            total, cp3_worst = compare_cellpose3(sets, args, work)
+            worst = min(worst, cp3_worst)
+            print(f"\nall sets: cellpose 3 {total['cellpose']:.1f} s, sa-deploy {total['ours']:.1f} s; worst "
+                  f"AP@0.5 agreement with cellpose's masks from cellpose 3's flows {cp3_worst:.4f}")
+            print(f"ratio={total['cellpose'] / total['ours']:.2f}")
     return 0 if worst >= MIN_AGREEMENT else 2
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1].startswith("--child-"):
-        child = {"--child-ours": child_ours, "--child-cellpose3": child_cellpose3}[sys.argv[1]]
+        child = {"--child-ours": child_ours, "--child-cellpose3": child_cellpose3,
+                 "--child-cellpose4": child_cellpose4}[sys.argv[1]]
         Path(sys.argv[3]).write_text(json.dumps(child(json.loads(sys.argv[2]))))
         sys.exit(0)
     sys.exit(main())

@@ -98,7 +98,7 @@ class Segmenter:
             raise SaDeployError("this Segmenter was closed; open a new one")
         if not (stitch_threshold or do_3d):
             raise SaDeployError("segment_stack needs a mode: stitch_threshold=T or do_3d=True")
-        smooth = check_stack_options(stitch_threshold, False, None, False, do_3d, anisotropy, flow3d_smooth)
+        smooth = check_stack_options(stitch_threshold, False, None, do_3d, anisotropy, flow3d_smooth)
         data = network_channels(stack_from_array(stack, z_axis, channel_axis), self.runner, channels, "stack")
         params = self._params(self.defaults, settings)
         if do_3d:
@@ -113,7 +113,7 @@ class Segmenter:
 
 
 def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: int | None,
-                        save_flows: bool, do_3d: bool = False, anisotropy: float = 1.0,
+                        do_3d: bool = False, anisotropy: float = 1.0,
                         flow3d_smooth: Sequence[float] = (0.0,)) -> tuple[float, float, float]:
     """The Z-stack options make sense together, before any work; the (Z, Y, X) smoothing sigmas."""
     from selfadapt_deploy.volume import check_anisotropy, check_stitch_threshold
@@ -133,8 +133,6 @@ def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: in
         raise SaDeployError("--anisotropy and --flow3d-smooth apply to --do-3d; add it or drop them")
     if stitch_threshold:
         check_stitch_threshold(stitch_threshold)
-        if save_flows:
-            raise SaDeployError("--save-flows is not written for stitched Z-stacks; drop one of them")
     elif z_axis is not None and not planes and not do_3d:
         raise SaDeployError(f"--z-axis {z_axis} names the Z axis of stacks, but no stack mode is "
                             "given: add --stitch-threshold T (planes linked in 3-D), --do-3d or --planes")
@@ -187,7 +185,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
         raise SaDeployError("--triton runs the network on one server; drop --dask")
     if dask is not None and stream is False:
         raise SaDeployError("--dask streams every image's blocks to its workers; drop --no-stream")
-    smooth = check_stack_options(stitch_threshold, planes, z_axis, save_flows, do_3d, anisotropy,
+    smooth = check_stack_options(stitch_threshold, planes, z_axis, do_3d, anisotropy,
                                  flow3d_smooth)
     out = Path(out)
     params = Segmenter._params(SegmentParams(), settings)
@@ -222,7 +220,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     for path in stacks if stitch_threshold or do_3d else ():  # one that cannot fit fails first
         for planes_, ly, lx, stored in headers[path]:
             memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale,
-                                    anisotropy if do_3d else None)
+                                    anisotropy if do_3d else None, flows=save_flows)
     in_memory, slides, choices = split_inputs(
         [f for f in files if f not in stacks], series,
         lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
@@ -254,7 +252,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
         yield "images", len(in_memory)
         if in_memory:
             job = SegmentJob(the_runner, out, params, dev, picked, save_flows, overwrite,
-                             stitch_threshold, z_axis, planes, do_3d, anisotropy, smooth)
+                             stitch_threshold, z_axis, planes, do_3d, anisotropy, smooth, out_format)
             for result in segment_files(in_memory, job, channel_axis, series, stack_progress):
                 yield "image", result
     finally:

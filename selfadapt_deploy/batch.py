@@ -18,7 +18,7 @@ import torch
 
 from selfadapt_deploy.errors import ImageReadError, SaDeployError
 from selfadapt_deploy.io.readers import Image, image_stem, read_images, read_label_image, select_channels
-from selfadapt_deploy.io.writers import write_flows, write_masks
+from selfadapt_deploy.io.writers import OUT_FORMATS, write_flows, write_labels
 from selfadapt_deploy.metrics import DEFAULT_THRESHOLDS, APResult, average_precision
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.segment import (
@@ -33,7 +33,7 @@ from selfadapt_deploy.segment import (
 )
 from selfadapt_deploy.volume import segment_3d, segment_stitched
 
-MASKS_SUFFIX, FLOWS_SUFFIX = "_masks.tif", "_flows.tif"
+FLOWS_SUFFIX = "_flows.tif"
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class SegmentJob:
     do_3d: bool = False  # Z-stacks: 3-D segmentation (volume.segment_3d)
     anisotropy: float = 1.0
     smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    out_format: str = "tiff"  # label images as TIFF or OME-Zarr (io.writers.OUT_FORMATS)
 
     @property
     def stack_mode(self) -> str:
@@ -249,12 +250,12 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
     done, planes)`` told as its planes finish."""
 
     def masks_path(name: str) -> Path:
-        return job.out_dir / f"{name}{MASKS_SUFFIX}"
+        return job.out_dir / f"{name}{OUT_FORMATS[job.out_format]}"
 
     def write(image: Image, seg: Segmentation) -> int:
         if job.save_flows:
             write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", seg.flows, seg.cellprob)
-        write_masks(masks_path(image.name), seg.masks)
+        write_labels(masks_path(image.name), seg.masks, job.out_format)
         return int(seg.masks.max())
 
     def segment(image: Image, data: np.ndarray) -> int | Future[int]:
@@ -262,16 +263,24 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
             masks, output = segment_3d(job.runner, data, job.params, job.anisotropy, job.smooth)
             if job.save_flows:
                 write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", output[:3], output[3])
-            write_masks(masks_path(image.name), masks)
+            write_labels(masks_path(image.name), masks, job.out_format, image.physical)
             return int(masks.max())
         if data.ndim == 4:  # a Z-stack, planes linked (--stitch-threshold)
             def progress(done: int, total: int) -> None:
                 if stack_progress is not None:
                     stack_progress(image.source, done, total)
 
+            flows = np.zeros((3, data.shape[0], *data.shape[2:]), np.float32) if job.save_flows else None
+
+            def keep_flows(k: int, seg: Segmentation) -> None:
+                if flows is not None:
+                    flows[:2, k], flows[2, k] = seg.flows, seg.cellprob
+
             masks = segment_stitched(job.runner, data, job.params, job.stitch_threshold, job.device,
-                                     progress)
-            write_masks(masks_path(image.name), masks)
+                                     progress, keep_flows)
+            if flows is not None:
+                write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", flows[:2], flows[2])
+            write_labels(masks_path(image.name), masks, job.out_format, image.physical)
             return int(masks.max())
         if use_device_pipeline(job.params, job.runner.device):
             return write(image, segment_image(job.runner, data, job.params, job.device))

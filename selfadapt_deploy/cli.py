@@ -145,8 +145,9 @@ def segment(
                                             "256); memory grows with it.")] = 2048,
     halo: Annotated[int, typer.Option(help="Streaming: context around each block in pixels; 0 = "
                                       "twice the cell diameter (at least 32).")] = 0,
-    out_format: Annotated[str, typer.Option(help="Streaming: labels as a tiled BigTIFF (tiff) or "
-                                            "OME-Zarr (zarr).")] = "tiff",
+    out_format: Annotated[str, typer.Option(help="Labels as TIFF (tiff; a tiled BigTIFF when "
+                                            "streaming, a ZYX OME-TIFF for Z-stacks) or multiscale "
+                                            "OME-Zarr (zarr; Z-stacks with a pyramid in Y/X).")] = "tiff",
     resume: Annotated[bool, typer.Option(help="Streaming: continue an interrupted slide from its "
                                          "finished blocks.")] = False,
     dask: Annotated[str | None, typer.Option(help="Streaming: run blocks on dask.distributed "

@@ -31,6 +31,7 @@ from selfadapt_deploy.postprocess.stitch import PlaneStitcher
 from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.segment import (
+    Segmentation,
     SegmentParams,
     mask_params,
     predict_images,
@@ -61,9 +62,11 @@ def planes_per_group(runner: Runner, shape: tuple[int, int], params: SegmentPara
 
 def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, threshold: float,
                      device: torch.device | str = "cpu",
-                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                     progress: Callable[[int, int], None] | None = None,
+                     on_plane: Callable[[int, Segmentation], None] | None = None) -> np.ndarray:
     """Z×C×Y×X stack (the network's channels) → Z×Y×X labels (uint16, or uint32 above 65 535
-    masks), as cellpose's ``eval(stitch_threshold=threshold)``. ``progress(planes_done, total)``."""
+    masks), as cellpose's ``eval(stitch_threshold=threshold)``. ``progress(planes_done, total)``;
+    ``on_plane(k, plane k's 2-D segmentation)`` as each is made (its flows, e.g.)."""
     check_stitch_threshold(threshold)
     if volume.ndim != 4:
         raise SaDeployError(f"a stack for stitching is Z×C×Y×X, got shape {volume.shape}")
@@ -74,7 +77,10 @@ def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, 
         return normalize_plane(volume[k], bounds) if bounds is not None else volume[k].astype(np.float32)
 
     if z == 1:  # one plane: cellpose segments it as a 2-D image (nothing to link)
-        return segment_images(runner, [plane(0)], replace(params, normalize=False), device)[0].masks[None]
+        seg = segment_images(runner, [plane(0)], replace(params, normalize=False), device)[0]
+        if on_plane is not None:
+            on_plane(0, seg)
+        return seg.masks[None]
     plane_params = replace(params, normalize=False, min_size=0)  # cellpose: min_size −1 per plane
     stitcher = PlaneStitcher(threshold)
     labels = np.zeros((z, *volume.shape[2:]), np.uint32)
@@ -83,6 +89,8 @@ def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, 
         planes = [plane(k) for k in range(start, min(start + group, z))]
         for k, seg in enumerate(segment_images(runner, planes, plane_params, device)):
             labels[start + k] = stitcher.add(seg.masks)
+            if on_plane is not None:
+                on_plane(start + k, seg)
         if progress is not None:
             progress(min(start + group, z), z)
     masks = fill_holes_and_remove_small(labels, params.min_size)

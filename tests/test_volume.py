@@ -191,6 +191,95 @@ def test_segment_stitches_a_stack_as_the_library_does(tmp_path, stack_file, trai
     assert expected.max() > 5
 
 
+def write_ome_zarr_volume(path: Path, stack: np.ndarray, scale: tuple[float, float, float]) -> None:
+    """A ZCYX OME-Zarr (NGFF 0.4, one level) in micrometres, as napari / bioformats2raw write them."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.create_array("0", data=stack, chunks=(1, 1, *stack.shape[2:]))
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "z", "type": "space", "unit": "micrometer"}, {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space",
+                                                               "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [scale[0], 1.0, scale[1], scale[2]]}]}]}]
+
+
+def test_an_ome_zarr_volume_is_stitched_and_written_as_ome_zarr_with_its_voxel_size(
+        tmp_path, stack_file, trained_cpnet_path):
+    import zarr
+
+    stack = stack_file[1]
+    big = np.concatenate([stack] * 3, axis=3)  # 360 wide: the label pyramid gets a second level
+    volume = tmp_path / "vol.ome.zarr"
+    write_ome_zarr_volume(volume, big, (2.0, 0.325, 0.325))
+    out = tmp_path / "out"
+    result = cli(["segment", str(volume), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--stitch-threshold", "0.25", "--runtime", "torch", "--out-format", "zarr"])
+    assert result.exit_code == 0, result.output
+    with TorchRunner(load_model(trained_cpnet_path)) as runner:
+        expected = segment_stitched(runner, big, SegmentParams(), 0.25)
+    root = zarr.open_group(str(out / "vol_masks.ome.zarr"), mode="r")
+    ms = root.attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert {a.get("unit") for a in ms["axes"]} == {"micrometer"}
+    np.testing.assert_array_equal(root["0"][...], expected)
+    np.testing.assert_array_equal(root["1"][...], expected[:, ::2, ::2])  # Z kept, Y/X halved
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[2.0, 0.325, 0.325], [2.0, 0.65, 0.65]]
+    assert expected.max() > 5 and not list(out.glob(".*part*"))
+
+
+def test_the_voxel_size_of_an_ome_tiff_stack_is_kept_in_its_label_stack(tmp_path, stack_file,
+                                                                        trained_cpnet_path):
+    stack = stack_file[1]
+    sized = tmp_path / "sized.ome.tif"
+    tifffile.imwrite(sized, stack, ome=True, metadata={
+        "axes": "ZCYX", "PhysicalSizeZ": 1.5, "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2,
+        "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm", "PhysicalSizeZUnit": "µm"})
+    out = tmp_path / "out"
+    result = cli(["segment", str(sized), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--stitch-threshold", "0.25", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(out / "sized_masks.tif") as tif:
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert (pixels["PhysicalSizeZ"], pixels["PhysicalSizeY"], pixels["PhysicalSizeX"]) == (1.5, 0.2, 0.2)
+
+
+def test_an_ome_zarr_volume_without_a_mode_is_refused_naming_the_modes(tmp_path, stack_file,
+                                                                        trained_cpnet_path):
+    volume = tmp_path / "vol.ome.zarr"
+    write_ome_zarr_volume(volume, stack_file[1], (2.0, 0.5, 0.5))
+    out = tmp_path / "out"
+    result = cli(["segment", str(volume), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--runtime", "torch"])
+    assert result.exit_code == 1
+    assert "has a Z axis" in result.output and "--stitch-threshold" in result.output
+    assert "--do-3d" in result.output and "--planes" in result.output
+    assert not (out / "vol_masks.tif").exists()
+
+
+def test_save_flows_of_a_stitched_stack_are_each_plane_s_network_output(tmp_path, stack_file,
+                                                                          trained_cpnet_path):
+    from selfadapt_deploy.io.normalize import normalize_plane, stack_percentiles
+    from selfadapt_deploy.segment import predict_flows
+
+    path, stack = stack_file
+    out = tmp_path / "out"
+    result = cli(["segment", str(path), "--model", str(trained_cpnet_path), "--out", str(out),
+                  "--stitch-threshold", "0.25", "--save-flows", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(out / "stack_flows.tif") as tif:
+        flows, axes = tif.asarray(), tif.series[0].axes
+    assert axes == "CZYX" and flows.shape == (3, 5, 128, 120)
+    bounds = stack_percentiles(stack)
+    with TorchRunner(load_model(trained_cpnet_path)) as runner:
+        for k in (0, 4):  # the stack's normalisation, each plane through the network alone
+            output, _ = predict_flows(runner, normalize_plane(stack[k], bounds), SegmentParams())
+            np.testing.assert_allclose(flows[:, k], output, atol=1e-5)
+    assert tifffile.imread(out / "stack_masks.tif").max() > 5
+
+
 def test_segment_planes_writes_one_image_per_plane(tmp_path, stack_file, trained_cpnet_path):
     path = stack_file[0]
     out = tmp_path / "out"
@@ -216,7 +305,6 @@ def test_a_stack_without_axes_needs_z_axis(tmp_path, stack_file, trained_cpnet_p
     (["--z-axis", "0"], "no stack mode"),
     (["--stitch-threshold", "0.3", "--planes"], "choose one"),
     (["--stitch-threshold", "1.5"], "stitch-threshold must be"),
-    (["--stitch-threshold", "0.3", "--save-flows"], "save-flows"),
     (["--do-3d", "--planes"], "choose one"),
     (["--anisotropy", "2"], "apply to --do-3d"),
     (["--do-3d", "--anisotropy", "0"], "anisotropy must be > 0"),

@@ -1,11 +1,12 @@
-"""Read images (TIFF / OME-TIFF incl. multi-series, PNG/JPEG) into C×Y×X arrays, and Z-stacks into
-Z×C×Y×X arrays (or their planes) when a stack mode asks for them."""
+"""Read images (TIFF / OME-TIFF incl. multi-series, OME-Zarr, PNG/JPEG) into C×Y×X arrays, and
+Z-stacks into Z×C×Y×X arrays (or their planes) when a stack mode asks for them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -20,9 +21,14 @@ MAX_GUESSED_CHANNELS = 8
 #: what a file with a Z axis becomes: refused (no stack mode given), its planes as 2-D images
 #: (``--planes``), or one Z×C×Y×X stack (``--stitch-threshold``)
 STACK_MODES = ("refuse", "planes", "volume")
+ZARR_SUFFIX = ".zarr"
+NGFF_AXES = {"c": "C", "y": "Y", "x": "X", "z": "Z", "t": "T"}  # OME-Zarr axis names → letters
+#: OME's length units ↔ OME-Zarr's (NGFF) names for them
+OME_UNITS = {"µm": "micrometer", "nm": "nanometer", "mm": "millimeter", "m": "meter"}
 STACK_MODES_HINT = ("segment it as a volume with --stitch-threshold T (every plane in 2-D, masks "
-                    "of adjacent planes linked at IoU ≥ T, as cellpose's stitch_threshold) or each "
-                    "plane as its own image with --planes")
+                    "of adjacent planes linked at IoU ≥ T, as cellpose's stitch_threshold) or "
+                    "--do-3d (in 3-D, as cellpose's do_3D), or each plane as its own image with "
+                    "--planes")
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,76 @@ class Image:
     data: np.ndarray
     series: int | None = None
     note: str = ""  # how an ambiguous file was read (said on the console), e.g. a guessed channel axis
+    physical: dict[str, float | str] | None = None  # a stack's OME PhysicalSize{Z,Y,X}[Unit]
+
+
+@dataclass(frozen=True)
+class ZarrImage:
+    """Level 0 of an OME-Zarr image: the (lazy) array, its axes as letters, its voxel scale."""
+
+    array: Any
+    axes: str
+    scale: tuple[float, ...] | None  # per axis, from the first dataset's coordinateTransformations
+    units: dict[str, str]  # axis letter → NGFF unit name, where the metadata gives one
+
+
+def is_ome_zarr(path: Path) -> bool:
+    return path.is_dir() and path.name.lower().endswith(ZARR_SUFFIX)
+
+
+def open_ome_zarr(path: Path) -> ZarrImage:
+    """The first multiscale level of the OME-Zarr image at ``path`` (NGFF 0.4 or 0.5 metadata)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        first = multiscales[0]["datasets"][0]
+        array = group[first["path"]]
+        meta = multiscales[0].get("axes") or [{"name": n} for n in "tczyx"[-array.ndim:]]
+        meta = [a if isinstance(a, dict) else {"name": a} for a in meta]
+        scale = next((t["scale"] for t in first.get("coordinateTransformations", [])
+                      if t.get("type") == "scale"), None)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: not a readable OME-Zarr image ({exc})") from exc
+    axes = "".join(NGFF_AXES.get(a["name"].lower(), "Q") for a in meta)
+    units = {letter: a["unit"] for letter, a in zip(axes, meta, strict=True) if a.get("unit")}
+    scale = tuple(map(float, scale)) if scale is not None and len(scale) == array.ndim else None
+    return ZarrImage(array, axes, scale, units)
+
+
+def zarr_physical(image: ZarrImage) -> dict[str, float | str] | None:
+    """An OME-Zarr's Z/Y/X voxel size as OME PhysicalSize attributes (None without a scale)."""
+    if image.scale is None or not all(a in image.axes for a in "ZYX"):
+        return None
+    units = {v: k for k, v in OME_UNITS.items()}
+    out: dict[str, float | str] = {}
+    for letter in "ZYX":
+        out[f"PhysicalSize{letter}"] = image.scale[image.axes.index(letter)]
+        if image.units.get(letter) in units:
+            out[f"PhysicalSize{letter}Unit"] = units[image.units[letter]]
+    return out
+
+
+def _ome_physical(tif: tifffile.TiffFile, series: int) -> dict[str, float | str] | None:
+    """The OME PhysicalSize{Z,Y,X}[Unit] of a series of an OME-TIFF (None if it records none)."""
+    if not tif.is_ome or not tif.ome_metadata:
+        return None
+    try:
+        images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (images if isinstance(images, list) else [images])[series]["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    keys = [f"PhysicalSize{a}{u}" for a in "ZYX" for u in ("", "Unit")]
+    found = {k: pixels[k] for k in keys if k in pixels}
+    return found if any(f"PhysicalSize{a}" in found for a in "ZYX") else None
 
 
 def image_stem(path: Path) -> str:
     """File name without its image suffixes (``a.ome.tif`` → ``a``)."""
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", *TIFF_SUFFIXES, *PLAIN_SUFFIXES):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ZARR_SUFFIX, *TIFF_SUFFIXES, *PLAIN_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -142,35 +212,52 @@ def _read_tiff(path: Path, channel_axis: int | None, series: int | None, z_axis:
                 raise ImageReadError(f"{path}: --series {series} does not exist (file has "
                                      f"{len(all_series)} series, 0..{len(all_series) - 1})")
             picked = [series] if series is not None else range(len(all_series))
-            arrays = [(i, all_series[i].asarray(), all_series[i].axes) for i in picked]
+            arrays = [(i, all_series[i].asarray(), all_series[i].axes, _ome_physical(tif, i))
+                      for i in picked]
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
         raise ImageReadError(f"{path}: not a readable TIFF ({exc})") from exc
     multi = len(all_series) > 1
     images = []
-    for i, arr, axes in arrays:
+    for i, arr, axes, physical in arrays:
         where = f"{path} (series {i})" if multi else str(path)
         name = f"{image_stem(path)}_s{i}" if multi and series is None else image_stem(path)
-        z = _z_index(arr, axes, z_axis, where) if stack != "refuse" else None
-        if z is None:
-            data, note = _to_cyx(arr, axes, channel_axis, where)
-            if note and stack != "refuse":  # a stack mode, and no axis says Z or channels
-                raise ImageReadError(f"{where}: shape {arr.shape} has no axis marked as Z or as "
-                                     "channels; pass --z-axis for a Z-stack (e.g. --z-axis 0), or "
-                                     "--channel-axis for a 2-D image with channels")
-            images.append(Image(name=name, source=path, data=_check_values(data, where),
-                                series=i if multi else None, note=note))
-            continue
-        data, note = _to_zcyx(arr, axes, z, channel_axis, where)
-        data = _check_values(data, where)
-        if stack == "volume":
-            images.append(Image(name=name, source=path, data=data, series=i if multi else None,
-                                note=note))
-        else:  # --planes: each plane its own 2-D image
-            images += [Image(name=f"{name}_z{k:03d}", source=path, data=plane,
-                             series=i if multi else None, note=note) for k, plane in enumerate(data)]
+        images += _images(arr, axes, Image(name, path, arr, i if multi else None, physical=physical),
+                          where, channel_axis, z_axis, stack)
     return images
+
+
+def _read_zarr(path: Path, channel_axis: int | None, z_axis: int | None, stack: str) -> list[Image]:
+    """An OME-Zarr image read whole (a Z-stack in a stack mode; 2-D ones stream, see wsi)."""
+    image = open_ome_zarr(path)
+    try:
+        arr = np.asarray(image.array[...])
+    except Exception as exc:  # missing or damaged chunks: zarr and its codecs raise many types
+        raise ImageReadError(f"{path}: not a readable OME-Zarr image ({exc})") from exc
+    return _images(arr, image.axes, Image(image_stem(path), path, arr, physical=zarr_physical(image)),
+                   str(path), channel_axis, z_axis, stack)
+
+
+def _images(arr: np.ndarray, axes: str, base: Image, where: str, channel_axis: int | None,
+            z_axis: int | None, stack: str) -> list[Image]:
+    """The images one array of a file holds: a 2-D image, a Z-stack or its planes (``stack``);
+    ``base`` carries the name, source, series and voxel size."""
+    z = _z_index(arr, axes, z_axis, where) if stack != "refuse" else None
+    if z is None:
+        data, note = _to_cyx(arr, axes, channel_axis, where)
+        if note and stack != "refuse":  # a stack mode, and no axis says Z or channels
+            raise ImageReadError(f"{where}: shape {arr.shape} has no axis marked as Z or as "
+                                 "channels; pass --z-axis for a Z-stack (e.g. --z-axis 0), or "
+                                 "--channel-axis for a 2-D image with channels")
+        return [replace(base, data=_check_values(data, where), note=note, physical=None)]
+    data, note = _to_zcyx(arr, axes, z, channel_axis, where)
+    data = _check_values(data, where)
+    if stack == "volume":
+        return [replace(base, data=data, note=note)]
+    # --planes: each plane its own 2-D image
+    return [replace(base, name=f"{base.name}_z{k:03d}", data=plane, note=note, physical=None)
+            for k, plane in enumerate(data)]
 
 
 def _read_plain(path: Path, channel_axis: int | None) -> list[Image]:
@@ -212,23 +299,30 @@ def has_z_axis(path: Path, series: int | None = None) -> bool:
 
 def stack_headers(path: Path, series: int | None, z_axis: int | None) -> list[tuple[int, int, int, int]]:
     """(planes, Y, X, bytes as stored) of each series to segment of a TIFF, from its header only
-    (planes: ``z_axis``'s length, else the recorded Z's, else 1); [] when unreadable or not a TIFF."""
+    or OME-Zarr (planes: ``z_axis``'s length, else the recorded Z's, else 1); [] when unreadable or
+    neither."""
+    if is_ome_zarr(path):
+        try:
+            image = open_ome_zarr(path)
+        except ImageReadError:
+            return []  # the reader says why, later
+        return [_header(image.array.shape, image.axes, z_axis, image.array.dtype.itemsize)]
     if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
         return []
     try:
         with tifffile.TiffFile(path) as tif:
             picked = [tif.series[series]] if series is not None else tif.series
-            out = []
-            for s in picked:
-                shape, axes = s.shape, s.axes
-                z = shape[z_axis] if z_axis is not None and -len(shape) <= z_axis < len(shape) else \
-                    shape[axes.index("Z")] if "Z" in axes else 1
-                ly, lx = (shape[axes.index("Y")], shape[axes.index("X")]) if "Y" in axes and "X" in axes \
-                    else shape[-2:]
-                out.append((int(z), int(ly), int(lx), int(np.prod(shape)) * s.dtype.itemsize))
-            return out
+            return [_header(s.shape, s.axes, z_axis, s.dtype.itemsize) for s in picked]
     except Exception:  # unreadable: the reader says why, later
         return []
+
+
+def _header(shape: Sequence[int], axes: str, z_axis: int | None, itemsize: int) -> tuple[int, int, int, int]:
+    z = shape[z_axis] if z_axis is not None and -len(shape) <= z_axis < len(shape) else \
+        shape[axes.index("Z")] if "Z" in axes else 1
+    ly, lx = (shape[axes.index("Y")], shape[axes.index("X")]) if "Y" in axes and "X" in axes \
+        else shape[-2:]
+    return int(z), int(ly), int(lx), int(np.prod(shape)) * itemsize
 
 
 def _yx_pixels(shape: Sequence[int], axes: str) -> int:
@@ -290,6 +384,8 @@ def read_images(path: str | Path, channel_axis: int | None = None, series: int |
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if is_ome_zarr(path):
+        return _read_zarr(path, channel_axis, z_axis, stack)
     if suffix in TIFF_SUFFIXES:
         return _read_tiff(path, channel_axis, series, z_axis, stack)
     if suffix in PLAIN_SUFFIXES:

@@ -46,11 +46,13 @@ STACK_LABEL_BYTES = 8  # per voxel: the uint32 labels and the 3-D clean-up's uin
 
 
 def stitched_stack_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
-                         rescale: float) -> int:
+                         rescale: float, flows: bool = False) -> int:
     """Estimated peak memory of ``segment --stitch-threshold`` on a stack: the stack as read
-    (``stored_bytes``), its labels, and one plane's whole-image working set (planes are segmented
-    a batch at a time; a group of several planes is of small ones)."""
-    return stored_bytes + planes * ly * lx * STACK_LABEL_BYTES + 2 * whole_image_bytes(ly, lx, nchan, rescale)
+    (``stored_bytes``), its labels, one plane's whole-image working set (planes are segmented
+    a batch at a time; a group of several planes is of small ones) and, with ``flows``
+    (``--save-flows``), every plane's dY, dX and cell probability (float32)."""
+    return (stored_bytes + planes * ly * lx * (STACK_LABEL_BYTES + 12 * flows)
+            + 2 * whole_image_bytes(ly, lx, nchan, rescale))
 
 
 def volume_3d_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int, rescale: float,
@@ -66,14 +68,16 @@ def volume_3d_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int
 
 
 def check_stack_fits(path: Path, planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
-                     rescale: float, anisotropy: float | None = None, available: int | None = None) -> None:
+                     rescale: float, anisotropy: float | None = None, available: int | None = None,
+                     flows: bool = False) -> None:
     """One clear error, before anything is read, for a stack whose stitching (or, with an
-    ``anisotropy``, 3-D segmentation) would not fit."""
+    ``anisotropy``, 3-D segmentation) would not fit; ``flows``: the stitched planes' flows are kept
+    for ``--save-flows``."""
     from selfadapt_deploy.errors import SaDeployError
 
     in_3d = anisotropy is not None
     need = (volume_3d_bytes(planes, ly, lx, stored_bytes, nchan, rescale, anisotropy) if in_3d
-            else stitched_stack_bytes(planes, ly, lx, stored_bytes, nchan, rescale))
+            else stitched_stack_bytes(planes, ly, lx, stored_bytes, nchan, rescale, flows))
     available = available_memory() if available is None else available
     if need > available:
         what = "segmenting" if in_3d else "stitching"

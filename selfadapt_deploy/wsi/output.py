@@ -4,19 +4,16 @@ which napari and other viewers open). Written under a temporary name, renamed wh
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from selfadapt_deploy.errors import OutputWriteError
+from selfadapt_deploy.io.writers import multiscales, staged
 from selfadapt_deploy.wsi.plan import TILE, Block
 
-OUT_FORMATS = {"tiff": "_masks.tif", "zarr": "_masks.ome.zarr"}
+RESUME_ADVICE = "free space or choose another --out, then run again with --resume"
 
 #: labels of rows [y0, y1) × all columns, final numbering applied (uint32)
 Band = Callable[[int, int], np.ndarray]
@@ -38,30 +35,6 @@ def final_band(local, blocks: list[Block], mappings: list[np.ndarray]) -> Band:
     return band
 
 
-@contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A temporary path next to ``target`` (file or folder), renamed onto it on success; a full
-    disk or another OS error is one clear error and leaves nothing behind."""
-    tmp = target.with_name(f".{target.name}.part")
-    _remove(tmp)
-    try:
-        yield tmp
-        _remove(target)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise OutputWriteError(f"{target}: cannot write the label image ({exc.strerror or exc}); free "
-                               "space or choose another --out, then run again with --resume") from exc
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def write_bigtiff(target: Path, band: Band, height: int, width: int) -> None:
     """Tiled (256²) zlib BigTIFF, uint32, tiles produced one row of tiles at a time."""
 
@@ -74,7 +47,7 @@ def write_bigtiff(target: Path, band: Band, height: int, width: int) -> None:
                 tile[: part.shape[0], : part.shape[1]] = part
                 yield tile
 
-    with _staged(target) as tmp:
+    with staged(target, RESUME_ADVICE) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(height, width), dtype=np.uint32, tile=(TILE, TILE),
                          bigtiff=True, compression="zlib", metadata={"axes": "YX"})
 
@@ -85,7 +58,7 @@ def write_ome_zarr(target: Path, band: Band, height: int, width: int, name: str,
     subsampled by 2 (nearest: labels stay labels) until it fits one tile."""
     import zarr
 
-    with _staged(target) as tmp:
+    with staged(target, RESUME_ADVICE) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         level = root.create_array("0", shape=(height, width), chunks=(chunk, chunk), dtype=np.uint32,
                                   fill_value=0)
@@ -101,9 +74,4 @@ def write_ome_zarr(target: Path, band: Band, height: int, width: int, name: str,
                 nxt[y : min(y + chunk, h), :] = np.asarray(level[rows, ::2])
             level = nxt
             paths.append(str(len(paths)))
-        root.attrs["multiscales"] = [{
-            "version": "0.4", "name": name, "type": "nearest",
-            "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-            "datasets": [{"path": p, "coordinateTransformations": [
-                {"type": "scale", "scale": [2.0**k, 2.0**k]}]} for k, p in enumerate(paths)],
-        }]
+        root.attrs["multiscales"] = multiscales(name, "YX", len(paths))

@@ -12,10 +12,15 @@ import numpy as np
 import tifffile
 
 from selfadapt_deploy.errors import ImageReadError
-from selfadapt_deploy.io.readers import CHANNEL_LETTERS, TIFF_SUFFIXES, image_stem
+from selfadapt_deploy.io.readers import (
+    CHANNEL_LETTERS,
+    STACK_MODES_HINT,
+    TIFF_SUFFIXES,
+    image_stem,
+    is_ome_zarr,
+    open_ome_zarr,
+)
 from selfadapt_deploy.wsi.memory import StreamChoice
-
-ZARR_SUFFIXES = (".zarr",)
 
 
 @dataclass
@@ -82,7 +87,7 @@ def open_slide(path: str | Path, series: int | None = None) -> Slide:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file or directory")
-    if path.is_dir() and path.name.lower().endswith(ZARR_SUFFIXES):
+    if is_ome_zarr(path):
         slide = _open_ome_zarr(path)
     elif path.name.lower().endswith(TIFF_SUFFIXES):
         slide = _open_tiff(path, series)
@@ -92,6 +97,9 @@ def open_slide(path: str | Path, series: int | None = None) -> Slide:
              if a not in "YX" and a not in CHANNEL_LETTERS and n > 1]
     if extra or "Y" not in slide.axes or "X" not in slide.axes:
         slide.close()
+        if ("Z", slide.array.shape[slide.axes.index("Z")]) in extra:
+            raise ImageReadError(f"{path}: has a Z axis (axes {slide.axes}, shape "
+                                 f"{tuple(slide.array.shape)}); {STACK_MODES_HINT}")
         raise ImageReadError(f"{path}: expected a 2-D image with optional channels, got axes "
                              f"{slide.axes} of shape {tuple(slide.array.shape)}; extract a 2-D plane")
     return slide
@@ -119,20 +127,8 @@ def _open_tiff(path: Path, series: int | None) -> Slide:
 
 
 def _open_ome_zarr(path: Path) -> Slide:
-    import zarr
-
-    try:
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-        level = multiscales[0]["datasets"][0]["path"]
-        axes_meta = multiscales[0].get("axes") or [{"name": n} for n in "tczyx"[-group[level].ndim:]]
-        names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
-        array = group[level]
-    except Exception as exc:
-        raise ImageReadError(f"{path}: not a readable OME-Zarr image ({exc})") from exc
-    axes = "".join({"c": "C", "y": "Y", "x": "X", "z": "Z", "t": "T"}.get(n.lower(), "Q") for n in names)
-    return Slide(path, path.name.removesuffix(".zarr").removesuffix(".ome"), array, axes)
+    image = open_ome_zarr(path)
+    return Slide(path, image_stem(path), image.array, image.axes)
 
 
 def slide_info(slide: Slide) -> dict:

@@ -30,11 +30,11 @@ import numpy as np
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import apply_percentiles, percentiles, subsample_steps
 from selfadapt_deploy.io.readers import select_channels
-from selfadapt_deploy.io.writers import atomic_path
+from selfadapt_deploy.io.writers import OUT_FORMATS, atomic_path
 from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.segment import SegmentParams, segment_images
-from selfadapt_deploy.wsi.output import OUT_FORMATS, final_band, write_bigtiff, write_ome_zarr
+from selfadapt_deploy.wsi.output import final_band, write_bigtiff, write_ome_zarr
 from selfadapt_deploy.wsi.plan import TILE, Block, block_grid, default_halo
 from selfadapt_deploy.wsi.slide import Slide, open_slide, slide_info
 from selfadapt_deploy.wsi.stitch import UnionFind, cut_labels, final_numbering, matching_labels
