@@ -14,6 +14,7 @@ import numpy as np
 import tifffile
 
 from selfadapt_deploy.errors import OutputWriteError
+from selfadapt_deploy.io.readers import OME_UNITS
 
 #: label image formats (``--out-format``) → the suffix after the image's name
 OUT_FORMATS = {"tiff": "_masks.tif", "zarr": "_masks.ome.zarr"}
@@ -148,8 +149,6 @@ def multiscales(name: str, axes: str, levels: int, physical: dict[str, float | s
                 ) -> list[dict]:
     """NGFF 0.4 ``multiscales`` metadata of a label pyramid: level k is level 0 subsampled by 2^k in
     Y and X; spatial axes scaled by ``physical`` (OME PhysicalSize{Z,Y,X}[Unit]) when given."""
-    from selfadapt_deploy.io.readers import OME_UNITS
-
     physical = physical or {}
     base = [float(physical.get(f"PhysicalSize{a}", 1.0)) for a in axes]
     meta = []
