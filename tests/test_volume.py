@@ -230,6 +230,23 @@ def test_an_ome_zarr_volume_is_stitched_and_written_as_ome_zarr_with_its_voxel_s
     assert expected.max() > 5 and not list(out.glob(".*part*"))
 
 
+def test_out_format_zarr_writes_a_2d_image_read_whole_as_the_tiff_it_would_be(tmp_path, stack_file,
+                                                                             trained_cpnet_path):
+    import zarr
+
+    image = tmp_path / "plane.tif"
+    tifffile.imwrite(image, stack_file[1][2, 0])
+    for fmt in ("tiff", "zarr"):
+        result = cli(["segment", str(image), "--model", str(trained_cpnet_path), "--out",
+                      str(tmp_path / fmt), "--runtime", "torch", "--out-format", fmt, "--no-stream"])
+        assert result.exit_code == 0, result.output
+    want = tifffile.imread(tmp_path / "tiff" / "plane_masks.tif")
+    root = zarr.open_group(str(tmp_path / "zarr" / "plane_masks.ome.zarr"), mode="r")
+    assert [a["name"] for a in root.attrs["multiscales"][0]["axes"]] == ["y", "x"]
+    np.testing.assert_array_equal(root["0"][...], want)
+    assert want.max() > 2
+
+
 def test_the_voxel_size_of_an_ome_tiff_stack_is_kept_in_its_label_stack(tmp_path, stack_file,
                                                                         trained_cpnet_path):
     stack = stack_file[1]
