@@ -14,12 +14,21 @@ What is measured
     ``--repeats`` alternating rounds, medians, both on the threads torch and numba get by default
     (``--threads`` sets both). The masks must be identical (exit code 2 otherwise).
 
+    **End to end** first (``--e2e-shape``, default 24×128×128; ``--e2e-shape 0 0 0`` skips it): a
+    generated volume (``synthetic.random_volume_labels`` / ``render_volume``: touching
+    ellipsoids, anisotropic sampling, blur along Z) segmented in 3-D by a small random
+    Cellpose-SAM (``build_cpsam``) — ``volume.segment_3d`` against cellpose 4.2's own
+    ``CellposeModel.eval(do_3D=True, anisotropy=…)`` running the same network (as the tests do);
+    seconds, ratio and AP@0.5 of ours against cellpose's masks (a random net: this times the
+    computation; quality is not the point).
+
 Output: per stage seconds and ratio; last line ``ratio=<cellpose s ÷ sa-deploy s, CPU flows → masks>``.
 
 Run (repository root)::
 
     python benchmarks/volume_vs_cellpose.py --repeats 2
     python benchmarks/volume_vs_cellpose.py --shape 32 256 256 --cells 300   # a quick look
+    python benchmarks/volume_vs_cellpose.py --e2e-shape 32 256 256 --shape 0 0 0   # end to end only
 """
 
 from __future__ import annotations
@@ -52,6 +61,53 @@ def noisy_flows(shape: tuple[int, int, int], cells: int, anisotropy: float, nois
     return flows.astype(np.float32), cellprob
 
 
+def end_to_end(shape: tuple[int, int, int], anisotropy: float, repeats: int) -> None:
+    """``segment_3d`` against cellpose 4.2's ``eval(do_3D=True)``, same small Cellpose-SAM."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stitch_vs_cellpose import alternate, print_stages
+
+    from selfadapt_deploy.metrics import average_precision
+    from selfadapt_deploy.models import build_cpsam
+    from selfadapt_deploy.runtime import TorchRunner
+    from selfadapt_deploy.segment import SegmentParams
+    from selfadapt_deploy.synthetic import random_volume_labels, render_volume
+    from selfadapt_deploy.volume import segment_3d
+    from tests.helpers import cellpose4_model
+
+    net = build_cpsam(seed=0).eval()
+    cells = max(4, shape[0] * shape[1] * shape[2] // 6000)
+    labels = random_volume_labels(shape, cells, radius=(8, 12), anisotropy=anisotropy, seed=0)
+    gray = render_volume(labels, seed=0)
+    stack = np.stack([gray, 0.5 * gray, np.zeros_like(gray)], axis=1)  # Z×C×Y×X
+    params = SegmentParams(cellprob_threshold=-0.5)
+    print(f"end to end: {'×'.join(map(str, shape))} volume, {cells} cells, small Cellpose-SAM "
+          f"(tile {net.tile_size}), do_3D, anisotropy {anisotropy:g}", flush=True)
+
+    def ours() -> tuple[np.ndarray, dict]:
+        t0 = time.perf_counter()
+        with TorchRunner(net) as runner:
+            masks, _ = segment_3d(runner, stack, params, anisotropy)
+        return masks, {"end to end": time.perf_counter() - t0}
+
+    def theirs() -> tuple[np.ndarray, dict]:
+        t0 = time.perf_counter()
+        masks, _, _ = cellpose4_model(net).eval(
+            stack.transpose(0, 2, 3, 1).copy(), channel_axis=-1, z_axis=0, do_3D=True,
+            anisotropy=anisotropy, diameter=30.0 * net.default_diameter / net.diam_mean,
+            bsize=net.tile_size, cellprob_threshold=params.cellprob_threshold)
+        return masks, {"end to end": time.perf_counter() - t0}
+
+    ours()  # numba compiles (or loads its cache) once
+    ref, got, times = alternate(theirs, ours, repeats)
+    ap = average_precision(ref, got).ap[0]
+    print_stages(times, ("end to end",))
+    print(f"  masks: AP@0.5 {ap:.4f} against cellpose's ({int(got.max())} masks; cellpose "
+          f"{int(ref.max())}); identical: {bool((ref.astype(np.int64) == got).all())}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512])
@@ -63,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--integrator", default="numba", choices=["numba", "torch"])
     ap.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: their defaults)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--e2e-shape", type=int, nargs=3, default=[24, 128, 128],
+                    help="volume of the end-to-end comparison (0 0 0: skip it)")
     args = ap.parse_args(argv)
     import torch
     from cellpose import dynamics, utils
@@ -76,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
+    if all(args.e2e_shape):
+        end_to_end(tuple(args.e2e_shape), args.anisotropy, args.repeats)
+    if not all(args.shape):
+        return 0
     shape = tuple(args.shape)
     flows, cellprob = noisy_flows(shape, args.cells, args.anisotropy, args.noise, 0)
     fg = cellprob > 0
