@@ -138,9 +138,11 @@ def child_cellpose4(job: dict) -> dict:
     from cellpose import dynamics, transforms, utils
     from stage_timing import StageClock, patched
 
+    from selfadapt_deploy.models import load_model
+    from tests.helpers import cellpose4_model
+
     clock = StageClock()
-    with patched(clock, {"open model": (sys.modules[__name__], "load_model_for_cellpose4")}):
-        model = load_model_for_cellpose4(job["model"])
+    model = cellpose4_model(clock.wrap("open model", load_model)(job["model"], "cpu").eval())
     targets = {"normalize": (transforms, "normalize_img"), "network": (model, "_run_net"),
                "integrate": (dynamics, "follow_flows"), "assemble": (dynamics, "get_masks_torch"),
                "flow_qc": (dynamics, "remove_bad_flow_masks"),
@@ -153,14 +155,6 @@ def child_cellpose4(job: dict) -> dict:
             name = Path(path).name.split(".")[0]
             tifffile.imwrite(Path(job["out"]) / f"{name}_masks.tif", masks.astype("uint32"))
     return clock.seconds
-
-
-def load_model_for_cellpose4(path: str):
-    """A cellpose 4.2 ``CellposeModel`` running the network in ``path`` (sa-deploy's loader)."""
-    from selfadapt_deploy.models import load_model
-    from tests.helpers import cellpose4_model
-
-    return cellpose4_model(load_model(path, "cpu").eval())
 
 
 def run_child(python: str, which: str, job: dict, env: dict | None = None) -> tuple[float, dict, str]:

@@ -273,11 +273,10 @@ def segment_files(paths: Sequence[Path], job: SegmentJob, channel_axis: int | No
             flows = np.zeros((3, data.shape[0], *data.shape[2:]), np.float32) if job.save_flows else None
 
             def keep_flows(k: int, seg: Segmentation) -> None:
-                if flows is not None:
-                    flows[:2, k], flows[2, k] = seg.flows, seg.cellprob
+                flows[:2, k], flows[2, k] = seg.flows, seg.cellprob
 
             masks = segment_stitched(job.runner, data, job.params, job.stitch_threshold, job.device,
-                                     progress, keep_flows)
+                                     progress, keep_flows if flows is not None else None)
             if flows is not None:
                 write_flows(job.out_dir / f"{image.name}{FLOWS_SUFFIX}", flows[:2], flows[2])
             write_labels(masks_path(image.name), masks, job.out_format, image.physical)

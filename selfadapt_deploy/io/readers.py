@@ -93,18 +93,22 @@ def zarr_physical(image: ZarrImage) -> dict[str, float | str] | None:
     return out
 
 
-def _ome_physical(tif: tifffile.TiffFile, series: int) -> dict[str, float | str] | None:
-    """The OME PhysicalSize{Z,Y,X}[Unit] of a series of an OME-TIFF (None if it records none)."""
+def _ome_physical(tif: tifffile.TiffFile) -> list[dict[str, float | str] | None]:
+    """Per OME image (series) of an OME-TIFF, its PhysicalSize{Z,Y,X}[Unit] (None where it records
+    none); [] for a TIFF without OME metadata. The OME-XML is parsed once."""
     if not tif.is_ome or not tif.ome_metadata:
-        return None
+        return []
     try:
         images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-        pixels = (images if isinstance(images, list) else [images])[series]["Pixels"]
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
+    except (KeyError, TypeError, ValueError):
+        return []
     keys = [f"PhysicalSize{a}{u}" for a in "ZYX" for u in ("", "Unit")]
-    found = {k: pixels[k] for k in keys if k in pixels}
-    return found if any(f"PhysicalSize{a}" in found for a in "ZYX") else None
+    out = []
+    for image in images if isinstance(images, list) else [images]:
+        pixels = image.get("Pixels", {}) if isinstance(image, dict) else {}
+        found = {k: pixels[k] for k in keys if k in pixels}
+        out.append(found if any(f"PhysicalSize{a}" in found for a in "ZYX") else None)
+    return out
 
 
 def image_stem(path: Path) -> str:
@@ -212,8 +216,9 @@ def _read_tiff(path: Path, channel_axis: int | None, series: int | None, z_axis:
                 raise ImageReadError(f"{path}: --series {series} does not exist (file has "
                                      f"{len(all_series)} series, 0..{len(all_series) - 1})")
             picked = [series] if series is not None else range(len(all_series))
-            arrays = [(i, all_series[i].asarray(), all_series[i].axes, _ome_physical(tif, i))
-                      for i in picked]
+            sizes = _ome_physical(tif) if stack == "volume" else []  # only a volume keeps them
+            arrays = [(i, all_series[i].asarray(), all_series[i].axes,
+                       sizes[i] if i < len(sizes) else None) for i in picked]
     except ImageReadError:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...

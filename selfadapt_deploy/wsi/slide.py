@@ -97,7 +97,7 @@ def open_slide(path: str | Path, series: int | None = None) -> Slide:
              if a not in "YX" and a not in CHANNEL_LETTERS and n > 1]
     if extra or "Y" not in slide.axes or "X" not in slide.axes:
         slide.close()
-        if ("Z", slide.array.shape[slide.axes.index("Z")]) in extra:
+        if any(axis == "Z" for axis, _ in extra):
             raise ImageReadError(f"{path}: has a Z axis (axes {slide.axes}, shape "
                                  f"{tuple(slide.array.shape)}); {STACK_MODES_HINT}")
         raise ImageReadError(f"{path}: expected a 2-D image with optional channels, got axes "
