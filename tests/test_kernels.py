@@ -25,10 +25,12 @@ from selfadapt_deploy.postprocess.flow_qc import (
 from selfadapt_deploy.postprocess.integrate import (
     integrate,
     integrate_batch,
+    prepare,
     resolve_integrator,
     triton_available,
+    walk_merging,
 )
-from selfadapt_deploy.postprocess.numba_kernels import mask_centres
+from selfadapt_deploy.postprocess.numba_kernels import first_of_equal, integrate_field, mask_centres
 from selfadapt_deploy.synthetic import random_labels
 
 from .helpers import synthetic_flows
@@ -53,6 +55,39 @@ def test_numba_integrator_is_bit_identical_to_the_reference_on_a_batch():
     # the batch call equals one call per image
     single = integrate(flows[1], cellprob[1], 0.0, 200, "cpu", "numba")[1]
     torch.testing.assert_close(single, ours[1][1], rtol=0, atol=0)
+
+
+def test_first_of_equal_groups_rows_by_their_exact_bits():
+    rows = np.array([[3, 1], [0, 0], [3, 1], [7, 2], [0, 0], [3, 1]], np.uint32)
+    first, group = first_of_equal(rows)
+    np.testing.assert_array_equal(first, [0, 1, 3])  # first row of each group, in order
+    np.testing.assert_array_equal(group, [0, 1, 0, 2, 1, 0])
+    # 0.0 and -0.0 compare equal as floats but are different bits: kept apart (exactness)
+    zeros = np.array([[0.0], [-0.0], [0.0]], np.float32).view(np.uint32)
+    np.testing.assert_array_equal(first_of_equal(zeros)[1], [0, 1, 0])
+    many = np.random.default_rng(0).integers(0, 50, (20_000, 3)).astype(np.uint32)
+    first, group = first_of_equal(many)
+    assert len(first) == len(np.unique(many, axis=0))
+    np.testing.assert_array_equal(many[first][group], many)
+
+
+def test_merged_walk_equals_the_plain_walk_and_merges():
+    """Merging points at bit-identical positions is exact: same final positions as walking every
+    point, with far fewer points walked after the first merge."""
+    flows, cellprob = _batch(n=2)
+    p = prepare(torch.from_numpy(flows), torch.from_numpy(cellprob), 0.0)
+    field = np.zeros((2, flows.shape[2] + 2, flows.shape[3] + 2, 2), np.float32)
+    field[:, 1:-1, 1:-1] = p.field.numpy().transpose(0, 2, 3, 1)  # as the numba integrator
+    start, image = p.start.numpy(), p.image.numpy()
+    walked: list[int] = []
+
+    def walk(pts, im, n):
+        walked.append(len(pts))
+        return integrate_field(field, pts, im, n)
+
+    merged = walk_merging(walk, start, image, 200)
+    np.testing.assert_array_equal(merged, integrate_field(field, start, image, 200))
+    assert walked[0] == len(start) and walked[-1] < 0.6 * len(start), walked
 
 
 def test_batched_flows_to_masks_equals_one_image_at_a_time():

@@ -3,7 +3,8 @@
 One contract, three integrators (``--integrator``):
 
 * ``torch``  — the reference: cellpose 4.2's ``steps_interp`` (one ``grid_sample`` per step);
-* ``numba``  — CPU kernel, parallel over pixels (``numba_kernels.integrate_field``);
+* ``numba``  — CPU kernel, parallel over pixels (``numba_kernels.integrate_field``), walking
+  each set of bit-identical positions once (:func:`walk_merging`);
 * ``triton`` — fused GPU kernel, one launch walks all pixels through all steps
   (``triton_kernels.integrate_field``).
 
@@ -16,6 +17,7 @@ CUDA (when Triton is importable), numba on CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from selfadapt_deploy.errors import SaDeployError
 
 INTEGRATORS = ("auto", "torch", "numba", "triton")
+MERGE_AT = (20, 30, 50, 100)  # steps after which points at bit-identical positions are merged
+MIN_MERGE_GAIN = 0.9  # merge only when fewer than this fraction of the points would remain
 
 
 def triton_available() -> bool:
@@ -121,13 +125,40 @@ def _run_torch(p: Problem, niter: int) -> torch.Tensor:
     return out
 
 
+def walk_merging(walk: Callable[[np.ndarray, np.ndarray, int], np.ndarray], start: np.ndarray,
+                 image: np.ndarray, niter: int) -> np.ndarray:
+    """Final positions of ``start`` (N×D float32; ``image``: N int32, the image each point walks
+    on) after ``niter`` steps of ``walk(points, image, steps)``, walking each group of points at
+    bit-identical positions once.
+
+    A step is a fixed function of (position, image), so points that meet at the same bits walk the
+    same path from then on: merging them is exact. Flows converge, so most points of a cell meet
+    within a few dozen steps (on cellpose-like flows only 10–25 % of the positions are distinct
+    after 30–50 steps); the groups are found at ``MERGE_AT`` steps.
+    """
+    from selfadapt_deploy.postprocess.numba_kernels import first_of_equal
+
+    points, images, group, done = start, image, None, 0
+    for stop in (*(s for s in MERGE_AT if s < niter), niter):
+        points, done = walk(points, images, stop - done), stop
+        if done == niter:
+            break
+        keys = np.concatenate([points.view(np.uint32), images.view(np.uint32)[:, None]], axis=1)
+        first, inverse = first_of_equal(keys)
+        if len(first) < MIN_MERGE_GAIN * len(points):
+            points, images = points[first], images[first]
+            group = inverse if group is None else inverse[group]
+    return points if group is None else points[group]
+
+
 def _run_numba(p: Problem, niter: int) -> torch.Tensor:
     from selfadapt_deploy.postprocess.numba_kernels import integrate_field
 
     b, _, h, w = p.field.shape
     field = np.zeros((b, h + 2, w + 2, 2), np.float32)  # channels last, border of zeros
     field[:, 1:-1, 1:-1] = p.field.numpy().transpose(0, 2, 3, 1)
-    final = integrate_field(field, p.start.numpy(), p.image.numpy(), niter)
+    final = walk_merging(lambda pts, img, n: integrate_field(field, pts, img, n), p.start.numpy(),
+                         p.image.numpy(), niter)
     return torch.from_numpy(final)
 
 

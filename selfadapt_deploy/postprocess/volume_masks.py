@@ -2,7 +2,8 @@
 
 Flow following is cellpose's ``steps_interp`` in 3-D: every foreground voxel walks ``niter`` Euler
 steps through the trilinear ``grid_sample`` of the (dX, dY, dZ) field in normalised coordinates,
-clamped to the volume, in float32 with cellpose's order of operations. Mask assembly is
+clamped to the volume, in float32 with cellpose's order of operations (the numba kernel walks
+voxels that have met at bit-identical positions once). Mask assembly is
 ``get_masks_torch`` in 3-D (:mod:`postprocess.masks` holds its 2-D rules): a histogram of final
 positions padded by 20, seeds at 5×5×5 maxima above 10 hits, grown over 11³ windows by five 3×3×3
 dilations on bins above 2 hits, later (higher-count) seeds winning; masks over
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.postprocess import MaskParams
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
-from selfadapt_deploy.postprocess.integrate import resolve_integrator
+from selfadapt_deploy.postprocess.integrate import resolve_integrator, walk_merging
 from selfadapt_deploy.postprocess.masks import (
     GROW_RADIUS,
     GROW_STEPS,
@@ -51,12 +52,15 @@ def _steps_torch(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor
 
 
 def _steps_numba(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor:
-    """The same walk in the numba kernel (channels last, a border of zeros)."""
+    """The same walk in the numba kernel (channels last, a border of zeros), each group of points
+    at bit-identical positions walked once (:func:`walk_merging`)."""
     from selfadapt_deploy.postprocess.numba_kernels import integrate_field_3d
 
     field = np.zeros((*(n + 2 for n in im.shape[2:]), 3), np.float32)
     field[1:-1, 1:-1, 1:-1] = im[0].permute(1, 2, 3, 0).numpy()
-    final = integrate_field_3d(field, np.ascontiguousarray(pt[0, 0, 0].numpy()), niter)
+    start = np.ascontiguousarray(pt[0, 0, 0].numpy())
+    final = walk_merging(lambda pts, _, n: integrate_field_3d(field, pts, n), start,
+                         np.zeros(len(start), np.int32), niter)
     return torch.from_numpy(final)[None, None, None]
 
 
