@@ -57,6 +57,7 @@ def test_bioimageio_core_reproduces_the_test_outputs(package):
     assert any("(onnx)" in n for n in ran) and any("(torchscript)" in n for n in ran), ran
 
 
+@pytest.mark.slow
 def test_export_cli_writes_the_package_and_refuses_a_used_folder(tmp_path, trained_cpnet_path):
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -210,7 +210,8 @@ def test_segment_with_a_cellpose_sam_file_and_tta(tmp_path, tiny_cpsam):
     assert tifffile.imread(tmp_path / "out" / "rgb_masks.tif").shape == (70, 90)
 
 
-@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam", "tiny_cpdino"])
+@pytest.mark.parametrize("family", ["tiny_cpnet", "tiny_cpsam",
+                                    pytest.param("tiny_cpdino", marks=pytest.mark.slow)])
 def test_adapt_end_to_end_and_resume(tmp_path, family, request):
     net = request.getfixturevalue(family)
     net.save(tmp_path / "pretrained.pt")

@@ -235,6 +235,7 @@ def test_state_dict_round_trip():
     assert not CellposeDINO.recognises({"W2", "encoder.patch_embed.proj.weight", "encoder.pos_embed"})
 
 
+@pytest.mark.slow
 def test_cpdino_runs_everywhere_a_family_does(tmp_path):
     """A Cellpose-DINO weights file through the commands: segment with TTA, pseudo-label, ACTIS
     and CULPICO adaptation, export with a bioimage.io package (validated by bioimageio.spec)."""

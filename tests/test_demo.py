@@ -44,6 +44,7 @@ def test_adaptation_improves_target_ap_and_demo_folder_is_complete(quick_demo):
     assert "holds a demo run with other settings" in out.output
 
 
+@pytest.mark.slow
 def test_actis_with_two_labelled_target_images_beats_the_source_model(tmp_path, quick_demo):
     """ACTIS on the demo's shift: 2 labelled target images in every batch (one of 4 tiles). The
     source model is the SelfAdapt demo's (same source settings and seed): the demo reuses it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,27 @@ def _net(family: str):
     return build_cpsam(seed=0).eval()
 
 
-@pytest.fixture(scope="module", params=["cpnet", "cpsam", "cpdino"])
-def exported(request, tmp_path_factory) -> tuple[str, Path]:
-    """(family, export directory) of a tiny network of each family, exported once per module."""
-    root = tmp_path_factory.mktemp(f"export_{request.param}")
-    _net(request.param).save(root / "weights.pt")
-    export_model(str(root / "weights.pt"), root / "export", report=lambda m: None)
-    return request.param, root / "export"
+@pytest.fixture(scope="module")
+def export_of(tmp_path_factory) -> Callable[[str], Path]:
+    """family → export directory of a tiny network of that family, exported once per module (a
+    parametrized module fixture would export again whenever pytest's test order changes family)."""
+    made: dict[str, Path] = {}
+
+    def export(family: str) -> Path:
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"export_{family}")
+            _net(family).save(root / "weights.pt")
+            export_model(str(root / "weights.pt"), root / "export", report=lambda m: None)
+            made[family] = root / "export"
+        return made[family]
+
+    return export
+
+
+@pytest.fixture(params=["cpnet", "cpsam", "cpdino"])
+def exported(request, export_of) -> tuple[str, Path]:
+    """(family, export directory) of a tiny network of each family."""
+    return request.param, export_of(request.param)
 
 
 def _tiles(family: str, graph, batch: int, seed: int = 0) -> torch.Tensor:
@@ -82,9 +97,9 @@ def test_teacher_graph_is_the_trainers_teacher(exported):
     torch.testing.assert_close(got["prob_std"][:, 0], want.prob_std, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("exported", ["cpsam", "cpdino"], indirect=True)
-def test_vit_graphs_take_fewer_channels_as_cellpose_does(exported):
-    family, out = exported
+@pytest.mark.parametrize("family", ["cpsam", "cpdino"])
+def test_vit_graphs_take_fewer_channels_as_cellpose_does(family, export_of):
+    out = export_of(family)
     net = load_model(out)
     x = _tiles(family, MODEL_GRAPH, batch=2)[:, :2]  # two channels into a 3-channel graph
     with OrtRunner(out / "model.onnx", read_spec(out)) as runner:

@@ -58,6 +58,7 @@ def test_auto_precision_masks_agree_with_fp32_on_real_images(trained_cpnet_path,
     assert np.abs(reduced.flows - ref.flows).max() > 0  # reduced precision really ran
 
 
+@pytest.mark.slow
 def test_compiled_runner_equals_eager_and_compiles_once_per_batch_bucket(tiny_cpnet, tmp_path):
     from torch._dynamo.utils import counters
 

@@ -161,6 +161,7 @@ def _fill(path: str, root: str) -> str:
     return str(graph_cache.cached_graph(net, path, MODEL_GRAPH, root=root).path)
 
 
+@pytest.mark.slow
 def test_two_processes_filling_one_entry_at_once_both_get_a_whole_entry(cache, trained_cpnet_path):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         paths = pool.starmap(_fill, [(str(trained_cpnet_path), str(cache))] * 2)

@@ -210,6 +210,7 @@ def test_onnxruntime_cuda_io_binding_matches_torch(exported_cyto):
     assert (got - want).abs().max() <= 1e-2 * max(1.0, float(want.abs().max()))
 
 
+@pytest.mark.slow
 def test_pseudo_label_in_onnxruntime_equals_torch_on_real_images(tmp_path, exported_cyto, data_dir):
     image = data_dir / "cdp2bioactives_h23.ome.tif"
     outputs = {}

@@ -300,6 +300,7 @@ def _descendants(pid: int) -> list[int]:
     return [int(c) for c in children] + [g for c in children for g in _descendants(int(c))]
 
 
+@pytest.mark.slow
 def test_kill_9_of_serve_takes_tritonserver_and_its_stubs_along(trained_cpnet_path):
     """The children die with their parent (parent-death signal), the same ports serve again, and
     the killed server's temporary model repository is removed by the next start."""
@@ -444,6 +445,7 @@ def test_the_rescaled_image_is_bounded_by_max_image_pixels_too(monkeypatch):
     assert fine.error is None and fine.outputs[0].shape == (128, 128)
 
 
+@pytest.mark.slow
 def test_a_dead_tritonserver_is_restarted_and_the_crash_request_is_refused(trained_cpnet_path):
     """kill -9 of the tritonserver child: serve restarts it, it answers again within seconds, and
     the metrics count the restart; then the ~100-byte request whose claimed shape would make

@@ -245,6 +245,7 @@ def test_student_augmentation_runs_on_the_gpu_without_leaving_it():
     torch.testing.assert_close(StrongAugment()(x.cuda(), torch.Generator().manual_seed(0)), on_gpu)
 
 
+@pytest.mark.slow
 def test_compiled_teacher_follows_the_ema_updates(tiny_cpnet):
     """torch.compile of the EMA module (--compile-teacher): the in-place EMA updates reach the
     compiled forward, so its pseudo-labels stay the eager teacher's."""

@@ -90,6 +90,7 @@ def test_bad_repository_targets_and_artefacts_leave_nothing(tmp_path, exported_c
         parse_model_config('name: "network"\nmax_batch: 8\n', "config.pbtxt")
 
 
+@pytest.mark.slow
 def test_export_cli_writes_the_repository(tmp_path, trained_cpnet_path):
     result = CliRunner().invoke(app, ["export", str(trained_cpnet_path), "--out", str(tmp_path / "exp"),
                                       "--triton-repo", str(tmp_path / "repo")])

@@ -281,6 +281,7 @@ print(json.dumps({"before": before, "after": summary["peak_rss_bytes"], "blocks"
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_is_bounded_by_the_block_not_the_slide(tmp_path):
     """A 6144² slide (dense float32 flows: 453 MB) streamed in 512² blocks, in a fresh process:
     its peak memory grows by a small fraction of that over a warm-up slide's."""
