@@ -85,7 +85,7 @@ def test_merged_walk_equals_the_plain_walk_and_merges():
         walked.append(len(pts))
         return integrate_field(field, pts, im, n)
 
-    merged = walk_merging(walk, start, image, 200)
+    merged = walk_merging(walk, start, 200, image)
     np.testing.assert_array_equal(merged, integrate_field(field, start, image, 200))
     assert walked[0] == len(start) and walked[-1] < 0.6 * len(start), walked
 

@@ -125,11 +125,11 @@ def _run_torch(p: Problem, niter: int) -> torch.Tensor:
     return out
 
 
-def walk_merging(walk: Callable[[np.ndarray, np.ndarray, int], np.ndarray], start: np.ndarray,
-                 image: np.ndarray, niter: int) -> np.ndarray:
+def walk_merging(walk: Callable[[np.ndarray, np.ndarray | None, int], np.ndarray], start: np.ndarray,
+                 niter: int, image: np.ndarray | None = None) -> np.ndarray:
     """Final positions of ``start`` (N×D float32; ``image``: N int32, the image each point walks
-    on) after ``niter`` steps of ``walk(points, image, steps)``, walking each group of points at
-    bit-identical positions once.
+    on, None for one image) after ``niter`` steps of ``walk(points, image, steps)``, walking each
+    group of points at bit-identical positions once.
 
     A step is a fixed function of (position, image), so points that meet at the same bits walk the
     same path from then on: merging them is exact. Flows converge, so most points of a cell meet
@@ -143,10 +143,13 @@ def walk_merging(walk: Callable[[np.ndarray, np.ndarray, int], np.ndarray], star
         points, done = walk(points, images, stop - done), stop
         if done == niter:
             break
-        keys = np.concatenate([points.view(np.uint32), images.view(np.uint32)[:, None]], axis=1)
-        first, inverse = first_of_equal(keys)
+        keys = points.view(np.uint32)
+        if images is not None:
+            keys = np.concatenate([keys, images.view(np.uint32)[:, None]], axis=1)
+        first, inverse = first_of_equal(np.ascontiguousarray(keys))
         if len(first) < MIN_MERGE_GAIN * len(points):
-            points, images = points[first], images[first]
+            points = points[first]
+            images = None if images is None else images[first]
             group = inverse if group is None else inverse[group]
     return points if group is None else points[group]
 
@@ -158,7 +161,7 @@ def _run_numba(p: Problem, niter: int) -> torch.Tensor:
     field = np.zeros((b, h + 2, w + 2, 2), np.float32)  # channels last, border of zeros
     field[:, 1:-1, 1:-1] = p.field.numpy().transpose(0, 2, 3, 1)
     final = walk_merging(lambda pts, img, n: integrate_field(field, pts, img, n), p.start.numpy(),
-                         p.image.numpy(), niter)
+                         niter, p.image.numpy())
     return torch.from_numpy(final)
 
 

@@ -58,9 +58,8 @@ def _steps_numba(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor
 
     field = np.zeros((*(n + 2 for n in im.shape[2:]), 3), np.float32)
     field[1:-1, 1:-1, 1:-1] = im[0].permute(1, 2, 3, 0).numpy()
-    start = np.ascontiguousarray(pt[0, 0, 0].numpy())
-    final = walk_merging(lambda pts, _, n: integrate_field_3d(field, pts, n), start,
-                         np.zeros(len(start), np.int32), niter)
+    final = walk_merging(lambda pts, _, n: integrate_field_3d(field, pts, n),
+                         np.ascontiguousarray(pt[0, 0, 0].numpy()), niter)
     return torch.from_numpy(final)[None, None, None]
 
 
