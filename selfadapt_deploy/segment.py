@@ -87,7 +87,8 @@ class SegmentParams:
 class Segmentation:
     """Masks plus the network output they were computed from: 3×Y×X (dY, dX in network units,
     cellprob logit) at the image's size — a device tensor in the device pipeline, brought to the
-    host only when ``flows`` or ``cellprob`` is read."""
+    host only when ``flows`` or ``cellprob`` is read; for a volume segmented in 3-D, 4×Z×Y×X
+    (dZ, dY, dX, cellprob)."""
 
     masks: np.ndarray
     output: np.ndarray | torch.Tensor
@@ -99,12 +100,12 @@ class Segmentation:
         return self.output
 
     @property
-    def flows(self) -> np.ndarray:  # 2×Y×X
-        return self._host()[:2]
+    def flows(self) -> np.ndarray:  # 2×Y×X (3×Z×Y×X for a volume)
+        return self._host()[:-1]
 
     @property
-    def cellprob(self) -> np.ndarray:  # Y×X
-        return self._host()[2]
+    def cellprob(self) -> np.ndarray:  # Y×X (Z×Y×X)
+        return self._host()[-1]
 
 
 Image = np.ndarray | torch.Tensor  # C×Y×X: numpy on the host pipeline, a tensor on the device one

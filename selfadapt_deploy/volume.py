@@ -18,7 +18,7 @@ orientation's planes sharing network batches, any runtime), the three prediction
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_plane, normalize_volume, stack_percentiles
+from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.stitch import PlaneStitcher
 from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
@@ -38,6 +39,7 @@ from selfadapt_deploy.segment import (
     rescale_factor,
     resize_chw,
     segment_images,
+    segment_results,
     tiles_per_image,
     tta_predict,
 )
@@ -160,6 +162,22 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
     masks = flows_to_masks_3d(flows, cellprob, mask_params(params, rescale))
     return masks, np.concatenate([flows, cellprob[None]])
 
+
+def segment_with_net(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
+                     anisotropy: float = 1.0, attention: str = "auto") -> list[Segmentation]:
+    """Segmentations by ``net`` of in-memory images in order: C×Y×X images by the 2-D pipeline
+    (sharing batches, :func:`segment.segment_results`), Z×C×Y×X stacks in 3-D (:func:`segment_3d`
+    at ``anisotropy``) — so adaptation scores its candidates on volumes as they will be segmented."""
+    from selfadapt_deploy.runtime.torch_runner import TorchRunner  # the torch backend, on demand
+
+    stacks = [k for k, image in enumerate(images) if image.ndim == 4]
+    flat = [k for k in range(len(images)) if k not in stacks]
+    out = dict(zip(flat, segment_results(net, [images[k] for k in flat], params, attention), strict=True)
+               if flat else ())
+    if stacks:
+        with TorchRunner(net, net.device, attention=attention) as runner:
+            out |= {k: Segmentation(*segment_3d(runner, images[k], params, anisotropy)) for k in stacks}
+    return [out[k] for k in range(len(images))]
 
 
 def orthogonal_planes(stack: np.ndarray, anisotropy: float = 1.0) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ from selfadapt_deploy.postprocess.stitch import PlaneStitcher, stitch_planes
 from selfadapt_deploy.runtime import TorchRunner
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.synthetic import random_volume_labels, render_volume
-from selfadapt_deploy.volume import segment_stitched
+from selfadapt_deploy.volume import orthogonal_planes, segment_stitched
 
 from .helpers import cellpose4_model
 
@@ -542,7 +542,7 @@ def test_segmenter_segment_stack_in_3d(tiny_cpsam, tmp_path):
 
 # ---- adaptation on volumes: a 2-D network trained on a stack's YX, ZX and ZY planes --------------
 def test_orthogonal_planes_are_the_stack_s_planes_after_the_z_resize():
-    from selfadapt_deploy.volume import orthogonal_planes, resize_volume
+    from selfadapt_deploy.volume import resize_volume
 
     stack = np.random.default_rng(0).random((6, 2, 30, 36)).astype(np.float32)
     planes = orthogonal_planes(stack, 2.0)
@@ -554,6 +554,42 @@ def test_orthogonal_planes_are_the_stack_s_planes_after_the_z_resize():
     assert len(zx) == len(range(0, 30, 5)) and len(zy) == len(range(0, 36, 6))  # about Z planes each
     np.testing.assert_array_equal(zx[1], resized[:, :, 5].transpose(1, 0, 2))
     np.testing.assert_array_equal(zy[2], resized[:, :, :, 12].transpose(1, 0, 2))
+
+
+def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack_file, trained_cpnet_path):
+    """A run on volumes judges its candidates on what it will be used for: a held-out stack is
+    segmented in do_3D mode (masks and 4×Z×Y×X outputs, as ``segment_stack(do_3d=True)``), a 2-D
+    image as before; the dropout signal and the pool's consensus work on both."""
+    from selfadapt_deploy.api import Segmenter
+    from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
+    from selfadapt_deploy.trainer.candidates import consensus_params
+    from selfadapt_deploy.trainer.pool import PredictionPool
+    from selfadapt_deploy.trainer.validation import Validation, embed, evaluate_drift
+
+    stack = stack_file[1].astype(np.float32)
+    image = stack[2]  # one plane as a 2-D image (C×Y×X)
+    net = load_model(trained_cpnet_path, torch.device("cpu"))
+    rescale = net.diam_mean / net.default_diameter
+    val = Validation.from_images([stack, image], rescale, net.tile_size, None, anisotropy=2.0)
+    assert len(val.tiles) == len(orthogonal_planes(stack, 2.0)) + 1  # embeddings: one tile per plane
+    val.reference_masks = [seg.masks for seg in val.segment(net)]
+    val.reference_embedding = embed(net, val.tiles)
+    row, segs = evaluate_drift(net, val, dropout=True)
+
+    segmenter = Segmenter(trained_cpnet_path, device="cpu")
+    expected_3d = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, channel_axis=1)
+    assert segs[0].output.shape == (4, *expected_3d.shape) and expected_3d.max() > 5
+    np.testing.assert_array_equal(segs[0].masks, expected_3d)
+    np.testing.assert_array_equal(segs[1].masks, segmenter.segment(image, channel_axis=0))
+    assert row["fn_rate"] == 0.0 and 0.0 <= row["dropout_err"] <= 1.0
+    assert np.isfinite(row["flow_err"])  # from the 2-D image: cellpose has no flow check in 3-D
+
+    pool = PredictionPool(tmp_path / "pool", 2)
+    pool.add("a", segs)
+    params = consensus_params(val.params, net)
+    stored = pool.output("a", 0)
+    np.testing.assert_array_equal(pool.consensus_masks({"a": 1.0}, 0, params),
+                                  flows_to_masks_3d(stored[:3], stored[3], params))
 
 
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):

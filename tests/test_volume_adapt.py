@@ -1,4 +1,5 @@
-"""Adaptation on volumes: SelfAdapt on z-stacks of a 3-D shift gains 3-D AP over the source model."""
+"""Adaptation on volumes: SelfAdapt on z-stacks of a 3-D shift never deploys a model worse in 3-D
+than the source model, and (not yet) gains 3-D AP over it."""
 
 from __future__ import annotations
 
@@ -37,14 +38,13 @@ def _ap_3d(model: Path, volumes: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(np.mean(scores))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "measured 2026-12-03 (the same volumes and settings, one thread): the label-free choice deployed "
-    "wise-0.50 and 3-D AP@0.5 fell 0.41 -> 0.28; adaptation on volumes is not yet a gain (issue 20)"))
-def test_adaptation_on_z_stacks_of_a_3d_shift_improves_3d_ap(tmp_path):
+@pytest.fixture(scope="module")
+def adapted_on_volumes(tmp_path_factory) -> tuple[float, float, dict]:
     """The quick demo's 2-D source model (clean planes), adapted without labels on two ZYX OME-TIFF
-    stacks (tiles from YX, ZY and ZX planes after the anisotropic resize), segments held-out
-    volumes of the shift better in do_3D mode."""
+    stacks of the shift (tiles from YX, ZY and ZX planes after the anisotropic resize; a third
+    stack held out, its candidates scored in 3-D): (source, deployed) do_3D AP@0.5 on two more
+    held-out volumes, and the run's summary."""
+    tmp_path = tmp_path_factory.mktemp("volume-adapt")
     config = DemoConfig.quick()
     net = config.network(0)
     source = SOURCE.sample(config.n_source, (config.size, config.size), seed=0)
@@ -62,7 +62,26 @@ def test_adaptation_on_z_stacks_of_a_3d_shift_improves_3d_ap(tmp_path):
                        config=replace(AdaptConfig(), iterations=30, eval_every=10),
                        anisotropy=ANISOTROPY, diameter=DIAMETER)
     torch.manual_seed(0)
-    run_adapt(inputs, tmp_path / "adapt", torch.device("cpu"), report=lambda _: None)
+    summary = run_adapt(inputs, tmp_path / "adapt", torch.device("cpu"), report=lambda _: None)
+    return _ap_3d(tmp_path / "source_model.pt", test), _ap_3d(tmp_path / "adapt" / "model.pt", test), summary
 
-    before, after = _ap_3d(tmp_path / "source_model.pt", test), _ap_3d(tmp_path / "adapt" / "model.pt", test)
+
+@pytest.mark.slow
+def test_adaptation_on_z_stacks_never_deploys_a_model_worse_in_3d(adapted_on_volumes):
+    """The label-free choice, made on the held-out stack segmented in 3-D, keeps the 3-D AP of the
+    source model or better (every snapshot of this run is worse in 3-D than θ0; scored on planes,
+    the choice had deployed one: AP 0.41 → 0.28)."""
+    before, after, summary = adapted_on_volumes
+    assert after >= before - 0.02, (before, after, summary["selection"]["why"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "measured 2026-12-03: adaptation improves every plane orientation's 2-D AP but raises the cell "
+    "probability in the background, and do_3D (which sums three orientations) fragments into "
+    "small false masks; every snapshot loses 3-D AP, so the guard keeps θ0 (issue 20)"))
+def test_adaptation_on_z_stacks_of_a_3d_shift_improves_3d_ap(adapted_on_volumes):
+    """Adapted on volumes of the shift, the deployed model segments held-out volumes better in
+    do_3D mode than the source model."""
+    before, after, _ = adapted_on_volumes
     assert after > before + 0.05, (before, after)

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.segment import prepare_image
+from selfadapt_deploy.volume import orthogonal_planes
 
-__all__ = ["TileSampler", "keeps_global_rng", "prepare_image"]
+__all__ = ["TileSampler", "as_planes", "keeps_global_rng", "prepare_image"]
 
 P, R = ParamSpec("P"), TypeVar("R")
 
@@ -27,6 +28,15 @@ def keeps_global_rng(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def as_planes(images: Sequence[np.ndarray], anisotropy: float) -> list[np.ndarray]:
+    """2-D images as they are; each Z-stack (Z×C×Y×X) as its YX, ZX and ZY planes
+    (``volume.orthogonal_planes``), how cellpose trains its 2-D network for 3-D."""
+    out: list[np.ndarray] = []
+    for image in images:
+        out += orthogonal_planes(image, anisotropy) if image.ndim == 4 else [image]
+    return out
 
 
 class TileSampler:

@@ -26,7 +26,6 @@ from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.loading import load_plain
 from selfadapt_deploy.runtime.graphs import PRECISIONS
-from selfadapt_deploy.segment import segment_arrays
 from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
 from selfadapt_deploy.trainer.config import AdaptConfig
 from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng
@@ -155,7 +154,7 @@ class Run:
             val.reference_masks = [m.numpy() for m in ckpt["ref_masks"]]
             val.previous_masks = [m.numpy() for m in ckpt["previous_masks"]]
         else:
-            val.reference_masks = segment_arrays(self.method.deployed, val.images, val.params)
+            val.reference_masks = [seg.masks for seg in val.segment(self.method.deployed)]
             val.reference_embedding = embed(self.method.deployed, val.tiles)
         self.tic = time.perf_counter()
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from selfadapt_deploy.models.base import SegmentationNet
-from selfadapt_deploy.segment import SegmentParams, segment_arrays
+from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.stopping import mask_agreement
+from selfadapt_deploy.volume import segment_with_net
 
 DROPOUT_RATE = 0.2  # CRank ranks with rates 0.05–0.4; 0.1–0.3 kept its ranking stable
 DROPOUT_SEED = 0
@@ -46,15 +47,18 @@ def feature_dropout(net: SegmentationNet, rate: float, seed: int) -> Iterator[No
 
 
 def perturbed_masks(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
-                    rate: float = DROPOUT_RATE, seed: int = DROPOUT_SEED) -> list[np.ndarray]:
-    """Masks of ``images`` (C×Y×X, the network's channels) with first-layer spatial dropout."""
+                    rate: float = DROPOUT_RATE, seed: int = DROPOUT_SEED,
+                    anisotropy: float = 1.0) -> list[np.ndarray]:
+    """Masks of ``images`` (C×Y×X, or Z×C×Y×X stacks segmented in 3-D at ``anisotropy``; the
+    network's channels) with first-layer spatial dropout."""
     with feature_dropout(net, rate, seed):
-        return segment_arrays(net, images, params, attention="native")
+        return [seg.masks for seg in segment_with_net(net, images, params, anisotropy, attention="native")]
 
 
 def dropout_disagreement(net: SegmentationNet, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                          params: SegmentParams, rate: float = DROPOUT_RATE,
-                         seed: int = DROPOUT_SEED) -> float:
+                         seed: int = DROPOUT_SEED, anisotropy: float = 1.0) -> float:
     """1 − F1 at IoU 0.75 between the candidate's ``masks`` of ``images`` and its masks under
     feature dropout: 0 when dropout changes nothing."""
-    return 1.0 - mask_agreement(masks, perturbed_masks(net, images, params, rate, seed), iou=0.75)
+    perturbed = perturbed_masks(net, images, params, rate, seed, anisotropy)
+    return 1.0 - mask_agreement(masks, perturbed, iou=0.75)

@@ -26,6 +26,7 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.metrics import APResult, average_precision, pooled
 from selfadapt_deploy.postprocess import MaskParams, flows_to_masks
+from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
 from selfadapt_deploy.segment import Segmentation
 
 POOL = "pool"  # the run directory's folder of predictions
@@ -46,8 +47,9 @@ def _agreement(results: Sequence[APResult]) -> tuple[float, ...]:
 
 
 class PredictionPool:
-    """Network outputs (3×Y×X float16: dY, dX, cellprob logit) and masks of each candidate on
-    each held-out image, one ``.npz`` per (candidate, image), written atomically."""
+    """Network outputs (3×Y×X float16: dY, dX, cellprob logit; 4×Z×Y×X for a volume segmented in
+    3-D) and masks of each candidate on each held-out image, one ``.npz`` per (candidate, image),
+    written atomically."""
 
     def __init__(self, root: Path, n_images: int):
         self.root, self.n_images = Path(root), n_images
@@ -94,6 +96,8 @@ class PredictionPool:
         for name, weight in members.items():
             y = self.output(name, k) * np.float32(weight / total)
             mean = y if mean is None else mean + y
+        if mean.ndim == 4:  # a volume segmented in 3-D: dZ, dY, dX, cellprob
+            return flows_to_masks_3d(mean[:3], mean[3], params)
         return flows_to_masks(mean[:2], mean[2], params)
 
     def consensus_scores(self, members: Mapping[str, float], scored: Sequence[str],

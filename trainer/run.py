@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from selfadapt_deploy.errors import SaDeployError
@@ -21,7 +20,7 @@ from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.config import respelled
-from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import (
     SNAPSHOTS,
@@ -33,18 +32,8 @@ from selfadapt_deploy.trainer.loop import (
 from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
-from selfadapt_deploy.volume import orthogonal_planes
 
 SETTINGS = "settings.json"
-
-
-def training_images(images: list[np.ndarray], anisotropy: float) -> list[np.ndarray]:
-    """2-D images as they are; each Z-stack (Z×C×Y×X) as its YX, ZX and ZY planes
-    (``volume.orthogonal_planes``)."""
-    out: list[np.ndarray] = []
-    for image in images:
-        out += orthogonal_planes(image, anisotropy) if image.ndim == 4 else [image]
-    return out
 
 
 @dataclass(frozen=True)
@@ -127,10 +116,11 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     labelled_pairs = read_pairs(find_pairs(source if culpico else labelled), net.nchan, pad, channels,
                                 channel_axis, series)
     val_pairs = read_pairs(find_pairs(val_labelled), net.nchan, pad, channels, channel_axis, series)
-    data = training_images(read_network_images(images, net.nchan, pad, channels, channel_axis, series,
-                                               report, True, inputs.z_axis), inputs.anisotropy)
-    held_out = training_images(read_network_images(val_images, net.nchan, pad, channels, channel_axis,
-                                                   series, report, True, inputs.z_axis), inputs.anisotropy)
+    # Z-stacks train as their YX, ZX and ZY planes and are held out whole (scored in 3-D)
+    data = read_network_images(images, net.nchan, pad, channels, channel_axis, series, report, True,
+                               inputs.z_axis)
+    held_out = read_network_images(val_images, net.nchan, pad, channels, channel_axis, series, report,
+                                   True, inputs.z_axis)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
     if held_out:
@@ -140,8 +130,9 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
         val = [data[i] for i in val_idx]
     rescale = net.diam_mean / (diameter or net.default_diameter)
     tile = net.tile_size
-    train = TileSampler([prepare_image(data[i], rescale) for i in train_idx], tile)
-    validation = Validation.from_images(val, rescale, tile, diameter)
+    planes = as_planes([data[i] for i in train_idx], inputs.anisotropy)
+    train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
+    validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy)
     validation.labelled = val_pairs
     tiles = None
     if labelled_pairs:
@@ -150,6 +141,8 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if not resume:
         inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
+           + (f" ({len(planes)} training planes from the stacks; held-out stacks are segmented in 3-D)"
+              if len(planes) != len(train_idx) else "")
            + (" (held out: --val)" if held_out
               else f" (of {len(data)} image{'s' * (len(data) != 1)} read)")
            + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"

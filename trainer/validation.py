@@ -10,8 +10,8 @@ import torch
 
 from selfadapt_deploy.metrics import average_precision, pooled
 from selfadapt_deploy.models.base import SegmentationNet, evaluating
-from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_arrays, segment_results
-from selfadapt_deploy.trainer.data import TileSampler, prepare_image
+from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_arrays
+from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
 from selfadapt_deploy.trainer.perturb import dropout_disagreement
 from selfadapt_deploy.trainer.stopping import (
     embedding_distance,
@@ -20,11 +20,13 @@ from selfadapt_deploy.trainer.stopping import (
     mask_agreement,
     tta_spread,
 )
+from selfadapt_deploy.volume import segment_with_net
 
 
 @dataclass
 class Validation:
-    """Held-out images: unlabeled raw C×Y×X for masks, fixed tiles for embeddings; optionally
+    """Held-out images: unlabeled raw C×Y×X for masks — Z×C×Y×X stacks segmented in 3-D at
+    ``anisotropy``, as a run on volumes will be used — fixed tiles for embeddings; optionally
     labelled (image, labels) pairs, scored by AP at every evaluation."""
 
     images: list[np.ndarray]
@@ -34,14 +36,21 @@ class Validation:
     reference_embedding: torch.Tensor | None = None
     previous_masks: list[np.ndarray] = field(default_factory=list)  # at the last evaluation
     labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    anisotropy: float = 1.0
 
     @classmethod
     def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
-                    diameter: float | None) -> Validation:
-        """One fixed, seeded tile per image (at the network's scale) for the embedding distance."""
+                    diameter: float | None, anisotropy: float = 1.0) -> Validation:
+        """One fixed, seeded tile per image — per plane of a stack (:func:`as_planes`) — at the
+        network's scale, for the embedding distance."""
         tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
-            1, torch.Generator().manual_seed(i)) for i, im in enumerate(images)])
-        return cls(images=images, tiles=tiles, params=SegmentParams(diameter=diameter))
+            1, torch.Generator().manual_seed(i)) for i, im in enumerate(as_planes(images, anisotropy))])
+        return cls(images=images, tiles=tiles, params=SegmentParams(diameter=diameter),
+                   anisotropy=anisotropy)
+
+    def segment(self, net: SegmentationNet) -> list[Segmentation]:
+        """``net``'s segmentations of the held-out images (stacks in 3-D)."""
+        return segment_with_net(net, self.images, self.params, self.anisotropy)
 
 
 @torch.no_grad()
@@ -57,18 +66,20 @@ def evaluate_drift(net: SegmentationNet, val: Validation, snapshot: bool = True,
     masks (``snapshot``: this is the run's next snapshot, not a weight average), with ``dropout``
     the disagreement under feature dropout — and, with held-out labelled images, their pooled
     AP@0.5 / AP@0.75; plus the segmentations the signals were measured on."""
-    segs = segment_results(net, val.images, val.params)
+    segs = val.segment(net)
     masks = [seg.masks for seg in segs]
     row = {"fn_rate": fn_rate(val.reference_masks, masks),
            "d_emb": embedding_distance(embed(net, val.tiles), val.reference_embedding),
-           "flow_err": flow_error(segs, net.spec, val.params),
+           # cellpose's flow check is 2-D only (it has none in 3-D): NaN on volumes alone
+           "flow_err": flow_error([s for s in segs if s.masks.ndim == 2], net.spec, val.params),
            "tta_spread": tta_spread(net, val.tiles)}
     if snapshot:
         if val.previous_masks:
             row["agree_prev"] = mask_agreement(val.previous_masks, masks)
         val.previous_masks = masks
     if dropout:
-        row["dropout_err"] = dropout_disagreement(net, val.images, masks, val.params)
+        row["dropout_err"] = dropout_disagreement(net, val.images, masks, val.params,
+                                                 anisotropy=val.anisotropy)
     if val.labelled:
         masks = segment_arrays(net, [im for im, _ in val.labelled], val.params)
         ap = pooled([average_precision(gt, m) for (_, gt), m in zip(val.labelled, masks, strict=True)]).ap
