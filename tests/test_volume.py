@@ -566,7 +566,7 @@ def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack
     from selfadapt_deploy.trainer.pool import PredictionPool
     from selfadapt_deploy.trainer.validation import Validation, embed, evaluate_drift
 
-    stack = stack_file[1].astype(np.float32)
+    stack = stack_file[1][:, :, :80, :80].astype(np.float32)  # a crop: a few cells keep it quick
     image = stack[2]  # one plane as a 2-D image (C×Y×X)
     net = load_model(trained_cpnet_path, torch.device("cpu"))
     rescale = net.diam_mean / net.default_diameter
@@ -578,7 +578,7 @@ def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack
 
     segmenter = Segmenter(trained_cpnet_path, device="cpu")
     expected_3d = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, channel_axis=1)
-    assert segs[0].output.shape == (4, *expected_3d.shape) and expected_3d.max() > 5
+    assert segs[0].output.shape == (4, *expected_3d.shape) and expected_3d.max() >= 3
     np.testing.assert_array_equal(segs[0].masks, expected_3d)
     np.testing.assert_array_equal(segs[1].masks, segmenter.segment(image, channel_axis=0))
     assert row["fn_rate"] == 0.0 and 0.0 <= row["dropout_err"] <= 1.0
