@@ -315,7 +315,33 @@ def _run(inputs, out: Path, resume: bool, device: str, report: Callable[[str], N
         from selfadapt_deploy.runtime.trt_runner import import_tensorrt
 
         import_tensorrt()
+    check_held_out_stacks_fit(inputs)
     return run_adapt(inputs, out, resolve_device(device), resume, report, progress)
+
+
+def check_held_out_stacks_fit(inputs) -> None:
+    """Held-out Z-stacks are segmented in 3-D at every evaluation (candidates are scored as a run
+    on volumes is used): one that would not fit fails before any training, with the estimate
+    ``segment --do-3d`` uses. Without ``--val`` any input stack may be held out."""
+    from selfadapt_deploy.io.readers import expand_inputs, stack_headers
+    from selfadapt_deploy.models import load_model
+    from selfadapt_deploy.segment import rescale_factor
+    from selfadapt_deploy.wsi import memory
+
+    files = expand_inputs(inputs.val_images or inputs.images)
+    stacks = {f: [h for h in stack_headers(f, inputs.series, inputs.z_axis) if h[0] > 1] for f in files}
+    stacks = {f: h for f, h in stacks.items() if h}
+    if not stacks:
+        return
+    import torch
+
+    spec = load_model(inputs.model, torch.device("cpu")).spec
+    rescale = rescale_factor(spec, inputs.diameter)
+    for path, series in stacks.items():
+        for planes, ly, lx, stored in series:
+            memory.check_stack_fits(path, planes, ly, lx, stored, spec.nchan, rescale, inputs.anisotropy,
+                                    instead="a smaller --anisotropy, or a cropped stack held out "
+                                            "with --val")
 
 
 def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,

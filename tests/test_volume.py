@@ -592,6 +592,27 @@ def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack
                                   flows_to_masks_3d(stored[:3], stored[3], params))
 
 
+def test_adapt_refuses_a_held_out_stack_that_would_not_fit_in_3d_before_training(
+        tmp_path, stack_file, trained_cpnet_path, monkeypatch):
+    """Held-out stacks are segmented in 3-D at every evaluation: one that would not fit is refused
+    before any training, naming the stack, with adapt's own advice, and the run directory stays empty."""
+    from selfadapt_deploy import api
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+    from selfadapt_deploy.trainer.run import RunInputs
+    from selfadapt_deploy.wsi import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda *a, **k: 2**20)  # 1 MiB
+    out = tmp_path / "run"
+    with pytest.raises(SaDeployError, match="5-plane 128×120 stack needs about") as err:
+        api.adapt([stack_file[0]], trained_cpnet_path, out, val=[stack_file[0]], anisotropy=2.0,
+                  iterations=2, device="cpu", report=lambda _: None)
+    assert str(stack_file[0]) in str(err.value) and "--val" in str(err.value)
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.setattr(memory, "available_memory", lambda *a, **k: 2**30)  # it fits: no refusal
+    api.check_held_out_stacks_fit(RunInputs(images=[stack_file[0]], model=trained_cpnet_path,
+                                            config=AdaptConfig(), anisotropy=2.0))
+
+
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):
     from selfadapt_deploy import api
     from selfadapt_deploy.trainer.run import RunInputs

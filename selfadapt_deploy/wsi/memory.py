@@ -69,10 +69,10 @@ def volume_3d_bytes(planes: int, ly: int, lx: int, stored_bytes: int, nchan: int
 
 def check_stack_fits(path: Path, planes: int, ly: int, lx: int, stored_bytes: int, nchan: int,
                      rescale: float, anisotropy: float | None = None, available: int | None = None,
-                     flows: bool = False) -> None:
+                     flows: bool = False, instead: str | None = None) -> None:
     """One clear error, before anything is read, for a stack whose stitching (or, with an
     ``anisotropy``, 3-D segmentation) would not fit; ``flows``: the stitched planes' flows are kept
-    for ``--save-flows``."""
+    for ``--save-flows``; ``instead``: what the caller's user can do (else segment's options)."""
     from selfadapt_deploy.errors import SaDeployError
 
     in_3d = anisotropy is not None
@@ -83,8 +83,8 @@ def check_stack_fits(path: Path, planes: int, ly: int, lx: int, stored_bytes: in
         what = "segmenting" if in_3d else "stitching"
         held = ("the stack as read, its flows in 3-D at the network's scale and its own"
                 if in_3d else "the stack as read, its labels, one plane's working set")
-        instead = ("a smaller --anisotropy, --stitch-threshold (planes one at a time), or a crop"
-                   if in_3d else "a crop, or --planes (one plane at a time)")
+        instead = instead or ("a smaller --anisotropy, --stitch-threshold (planes one at a time), or a crop"
+                              if in_3d else "a crop, or --planes (one plane at a time)")
         raise SaDeployError(f"{path}: {what} this {planes}-plane {ly}×{lx} stack needs about "
                             f"{gib(need)} ({held}) but {gib(available)} is available; free memory, "
                             f"or use {instead}")
