@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from selfadapt_deploy.runner_choice import open_runner
 from selfadapt_deploy.runtime.base import Runner
 from selfadapt_deploy.runtime.torch_runner import resolve_device
 from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
+
+if TYPE_CHECKING:
+    from selfadapt_deploy.trainer.run import RunInputs
 
 
 class Segmenter:
@@ -319,7 +322,7 @@ def _run(inputs, out: Path, resume: bool, device: str, report: Callable[[str], N
     return run_adapt(inputs, out, resolve_device(device), resume, report, progress)
 
 
-def check_held_out_stacks_fit(inputs) -> None:
+def check_held_out_stacks_fit(inputs: RunInputs) -> None:
     """Held-out Z-stacks are segmented in 3-D at every evaluation (candidates are scored as a run
     on volumes is used): one that would not fit fails before any training, with the estimate
     ``segment --do-3d`` uses. Without ``--val`` any input stack may be held out."""
@@ -333,9 +336,7 @@ def check_held_out_stacks_fit(inputs) -> None:
     stacks = {f: h for f, h in stacks.items() if h}
     if not stacks:
         return
-    import torch
-
-    spec = load_model(inputs.model, torch.device("cpu")).spec
+    spec = load_model(inputs.model, resolve_device("cpu")).spec
     rescale = rescale_factor(spec, inputs.diameter)
     for path, series in stacks.items():
         for planes, ly, lx, stored in series:
