@@ -576,7 +576,7 @@ def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack
     val.reference_embedding = embed(net, val.tiles)
     row, segs = evaluate_drift(net, val, dropout=True)
 
-    segmenter = Segmenter(trained_cpnet_path, device="cpu")
+    segmenter = Segmenter(trained_cpnet_path, runtime="torch", device="cpu")  # the run's own runtime
     expected_3d = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, channel_axis=1)
     assert segs[0].output.shape == (4, *expected_3d.shape) and expected_3d.max() >= 3
     np.testing.assert_array_equal(segs[0].masks, expected_3d)
