@@ -12,6 +12,7 @@ with the same one-line messages.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from selfadapt_deploy.runtime.torch_runner import resolve_device
 from selfadapt_deploy.segment import Segmentation, SegmentParams, segment_images
 
 if TYPE_CHECKING:
+    from selfadapt_deploy.models.base import ModelSpec
     from selfadapt_deploy.trainer.run import RunInputs
 
 
@@ -177,7 +179,7 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     from selfadapt_deploy.io.writers import ensure_writable_dir
     from selfadapt_deploy.postprocess.integrate import resolve_integrator
     from selfadapt_deploy.segment import rescale_factor, use_device_pipeline
-    from selfadapt_deploy.wsi import memory, segment_slide
+    from selfadapt_deploy.wsi import segment_slide
     from selfadapt_deploy.wsi.memory import choose
     from selfadapt_deploy.wsi.slide import split_inputs, streamable
     from selfadapt_deploy.wsi.stream import StreamSettings, output_path
@@ -220,10 +222,9 @@ def segment_paths(images: Sequence[str | Path], out: str | Path, *, model: str |
     if stacks and stream:
         raise SaDeployError(f"--stream streams 2-D slides, but {stacks[0]} is a Z-stack (read whole, "
                             "plane by plane); drop --stream")
-    for path in stacks if stitch_threshold or do_3d else ():  # one that cannot fit fails first
-        for planes_, ly, lx, stored in headers[path]:
-            memory.check_stack_fits(path, planes_, ly, lx, stored, spec.nchan, rescale,
-                                    anisotropy if do_3d else None, flows=save_flows)
+    if stitch_threshold or do_3d:  # one that cannot fit fails first
+        check_stacks_fit({f: headers[f] for f in stacks}, spec, rescale, anisotropy if do_3d else None,
+                         flows=save_flows)
     in_memory, slides, choices = split_inputs(
         [f for f in files if f not in stacks], series,
         lambda ly, lx: choose(ly, lx, spec.nchan, rescale, mode, block=block_size))
@@ -318,31 +319,35 @@ def _run(inputs, out: Path, resume: bool, device: str, report: Callable[[str], N
         from selfadapt_deploy.runtime.trt_runner import import_tensorrt
 
         import_tensorrt()
-    check_held_out_stacks_fit(inputs)
-    return run_adapt(inputs, out, resolve_device(device), resume, report, progress)
+    return run_adapt(inputs, out, resolve_device(device), resume, report, progress,
+                     before_reading=functools.partial(check_held_out_stacks_fit, inputs))
 
 
-def check_held_out_stacks_fit(inputs: RunInputs) -> None:
+def check_stacks_fit(headers: dict[Path, list[tuple[int, int, int, int]]], spec: ModelSpec,
+                     rescale: float, anisotropy: float | None, flows: bool = False,
+                     instead: str | None = None) -> None:
+    """``memory.check_stack_fits`` for every series of every stack in ``headers`` (path → its
+    series' (planes, Y, X, stored bytes)): the first that would not fit is one clear error."""
+    from selfadapt_deploy.wsi import memory
+
+    for path, series in headers.items():
+        for planes, ly, lx, stored in series:
+            memory.check_stack_fits(path, planes, ly, lx, stored, spec.nchan, rescale, anisotropy,
+                                    flows=flows, instead=instead)
+
+
+def check_held_out_stacks_fit(inputs: RunInputs, spec: ModelSpec) -> None:
     """Held-out Z-stacks are segmented in 3-D at every evaluation (candidates are scored as a run
-    on volumes is used): one that would not fit fails before any training, with the estimate
+    on volumes is used): one that would not fit fails before any image is read, with the estimate
     ``segment --do-3d`` uses. Without ``--val`` any input stack may be held out."""
     from selfadapt_deploy.io.readers import expand_inputs, stack_headers
-    from selfadapt_deploy.models import load_model
     from selfadapt_deploy.segment import rescale_factor
-    from selfadapt_deploy.wsi import memory
 
     files = expand_inputs(inputs.val_images or inputs.images)
     stacks = {f: [h for h in stack_headers(f, inputs.series, inputs.z_axis) if h[0] > 1] for f in files}
-    stacks = {f: h for f, h in stacks.items() if h}
-    if not stacks:
-        return
-    spec = load_model(inputs.model, resolve_device("cpu")).spec
-    rescale = rescale_factor(spec, inputs.diameter)
-    for path, series in stacks.items():
-        for planes, ly, lx, stored in series:
-            memory.check_stack_fits(path, planes, ly, lx, stored, spec.nchan, rescale, inputs.anisotropy,
-                                    instead="a smaller --anisotropy, or a cropped stack held out "
-                                            "with --val")
+    check_stacks_fit({f: h for f, h in stacks.items() if h}, spec, rescale_factor(spec, inputs.diameter),
+                     inputs.anisotropy,
+                     instead="a smaller --anisotropy, or a cropped stack held out with --val")
 
 
 def export(model: str | Path, out: str | Path, *, precision: str = "fp32", trt: bool = False,

@@ -170,8 +170,9 @@ def segment_with_net(net: SegmentationNet, images: Sequence[np.ndarray], params:
     at ``anisotropy``) — so adaptation scores its candidates on volumes as they will be segmented."""
     from selfadapt_deploy.runtime.torch_runner import TorchRunner  # the torch backend, on demand
 
-    stacks = [k for k, image in enumerate(images) if image.ndim == 4]
-    flat = [k for k in range(len(images)) if k not in stacks]
+    stacks, flat = [], []
+    for k, image in enumerate(images):
+        (stacks if image.ndim == 4 else flat).append(k)
     out = dict(zip(flat, segment_results(net, [images[k] for k in flat], params, attention), strict=True)
                if flat else ())
     if stacks:

@@ -609,8 +609,9 @@ def test_adapt_refuses_a_held_out_stack_that_would_not_fit_in_3d_before_training
     assert str(stack_file[0]) in str(err.value) and "--val" in str(err.value)
     assert not out.exists() or not any(out.iterdir())
     monkeypatch.setattr(memory, "available_memory", lambda *a, **k: 2**30)  # it fits: no refusal
+    spec = load_model(trained_cpnet_path, torch.device("cpu")).spec
     api.check_held_out_stacks_fit(RunInputs(images=[stack_file[0]], model=trained_cpnet_path,
-                                            config=AdaptConfig(), anisotropy=2.0))
+                                            config=AdaptConfig(), anisotropy=2.0), spec)
 
 
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):

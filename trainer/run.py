@@ -18,6 +18,7 @@ from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
+from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.config import respelled
 from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
@@ -90,11 +91,14 @@ class RunInputs:
 
 def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool = False,
               report: Callable[[str], None] = print,
-              progress: Callable[[int, dict], None] | None = None) -> dict:
+              progress: Callable[[int, dict], None] | None = None,
+              before_reading: Callable[[ModelSpec], None] | None = None) -> dict:
     """Adapt ``inputs.model`` to ``inputs.images`` — without labels (SelfAdapt), with a few
     labelled target images in every batch (ACTIS, ``labelled``), or with two cooperating networks
     (CULPICO, ``config.method``; ``model2`` its second network, ``source`` its labelled source
-    images); ``val_labelled`` images score every snapshot by AP. Results in the run directory ``out``."""
+    images); ``val_labelled`` images score every snapshot by AP. Results in the run directory ``out``.
+    ``before_reading(the model's spec)`` runs once the model is loaded, before any image is read
+    (``api``: the memory check of held-out stacks)."""
     out = Path(out)
     images, model, config, diameter = inputs.images, inputs.model, inputs.config, inputs.diameter
     channels = list(inputs.channels) if inputs.channels is not None else None
@@ -108,6 +112,8 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if (source or model2) and not culpico:
         raise SaDeployError("--source and --model2 belong to --method culpico")
     net = load_model(model, device)
+    if before_reading is not None:
+        before_reading(net.spec)
     partner = load_model(model2, device) if model2 else None
     if partner is not None and (partner.family, partner.nchan) != (net.family, net.nchan):
         raise SaDeployError(f"--model2 {model2} is a {partner.family} with {partner.nchan} channels; "
