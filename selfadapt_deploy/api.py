@@ -121,14 +121,9 @@ def check_stack_options(stitch_threshold: float | None, planes: bool, z_axis: in
                         do_3d: bool = False, anisotropy: float = 1.0,
                         flow3d_smooth: Sequence[float] = (0.0,)) -> tuple[float, float, float]:
     """The Z-stack options make sense together, before any work; the (Z, Y, X) smoothing sigmas."""
-    from selfadapt_deploy.volume import check_anisotropy, check_stitch_threshold
+    from selfadapt_deploy.volume import check_anisotropy, check_flow3d_smooth, check_stitch_threshold
 
-    smooth = tuple(float(v) for v in flow3d_smooth)
-    if len(smooth) == 1:
-        smooth = smooth * 3
-    if len(smooth) != 3 or any(not v >= 0 for v in smooth):
-        raise SaDeployError(f"--flow3d-smooth takes one sigma or three (Z,Y,X), each ≥ 0 voxels; got "
-                            f"{','.join(map(str, flow3d_smooth))}")
+    smooth = check_flow3d_smooth(flow3d_smooth)
     check_anisotropy(anisotropy)
     modes = [name for name, on in (("--stitch-threshold", stitch_threshold), ("--do-3d", do_3d),
                                    ("--planes", planes)) if on]
@@ -269,14 +264,16 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
           val: Sequence[str | Path] = (), val_fraction: float = 0.2, keep_snapshots: bool = True,
           labelled: Sequence[str] = (), val_labelled: Sequence[str] = (), source: Sequence[str] = (),
           model2: str | None = None, z_axis: int | None = None, anisotropy: float = 1.0,
-          device: str = "auto", report: Callable[[str], None] = print,
+          flow3d_smooth: Sequence[float] = (0.0,), device: str = "auto",
+          report: Callable[[str], None] = print,
           progress: Callable[[int, dict], None] | None = None, **options: Any) -> dict:
     """Adapt ``model`` to ``images`` into the new run directory ``out``; returns the run summary
     (``run.json``). ``options`` are :class:`~selfadapt_deploy.trainer.loop.AdaptConfig` fields
     (iterations, lr, stop, method, ...); ``labelled`` implies ``method="actis"``. The older
     spellings ``labeled``, ``val_labeled`` and ``labeled_fraction`` are accepted too. Z-stacks
     (axes recorded, or ``z_axis``) are trained on as their YX, ZX and ZY planes, Z resized by
-    ``anisotropy``."""
+    ``anisotropy``; held-out stacks score every candidate in 3-D at that anisotropy, flows smoothed
+    by ``flow3d_smooth`` (give what ``segment --do-3d`` will use)."""
     from selfadapt_deploy.trainer.config import AdaptConfig, respelled
     from selfadapt_deploy.trainer.run import SETTINGS, RunInputs
     from selfadapt_deploy.trainer.selection import resolve_rule
@@ -299,7 +296,7 @@ def adapt(images: Sequence[str | Path], model: str | Path, out: str | Path, *,
                        channels=channels, channel_axis=channel_axis, series=series, val_images=val,
                        val_fraction=val_fraction, keep_snapshots=keep_snapshots, labelled=labelled,
                        val_labelled=val_labelled, source=source, model2=model2, z_axis=z_axis,
-                       anisotropy=anisotropy)
+                       anisotropy=anisotropy, flow3d_smooth=flow3d_smooth)
     return _run(inputs, out, False, device, report, progress)
 
 

@@ -19,6 +19,7 @@ from selfadapt_deploy.cli_options import (
     err_console,
     fail,
     parse_channels,
+    parse_floats,
     plain,
 )
 from selfadapt_deploy.trainer.config import ADAPT_DEFAULTS as D  # torch-free: --help stays fast
@@ -103,6 +104,11 @@ def adapt(
     z_axis: ZAxisOpt = None,
     anisotropy: Annotated[float, typer.Option(help="Z-stacks: the Z step ÷ the Y/X pixel size; their "
                                               "ZX and ZY planes are resized by it along Z.")] = 1.0,
+    flow3d_smooth: Annotated[str, typer.Option("--flow3d-smooth", help="Z-stacks: held-out stacks "
+                                               "score every candidate in 3-D with the flows "
+                                               "smoothed by this Gaussian sigma (voxels; one value "
+                                               "or Z,Y,X; 0 = off): give what segment --do-3d "
+                                               "will use.")] = "0",
 ):
     """Adapt a pretrained model to unlabeled images (SelfAdapt), with a few labelled target
     images (ACTIS) or with two cooperating networks (CULPICO); resumable with --resume RUN."""
@@ -141,7 +147,8 @@ def adapt(
                 augment=augment, seed=seed, teacher_runtime=teacher_runtime,
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
                 compile_teacher=compile_teacher, method=method, labelled_fraction=labelled_fraction,
-                select=select, z_axis=z_axis, anisotropy=anisotropy, **common)
+                select=select, z_axis=z_axis, anisotropy=anisotropy,
+                flow3d_smooth=parse_floats(flow3d_smooth, "--flow3d-smooth"), **common)
     finally:
         bar.stop()
     run = resume or out

@@ -52,6 +52,17 @@ def check_anisotropy(anisotropy: float) -> None:
         raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
 
 
+def check_flow3d_smooth(sigmas: Sequence[float]) -> tuple[float, float, float]:
+    """``--flow3d-smooth`` (one sigma, or Z,Y,X) → the (Z, Y, X) Gaussian sigmas in voxels."""
+    smooth = tuple(float(v) for v in sigmas)
+    if len(smooth) == 1:
+        smooth = smooth * 3
+    if len(smooth) != 3 or any(not v >= 0 for v in smooth):
+        raise SaDeployError(f"--flow3d-smooth takes one sigma or three (Z,Y,X), each ≥ 0 voxels; got "
+                            f"{','.join(map(str, sigmas))}")
+    return smooth
+
+
 def check_stitch_threshold(threshold: float) -> None:
     if not 0 < threshold <= 1:
         raise SaDeployError(f"--stitch-threshold must be {STITCH_THRESHOLD_RULE}, got {threshold:g}")
@@ -164,10 +175,12 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
 
 
 def segment_with_net(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
-                     anisotropy: float = 1.0, attention: str = "auto") -> list[Segmentation]:
+                     anisotropy: float = 1.0, attention: str = "auto",
+                     smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[Segmentation]:
     """Segmentations by ``net`` of in-memory images in order: C×Y×X images by the 2-D pipeline
     (sharing batches, :func:`segment.segment_results`), Z×C×Y×X stacks in 3-D (:func:`segment_3d`
-    at ``anisotropy``) — so adaptation scores its candidates on volumes as they will be segmented."""
+    at ``anisotropy``, flows smoothed by ``smooth``) — so adaptation scores its candidates on
+    volumes as they will be segmented."""
     from selfadapt_deploy.runtime.torch_runner import TorchRunner  # the torch backend, on demand
 
     stacks, flat = [], []
@@ -177,7 +190,8 @@ def segment_with_net(net: SegmentationNet, images: Sequence[np.ndarray], params:
                if flat else ())
     if stacks:
         with TorchRunner(net, net.device, attention=attention) as runner:
-            out |= {k: Segmentation(*segment_3d(runner, images[k], params, anisotropy)) for k in stacks}
+            out |= {k: Segmentation(*segment_3d(runner, images[k], params, anisotropy, smooth))
+                    for k in stacks}
     return [out[k] for k in range(len(images))]
 
 

@@ -558,8 +558,9 @@ def test_orthogonal_planes_are_the_stack_s_planes_after_the_z_resize():
 
 def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack_file, trained_cpnet_path):
     """A run on volumes judges its candidates on what it will be used for: a held-out stack is
-    segmented in do_3D mode (masks and 4×Z×Y×X outputs, as ``segment_stack(do_3d=True)``), a 2-D
-    image as before; the dropout signal and the pool's consensus work on both."""
+    segmented in do_3D mode at the run's anisotropy and flow smoothing (masks and 4×Z×Y×X outputs,
+    as ``segment_stack(do_3d=True, flow3d_smooth=…)``), a 2-D image as before; the dropout signal
+    and the pool's consensus work on both."""
     from selfadapt_deploy.api import Segmenter
     from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d
     from selfadapt_deploy.trainer.candidates import consensus_params
@@ -570,16 +571,20 @@ def test_held_out_stacks_score_candidates_in_3d_and_images_in_2d(tmp_path, stack
     image = stack[2]  # one plane as a 2-D image (C×Y×X)
     net = load_model(trained_cpnet_path, torch.device("cpu"))
     rescale = net.diam_mean / net.default_diameter
-    val = Validation.from_images([stack, image], rescale, net.tile_size, None, anisotropy=2.0)
+    val = Validation.from_images([stack, image], rescale, net.tile_size, None, anisotropy=2.0,
+                                 smooth=(1.0, 1.0, 1.0))
     assert len(val.tiles) == len(orthogonal_planes(stack, 2.0)) + 1  # embeddings: one tile per plane
     val.reference_masks = [seg.masks for seg in val.segment(net)]
     val.reference_embedding = embed(net, val.tiles)
     row, segs = evaluate_drift(net, val, dropout=True)
 
     segmenter = Segmenter(trained_cpnet_path, runtime="torch", device="cpu")  # the run's own runtime
-    expected_3d = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, channel_axis=1)
+    expected_3d = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, flow3d_smooth=(1.0,),
+                                          channel_axis=1)
     assert segs[0].output.shape == (4, *expected_3d.shape) and expected_3d.max() >= 3
     np.testing.assert_array_equal(segs[0].masks, expected_3d)
+    unsmoothed = segmenter.segment_stack(stack, do_3d=True, anisotropy=2.0, channel_axis=1)
+    assert not np.array_equal(unsmoothed, expected_3d)  # the smoothing is what makes them equal
     np.testing.assert_array_equal(segs[1].masks, segmenter.segment(image, channel_axis=0))
     assert row["fn_rate"] == 0.0 and 0.0 <= row["dropout_err"] <= 1.0
     assert np.isfinite(row["flow_err"])  # from the 2-D image: cellpose has no flow check in 3-D
@@ -621,12 +626,16 @@ def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file,
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, stack_file[1][:, 0])  # Z×Y×X without axes: --z-axis says which
     out = tmp_path / "run"
-    summary = api.adapt([plain], trained_cpnet_path, out, z_axis=0, anisotropy=2.0, iterations=2,
-                        batch_size=2, eval_every=2, stop="none", select="last", device="cpu",
-                        report=lambda _: None)
+    summary = api.adapt([plain], trained_cpnet_path, out, z_axis=0, anisotropy=2.0, flow3d_smooth=[1],
+                        iterations=2, batch_size=2, eval_every=2, stop="none", select="last",
+                        device="cpu", report=lambda _: None)
     assert summary["iterations_run"] == 2 and (out / "model.pt").is_file()
     inputs = RunInputs.load(out)
-    assert (inputs.z_axis, inputs.anisotropy) == (0, 2.0)
+    assert (inputs.z_axis, inputs.anisotropy, inputs.flow3d_smooth) == (0, 2.0, (1.0, 1.0, 1.0))
+    with pytest.raises(SaDeployError, match="--flow3d-smooth takes one sigma or three"):
+        api.adapt([plain], trained_cpnet_path, tmp_path / "run3", z_axis=0, flow3d_smooth=[1, 2],
+                  device="cpu", report=lambda _: None)
+    assert not (tmp_path / "run3").exists()
     with pytest.raises(SaDeployError, match="--z-axis"):
         api.adapt([plain], trained_cpnet_path, tmp_path / "run2", iterations=2, device="cpu",
                   report=lambda _: None)

@@ -48,17 +48,19 @@ def feature_dropout(net: SegmentationNet, rate: float, seed: int) -> Iterator[No
 
 def perturbed_masks(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
                     rate: float = DROPOUT_RATE, seed: int = DROPOUT_SEED,
-                    anisotropy: float = 1.0) -> list[np.ndarray]:
-    """Masks of ``images`` (C×Y×X, or Z×C×Y×X stacks segmented in 3-D at ``anisotropy``; the
-    network's channels) with first-layer spatial dropout."""
+                    anisotropy: float = 1.0, smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
+                    ) -> list[np.ndarray]:
+    """Masks of ``images`` (C×Y×X, or Z×C×Y×X stacks segmented in 3-D at ``anisotropy``, flows
+    smoothed by ``smooth``; the network's channels) with first-layer spatial dropout."""
     with feature_dropout(net, rate, seed):
-        return [seg.masks for seg in segment_with_net(net, images, params, anisotropy, attention="native")]
+        return [seg.masks for seg in segment_with_net(net, images, params, anisotropy, "native", smooth)]
 
 
 def dropout_disagreement(net: SegmentationNet, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                          params: SegmentParams, rate: float = DROPOUT_RATE,
-                         seed: int = DROPOUT_SEED, anisotropy: float = 1.0) -> float:
+                         seed: int = DROPOUT_SEED, anisotropy: float = 1.0,
+                         smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> float:
     """1 − F1 at IoU 0.75 between the candidate's ``masks`` of ``images`` and its masks under
     feature dropout: 0 when dropout changes nothing."""
-    perturbed = perturbed_masks(net, images, params, rate, seed, anisotropy)
+    perturbed = perturbed_masks(net, images, params, rate, seed, anisotropy, smooth)
     return 1.0 - mask_agreement(masks, perturbed, iou=0.75)

@@ -33,6 +33,7 @@ from selfadapt_deploy.trainer.loop import (
 from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
+from selfadapt_deploy.volume import check_flow3d_smooth
 
 SETTINGS = "settings.json"
 
@@ -59,6 +60,7 @@ class RunInputs:
     model2: str | None = None  # CULPICO: its second network
     z_axis: int | None = None  # Z-stacks whose axes are not recorded
     anisotropy: float = 1.0  # Z-stacks: Z step ÷ Y/X pixel size (ZX/ZY planes resized by it)
+    flow3d_smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)  # held-out stacks' 3-D flow smoothing
 
     def __post_init__(self) -> None:
         """Sequences from callers and JSON become tuples (paths as strings), so the inputs are
@@ -70,6 +72,7 @@ class RunInputs:
         object.__setattr__(self, "model", str(self.model))
         if self.model2 is not None:
             object.__setattr__(self, "model2", str(self.model2))
+        object.__setattr__(self, "flow3d_smooth", check_flow3d_smooth(self.flow3d_smooth))
 
     def save(self, run: Path) -> None:
         with atomic_path(Path(run) / SETTINGS) as tmp:
@@ -138,7 +141,8 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     tile = net.tile_size
     planes = as_planes([data[i] for i in train_idx], inputs.anisotropy)
     train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
-    validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy)
+    validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy,
+                                        inputs.flow3d_smooth)
     validation.labelled = val_pairs
     tiles = None
     if labelled_pairs:

@@ -37,20 +37,22 @@ class Validation:
     previous_masks: list[np.ndarray] = field(default_factory=list)  # at the last evaluation
     labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     anisotropy: float = 1.0
+    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)  # stacks: --flow3d-smooth (Z, Y, X sigmas)
 
     @classmethod
     def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
-                    diameter: float | None, anisotropy: float = 1.0) -> Validation:
+                    diameter: float | None, anisotropy: float = 1.0,
+                    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Validation:
         """One fixed, seeded tile per image — per plane of a stack (:func:`as_planes`) — at the
         network's scale, for the embedding distance."""
         tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
             1, torch.Generator().manual_seed(i)) for i, im in enumerate(as_planes(images, anisotropy))])
         return cls(images=images, tiles=tiles, params=SegmentParams(diameter=diameter),
-                   anisotropy=anisotropy)
+                   anisotropy=anisotropy, smooth=smooth)
 
     def segment(self, net: SegmentationNet) -> list[Segmentation]:
         """``net``'s segmentations of the held-out images (stacks in 3-D)."""
-        return segment_with_net(net, self.images, self.params, self.anisotropy)
+        return segment_with_net(net, self.images, self.params, self.anisotropy, smooth=self.smooth)
 
 
 @torch.no_grad()
@@ -79,7 +81,7 @@ def evaluate_drift(net: SegmentationNet, val: Validation, snapshot: bool = True,
         val.previous_masks = masks
     if dropout:
         row["dropout_err"] = dropout_disagreement(net, val.images, masks, val.params,
-                                                 anisotropy=val.anisotropy)
+                                                 anisotropy=val.anisotropy, smooth=val.smooth)
     if val.labelled:
         masks = segment_arrays(net, [im for im, _ in val.labelled], val.params)
         ap = pooled([average_precision(gt, m) for (_, gt), m in zip(val.labelled, masks, strict=True)]).ap
