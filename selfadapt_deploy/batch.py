@@ -31,7 +31,7 @@ from selfadapt_deploy.segment import (
     tiles_per_image,
     use_device_pipeline,
 )
-from selfadapt_deploy.volume import segment_3d, segment_stitched
+from selfadapt_deploy.volume import NO_SMOOTHING, Sigmas3, segment_3d, segment_stitched
 
 FLOWS_SUFFIX = "_flows.tif"
 
@@ -65,7 +65,7 @@ class SegmentJob:
     planes: bool = False  # Z-stacks: each plane its own 2-D image
     do_3d: bool = False  # Z-stacks: 3-D segmentation (volume.segment_3d)
     anisotropy: float = 1.0
-    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    smooth: Sigmas3 = NO_SMOOTHING
     out_format: str = "tiff"  # label images as TIFF or OME-Zarr (io.writers.OUT_FORMATS)
 
     @property

@@ -44,6 +44,8 @@ from selfadapt_deploy.segment import (
     tta_predict,
 )
 
+Sigmas3 = tuple[float, float, float]  # (Z, Y, X) Gaussian sigmas of --flow3d-smooth, in voxels
+NO_SMOOTHING: Sigmas3 = (0.0, 0.0, 0.0)
 STITCH_THRESHOLD_RULE = "a number in (0, 1]: the IoU at which masks of adjacent planes are linked"
 
 
@@ -52,7 +54,7 @@ def check_anisotropy(anisotropy: float) -> None:
         raise SaDeployError(f"--anisotropy must be > 0 (the Z step ÷ the Y/X pixel size), got {anisotropy:g}")
 
 
-def check_flow3d_smooth(sigmas: Sequence[float]) -> tuple[float, float, float]:
+def check_flow3d_smooth(sigmas: Sequence[float]) -> Sigmas3:
     """``--flow3d-smooth`` (one sigma, or Z,Y,X) → the (Z, Y, X) Gaussian sigmas in voxels."""
     smooth = tuple(float(v) for v in sigmas)
     if len(smooth) == 1:
@@ -148,7 +150,7 @@ def predict_3d(runner: Runner, volume: np.ndarray, params: SegmentParams) -> np.
 
 
 def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisotropy: float = 1.0,
-               smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+               smooth: Sigmas3 = NO_SMOOTHING) -> tuple[np.ndarray, np.ndarray]:
     """Z×C×Y×X stack (the network's channels) → (Z×Y×X labels, 4×Z×Y×X dZ, dY, dX, cellprob), as
     cellpose 4.2's ``eval(do_3D=True, anisotropy=…, flow3D_smooth=…)``. No flow QC in 3-D."""
     if volume.ndim != 4:
@@ -176,7 +178,7 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
 
 def segment_with_net(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
                      anisotropy: float = 1.0, attention: str = "auto",
-                     smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[Segmentation]:
+                     smooth: Sigmas3 = NO_SMOOTHING) -> list[Segmentation]:
     """Segmentations by ``net`` of in-memory images in order: C×Y×X images by the 2-D pipeline
     (sharing batches, :func:`segment.segment_results`), Z×C×Y×X stacks in 3-D (:func:`segment_3d`
     at ``anisotropy``, flows smoothed by ``smooth``) — so adaptation scores its candidates on

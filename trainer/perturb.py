@@ -19,7 +19,7 @@ import torch
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.trainer.stopping import mask_agreement
-from selfadapt_deploy.volume import segment_with_net
+from selfadapt_deploy.volume import NO_SMOOTHING, Sigmas3, segment_with_net
 
 DROPOUT_RATE = 0.2  # CRank ranks with rates 0.05–0.4; 0.1–0.3 kept its ranking stable
 DROPOUT_SEED = 0
@@ -48,7 +48,7 @@ def feature_dropout(net: SegmentationNet, rate: float, seed: int) -> Iterator[No
 
 def perturbed_masks(net: SegmentationNet, images: Sequence[np.ndarray], params: SegmentParams,
                     rate: float = DROPOUT_RATE, seed: int = DROPOUT_SEED,
-                    anisotropy: float = 1.0, smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
+                    anisotropy: float = 1.0, smooth: Sigmas3 = NO_SMOOTHING
                     ) -> list[np.ndarray]:
     """Masks of ``images`` (C×Y×X, or Z×C×Y×X stacks segmented in 3-D at ``anisotropy``, flows
     smoothed by ``smooth``; the network's channels) with first-layer spatial dropout."""
@@ -59,7 +59,7 @@ def perturbed_masks(net: SegmentationNet, images: Sequence[np.ndarray], params: 
 def dropout_disagreement(net: SegmentationNet, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                          params: SegmentParams, rate: float = DROPOUT_RATE,
                          seed: int = DROPOUT_SEED, anisotropy: float = 1.0,
-                         smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> float:
+                         smooth: Sigmas3 = NO_SMOOTHING) -> float:
     """1 − F1 at IoU 0.75 between the candidate's ``masks`` of ``images`` and its masks under
     feature dropout: 0 when dropout changes nothing."""
     perturbed = perturbed_masks(net, images, params, rate, seed, anisotropy, smooth)

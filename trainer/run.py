@@ -33,7 +33,7 @@ from selfadapt_deploy.trainer.loop import (
 from selfadapt_deploy.trainer.pool import POOL
 from selfadapt_deploy.trainer.report import plot_curves
 from selfadapt_deploy.trainer.source import LabelledTiles
-from selfadapt_deploy.volume import check_flow3d_smooth
+from selfadapt_deploy.volume import NO_SMOOTHING, Sigmas3, check_flow3d_smooth
 
 SETTINGS = "settings.json"
 
@@ -60,7 +60,7 @@ class RunInputs:
     model2: str | None = None  # CULPICO: its second network
     z_axis: int | None = None  # Z-stacks whose axes are not recorded
     anisotropy: float = 1.0  # Z-stacks: Z step ÷ Y/X pixel size (ZX/ZY planes resized by it)
-    flow3d_smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)  # held-out stacks' 3-D flow smoothing
+    flow3d_smooth: Sigmas3 = NO_SMOOTHING  # held-out stacks' 3-D flow smoothing
 
     def __post_init__(self) -> None:
         """Sequences from callers and JSON become tuples (paths as strings), so the inputs are

@@ -20,7 +20,7 @@ from selfadapt_deploy.trainer.stopping import (
     mask_agreement,
     tta_spread,
 )
-from selfadapt_deploy.volume import segment_with_net
+from selfadapt_deploy.volume import NO_SMOOTHING, Sigmas3, segment_with_net
 
 
 @dataclass
@@ -37,12 +37,12 @@ class Validation:
     previous_masks: list[np.ndarray] = field(default_factory=list)  # at the last evaluation
     labelled: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     anisotropy: float = 1.0
-    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)  # stacks: --flow3d-smooth (Z, Y, X sigmas)
+    smooth: Sigmas3 = NO_SMOOTHING  # stacks: --flow3d-smooth (Z, Y, X sigmas)
 
     @classmethod
     def from_images(cls, images: list[np.ndarray], rescale: float, tile: int,
                     diameter: float | None, anisotropy: float = 1.0,
-                    smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Validation:
+                    smooth: Sigmas3 = NO_SMOOTHING) -> Validation:
         """One fixed, seeded tile per image — per plane of a stack (:func:`as_planes`) — at the
         network's scale, for the embedding distance."""
         tiles = torch.cat([TileSampler([prepare_image(im, rescale)], tile).sample(
