@@ -96,6 +96,11 @@ def adapt(
                                         "wise-0.25, wise-0.50, wise-0.75, stop (what --stop selects), "
                                         "last or labelled. README: Choosing the snapshot without "
                                         "labels.")] = D["select"],
+    batchnorm_stats: Annotated[str, typer.Option(help="BatchNorm running statistics while adapting: "
+                                                 "update (follow the training tiles), keep (the "
+                                                 "pretrained model's) or auto (keep when training "
+                                                 "on Z-stacks, else update). Cellpose-SAM has "
+                                                 "none.")] = D["batchnorm_stats"],
     seed: Annotated[int, typer.Option(help="Random seed.")] = D["seed"],
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
@@ -147,7 +152,7 @@ def adapt(
                 augment=augment, seed=seed, teacher_runtime=teacher_runtime,
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
                 compile_teacher=compile_teacher, method=method, labelled_fraction=labelled_fraction,
-                select=select, z_axis=z_axis, anisotropy=anisotropy,
+                select=select, batchnorm_stats=batchnorm_stats, z_axis=z_axis, anisotropy=anisotropy,
                 flow3d_smooth=parse_floats(flow3d_smooth, "--flow3d-smooth"), **common)
     finally:
         bar.stop()

@@ -330,3 +330,42 @@ def test_every_method_backpropagates_through_one_backprop_and_checkpoints_its_sc
     again.state.backprop.scaler = torch.amp.GradScaler("cpu")
     again.load_state_dict(state)
     assert again.state.backprop.scaler.get_scale() == 2.0**11
+
+
+@pytest.mark.parametrize("method", ["selfadapt", "culpico"])
+@pytest.mark.parametrize("mode", ["keep", "update"])
+def test_batchnorm_stats_keep_holds_theta0s_running_statistics_through_steps(tiny_cpnet, method,
+                                                                              mode):
+    """keep: training steps leave every network's BatchNorm running statistics (student, EMA
+    teacher, CULPICO's partner) exactly θ0's while the weights move; update: they follow the
+    batches. auto resolves by the data (stacks → keep) and a resolved config resolves to itself."""
+    from selfadapt_deploy.trainer.averaging import batchnorms
+    from selfadapt_deploy.trainer.loop import AdaptConfig, build_method
+
+    def stats(net):
+        return torch.cat([torch.cat([m.running_mean, m.running_var]) for m in batchnorms(net)])
+
+    auto = AdaptConfig(method=method)
+    assert auto.resolved(tiny_cpnet, stacks=True).batchnorm_stats == "keep"
+    assert auto.resolved(tiny_cpnet).batchnorm_stats == "update"
+    cfg = AdaptConfig(method=method, batchnorm_stats=mode).resolved(tiny_cpnet)
+    assert cfg.resolved(tiny_cpnet, stacks=mode == "update") == cfg
+    theta0 = stats(tiny_cpnet)
+    m = build_method(cfg, tiny_cpnet, has_labelled=False)
+    nets = [m.deployed, m.state.student] if method == "selfadapt" else [m.state.net_a, m.state.net_b]
+    weights = [p.detach().clone() for p in nets[1].parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        m.step(torch.rand(2, 2, 64, 64, generator=g) * 3, step, g, None)
+    moved = [p for p in nets[1].parameters() if p.requires_grad]
+    assert all(not torch.equal(a, b) for a, b in zip(moved, weights, strict=True))  # training ran
+    for net in nets:
+        assert torch.equal(stats(net), theta0) == (mode == "keep")
+
+
+def test_batchnorm_stats_refuses_an_unknown_mode():
+    from selfadapt_deploy.errors import SaDeployError
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+
+    with pytest.raises(SaDeployError, match="--batchnorm-stats must be one of auto, update, keep"):
+        AdaptConfig(batchnorm_stats="freeze")

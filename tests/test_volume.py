@@ -621,6 +621,7 @@ def test_adapt_refuses_a_held_out_stack_that_would_not_fit_in_3d_before_training
 
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):
     from selfadapt_deploy import api
+    from selfadapt_deploy.trainer.averaging import batchnorms
     from selfadapt_deploy.trainer.run import RunInputs
 
     plain = tmp_path / "plain.tif"
@@ -630,6 +631,16 @@ def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file,
                         iterations=2, batch_size=2, eval_every=2, stop="none", select="last",
                         device="cpu", report=lambda _: None)
     assert summary["iterations_run"] == 2 and (out / "model.pt").is_file()
+    # trained on stack planes, BatchNorm running statistics stay θ0's (auto → keep)
+    assert summary["config"]["batchnorm_stats"] == "keep"
+
+    def batchnorm_buffers(net):
+        return [t for m in batchnorms(net) for t in (m.running_mean, m.running_var)]
+
+    deployed, source = (load_model(p, torch.device("cpu")) for p in (out / "model.pt", trained_cpnet_path))
+    assert all(torch.equal(a, b) for a, b in zip(batchnorm_buffers(deployed), batchnorm_buffers(source),
+                                                 strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(deployed.parameters(), source.parameters(), strict=True))
     inputs = RunInputs.load(out)
     assert (inputs.z_axis, inputs.anisotropy, inputs.flow3d_smooth) == (0, 2.0, (1.0, 1.0, 1.0))
     with pytest.raises(SaDeployError, match="--flow3d-smooth takes one sigma or three"):

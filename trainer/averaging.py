@@ -8,7 +8,8 @@
 
 Floating-point tensors (weights and BatchNorm running statistics) are averaged; integer buffers
 (BatchNorm's batch counter) are taken from the last state. :func:`recompute_batchnorm` re-estimates
-BatchNorm statistics on target tiles instead (a no-op for families without BatchNorm).
+BatchNorm statistics on target tiles instead (a no-op for families without BatchNorm);
+:func:`keep_batchnorm_statistics` holds them at θ0's during a run (``--batchnorm-stats keep``).
 Snapshots are read one at a time, so averaging needs memory for the running sum only.
 """
 
@@ -80,12 +81,25 @@ def average_state(name: str, snapshots: dict[int, Path], warmup: int) -> dict[st
     return interpolate_states(start, end, alpha)
 
 
+def batchnorms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``net`` (none in Cellpose-SAM, which uses LayerNorm)."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def keep_batchnorm_statistics(net: nn.Module) -> None:
+    """Freeze ``net``'s BatchNorm running statistics where they are (momentum 0: training-mode
+    forwards still normalise each batch by its own statistics, but never update the running
+    ones, so eval-mode predictions keep them). The momentum is not saved with the weights."""
+    for m in batchnorms(net):
+        m.momentum = 0.0
+
+
 @torch.no_grad()
 def recompute_batchnorm(net: nn.Module, tiles: torch.Tensor, batch_size: int = 8) -> bool:
     """Re-estimate every BatchNorm's running mean and variance on ``tiles`` (N×C×S×S) as a
     cumulative average over batches (``momentum=None``); the network ends in eval mode. Returns
     whether it had any BatchNorm."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(net)
     if not norms:
         return False
     momenta = [m.momentum for m in norms]

@@ -17,6 +17,9 @@ from selfadapt_deploy.trainer.stop_rules import DEFAULT_STOP, STOP_RULES, TAU_EM
 if TYPE_CHECKING:
     from selfadapt_deploy.models.base import SegmentationNet
 
+#: how BatchNorm running statistics evolve while adapting (``--batchnorm-stats``): auto (keep when
+#: training on Z-stack planes, else update), update (follow the training batches) or keep (θ0's)
+BATCHNORM_STATS = ("auto", "update", "keep")
 
 
 def config_rules() -> dict[str, tuple]:
@@ -50,6 +53,7 @@ def config_rules() -> dict[str, tuple]:
         "method": one_of(METHODS),
         "labelled_fraction": (lambda v: real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
         "select": one_of(SELECTIONS),
+        "batchnorm_stats": one_of(BATCHNORM_STATS),
         "seed": (lambda v: count(v, 0), "an integer ≥ 0"),
     }
 
@@ -103,6 +107,11 @@ class AdaptConfig:
     # which candidate is deployed (trainer/selection.py): auto (labelled when held-out labelled
     # images are given, else the label-free default) | label-free (that default) | a rule's name
     select: str = "auto"
+    # BatchNorm running statistics (CPnet; Cellpose-SAM has none): update (the student's follow its
+    # training batches, the teacher averages them), keep (θ0's; in training each batch is still
+    # normalised by its own statistics) or auto: keep when the training tiles include Z-stack
+    # planes — updated from YX, ZX and ZY planes alike, they cost 3-D AP (README: Adapt → Z-stacks)
+    batchnorm_stats: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,11 +124,18 @@ class AdaptConfig:
         """Steps of linear learning-rate warm-up (SWA averages the snapshots after them)."""
         return max(1, int(self.warmup_fraction * self.iterations))
 
-    def resolved(self, family: type[SegmentationNet] | SegmentationNet) -> AdaptConfig:
-        """lr and l2sp left unset take the family's ``adapt_defaults``."""
+    def resolved(self, family: type[SegmentationNet] | SegmentationNet,
+                 stacks: bool = False) -> AdaptConfig:
+        """lr and l2sp left unset take the family's ``adapt_defaults``; ``batchnorm_stats`` auto
+        becomes keep when the training tiles come from Z-stacks (``stacks``), else update.
+        Idempotent: a resolved config resolves to itself."""
         d = family.adapt_defaults
+        bn = self.batchnorm_stats
+        if bn == "auto":
+            bn = "keep" if stacks else "update"
         return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
-                              "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp})
+                              "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp,
+                              "batchnorm_stats": bn})
 
 
 #: every AdaptConfig field's default, for the CLI's option defaults (no second copy)

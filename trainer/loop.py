@@ -26,6 +26,7 @@ from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.models.loading import load_plain
 from selfadapt_deploy.runtime.graphs import PRECISIONS
+from selfadapt_deploy.trainer.averaging import keep_batchnorm_statistics
 from selfadapt_deploy.trainer.candidates import MODEL, select_candidate
 from selfadapt_deploy.trainer.config import AdaptConfig
 from selfadapt_deploy.trainer.data import TileSampler, keeps_global_rng
@@ -87,7 +88,13 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 def build_method(cfg: AdaptConfig, student: SegmentationNet, has_labelled: bool,
                  partner: SegmentationNet | None = None) -> Method:
     """The method ``cfg.method`` over ``student`` (CULPICO: and its partner network — ``partner``,
-    or ``student`` with a perturbed read-out), built by its factory in :data:`METHODS`."""
+    or ``student`` with a perturbed read-out), built by its factory in :data:`METHODS`. With
+    ``batchnorm_stats`` keep, the networks' BatchNorm running statistics stay θ0's for good
+    (the student is trained in place: the run consumes it)."""
+    if cfg.batchnorm_stats == "keep":
+        for net in (student, partner):
+            if net is not None:
+                keep_batchnorm_statistics(net)
     return METHODS[cfg.method](cfg, student, has_labelled, partner,
                                Backprop(student.device, autocast_dtype(cfg.amp)))
 

@@ -19,6 +19,7 @@ from selfadapt_deploy.io.readers import read_network_images
 from selfadapt_deploy.io.writers import atomic_path
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.models.base import ModelSpec
+from selfadapt_deploy.trainer.averaging import batchnorms
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.config import respelled
 from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
@@ -140,6 +141,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     rescale = net.diam_mean / (diameter or net.default_diameter)
     tile = net.tile_size
     planes = as_planes([data[i] for i in train_idx], inputs.anisotropy)
+    stacks = any(data[i].ndim == 4 for i in train_idx)
     train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
     validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy,
                                         inputs.flow3d_smooth)
@@ -152,7 +154,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
         inputs.save(out)
     report(f"{net.family}: {len(train_idx)} training / {len(val)} validation images"
            + (f" ({len(planes)} training planes from the stacks; held-out stacks are segmented in 3-D)"
-              if len(planes) != len(train_idx) else "")
+              if stacks else "")
            + (" (held out: --val)" if held_out
               else f" (of {len(data)} image{'s' * (len(data) != 1)} read)")
            + (f", {len(labelled_pairs)} labelled {'source' if culpico else 'target (ACTIS)'}"
@@ -162,6 +164,11 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if len(data) == 1 and not held_out:
         report("note: the one image is both the training and the validation image, so the label-free "
                "signals measure it on what it trains on; give --val IMAGE for a held-out one")
+    # auto BatchNorm statistics depend on the data: kept at θ0's when training on stack planes
+    config = config.resolved(net, stacks=stacks)
+    if config.batchnorm_stats == "keep" and batchnorms(net):
+        report("BatchNorm running statistics stay the pretrained model's (--batchnorm-stats "
+               f"{inputs.config.batchnorm_stats}{': training on stack planes' * stacks})")
     summary = adapt(net, train, validation, out, config, resume=resume, progress=progress,
                     labelled=tiles, partner=partner)
     cfg = summary["config"]
