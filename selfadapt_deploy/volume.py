@@ -42,6 +42,7 @@ from selfadapt_deploy.segment import (
     segment_results,
     tiles_per_image,
     tta_predict,
+    use_device_pipeline,
 )
 
 Sigmas3 = tuple[float, float, float]  # (Z, Y, X) Gaussian sigmas of --flow3d-smooth, in voxels
@@ -172,7 +173,9 @@ def segment_3d(runner: Runner, volume: np.ndarray, params: SegmentParams, anisot
         from scipy.ndimage import gaussian_filter
 
         flows = gaussian_filter(flows, [0, *smooth])
-    masks = flows_to_masks_3d(flows, cellprob, mask_params(params, rescale))
+    # flows → masks on the runner's GPU in the device pipeline (``--pipeline``), else the host
+    device = runner.device if use_device_pipeline(params, runner.device) else "cpu"
+    masks = flows_to_masks_3d(flows, cellprob, mask_params(params, rescale), device)
     return masks, np.concatenate([flows, cellprob[None]])
 
 

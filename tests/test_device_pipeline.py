@@ -19,7 +19,7 @@ from selfadapt_deploy.runtime import TorchRunner
 from selfadapt_deploy.segment import SegmentParams, resize_chw, segment_image, segment_images
 from selfadapt_deploy.synthetic import random_labels, render
 
-from .helpers import synthetic_flows
+from .helpers import cuda, synthetic_flows
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
@@ -99,7 +99,6 @@ def test_unknown_pipeline_is_a_clear_error(tiny_cpnet):
 
 
 # ---- on a real GPU (skip without CUDA) -----------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from scipy import ndimage
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_volume
+from selfadapt_deploy.metrics import average_precision
 from selfadapt_deploy.models import load_model
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.stitch import PlaneStitcher, stitch_planes
@@ -20,7 +24,7 @@ from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.synthetic import random_volume_labels, render_volume
 from selfadapt_deploy.volume import orthogonal_planes, segment_stitched
 
-from .helpers import cellpose4_model
+from .helpers import assert_positions_agree, cellpose4_model, cuda, needs_triton
 
 
 def plane_labels(seed: int, z: int = 10, shape: tuple[int, int] = (80, 96)) -> np.ndarray:
@@ -461,12 +465,73 @@ def test_the_3d_numba_integrator_is_bit_identical_to_torch_grid_sample(shape):
         assert (torch_pos[k] == 0).any() and (torch_pos[k] == n - 1).any()
 
 
-def test_triton_is_refused_for_3d_flows_with_the_integrators_that_run():
-    from selfadapt_deploy.postprocess.volume_masks import integrator_3d
+def test_the_3d_integrator_follows_the_2d_rules_and_refuses_triton_without_cuda():
+    from selfadapt_deploy.postprocess.volume_masks import follow_flows_3d
 
-    assert integrator_3d("auto") == "numba" and integrator_3d("torch") == "torch"
-    with pytest.raises(SaDeployError, match="use --integrator auto"):
-        integrator_3d("triton")
+    flows, cellprob = synthetic_flows_3d((6, 20, 20))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(SaDeployError, match="triton needs a CUDA device"):
+            follow_flows_3d(flows, cellprob, 0.0, 5, "triton")
+    with pytest.raises(SaDeployError, match="numba runs on the CPU"):
+        follow_flows_3d(flows, cellprob, 0.0, 5, "numba", "cuda")
+
+
+_TRITON_3D_SCRIPT = """
+import sys, numpy as np
+from selfadapt_deploy.postprocess import MaskParams
+from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d, follow_flows_3d
+d = np.load(sys.argv[1])
+_, positions = follow_flows_3d(d["flows"], d["cellprob"], 0.0, 150, "triton")
+masks = flows_to_masks_3d(d["flows"], d["cellprob"], MaskParams(niter=150, integrator="triton"))
+np.savez(sys.argv[2], positions=positions.numpy(), masks=masks)
+"""
+
+
+@needs_triton
+def test_the_3d_triton_kernel_under_the_interpreter_equals_the_reference_bit_for_bit(tmp_path):
+    """The fused 3-D kernel, run by Triton's CPU interpreter (numpy float32, no FMAs, no merging),
+    walks every voxel to the torch reference's float32 position exactly, and its masks are
+    cellpose's. On a GPU the same kernel is held to the statistical criterion (below)."""
+    from cellpose.dynamics import resize_and_compute_masks
+
+    from selfadapt_deploy.postprocess.volume_masks import follow_flows_3d
+
+    flows, cellprob = synthetic_flows_3d((12, 48, 52))
+    np.savez(tmp_path / "in.npz", flows=flows, cellprob=cellprob)
+    # TRITON_INTERPRET is read when the kernel is defined: a new process, the GPU hidden from it
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", _TRITON_3D_SCRIPT, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], env=env, check=True, timeout=600)
+    got = np.load(tmp_path / "out.npz")
+    _, ref = follow_flows_3d(flows, cellprob, 0.0, 150, "torch")
+    assert ref.shape[1] > 1000
+    np.testing.assert_array_equal(got["positions"], ref.numpy())
+    reference = resize_and_compute_masks(flows, cellprob, niter=150, cellprob_threshold=0.0,
+                                         do_3D=True, min_size=15, max_size_fraction=0.4)
+    assert reference.max() >= 5
+    np.testing.assert_array_equal(got["masks"], reference)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["triton", "torch"])
+def test_3d_flows_to_masks_on_cuda_agree_with_the_cpu_reference(method):
+    """3-D flow following on the GPU (the fused Triton kernel; torch's grid_sample, cellpose's
+    GPU path) against the CPU reference (= cellpose on the CPU, bit for bit), with the criterion
+    the method guarantees (../shared/GPU_FACTS.md), and the masks assembled on the GPU."""
+    from selfadapt_deploy.postprocess import MaskParams
+    from selfadapt_deploy.postprocess.volume_masks import flows_to_masks_3d, follow_flows_3d
+
+    flows, cellprob = synthetic_flows_3d((24, 96, 100), seed=3)
+    ref_inds, ref = follow_flows_3d(flows, cellprob, 0.0, 200, "numba")
+    inds, got = follow_flows_3d(flows, cellprob, 0.0, 200, method, "cuda")
+    assert got.device.type == "cuda"
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(ref_inds, inds, strict=True))
+    assert_positions_agree(got, ref)
+    cpu = flows_to_masks_3d(flows, cellprob, MaskParams(integrator="numba"))
+    gpu = flows_to_masks_3d(flows, cellprob, MaskParams(integrator=method), "cuda")
+    assert cpu.max() >= 10
+    assert average_precision(cpu, gpu).ap[0] >= 0.99
 
 
 def cellpose_3d(net, stack_zcyx, params: SegmentParams, anisotropy: float, smooth=0):

@@ -44,6 +44,12 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_block(n: int) -> int:
+    """Points per Triton program for ``n`` points: 256 on a GPU; under the interpreter, which runs
+    programs one after another at a fixed cost per operation, one program for them all."""
+    return max(256, 1 << max(0, n - 1).bit_length()) if _triton_interpreter() else 256
+
+
 def resolve_integrator(name: str, device: torch.device | str) -> str:
     """The integrator ``name`` means on ``device``; an unusable explicit choice is an error."""
     device = torch.device(device)
@@ -168,7 +174,7 @@ def _run_numba(p: Problem, niter: int) -> torch.Tensor:
 def _run_triton(p: Problem, niter: int) -> torch.Tensor:
     from selfadapt_deploy.postprocess.triton_kernels import integrate_field
 
-    return integrate_field(p.field, p.start, p.image, niter)
+    return integrate_field(p.field, p.start, p.image, niter, triton_block(len(p.start)))
 
 
 _RUN = {"torch": _run_torch, "numba": _run_numba, "triton": _run_triton}
