@@ -27,7 +27,8 @@ What is measured
     seconds, ratio and AP@0.5 of ours against cellpose's masks (a random net: this times the
     computation; quality is not the point).
 
-Output: per stage seconds and ratio; last line ``ratio=<cellpose s ÷ sa-deploy s, flows → masks, on the CPU or with ``--device cuda`` the GPU>``.
+Output: per stage seconds and ratio; last line ``ratio=<cellpose s ÷ sa-deploy s, flows → masks>``
+(on the CPU; on the GPU with ``--device cuda``).
 
 Run (repository root)::
 
