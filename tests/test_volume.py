@@ -715,3 +715,9 @@ def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file,
     with pytest.raises(SaDeployError, match="--z-axis"):
         api.adapt([plain], trained_cpnet_path, tmp_path / "run2", iterations=2, device="cpu",
                   report=lambda _: None)
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, stack_file[1][0, 0])  # one Y×X plane: no stack among the images
+    with pytest.raises(SaDeployError, match="--anisotropy and --flow3d-smooth apply to Z-stacks"):
+        api.adapt([flat], trained_cpnet_path, tmp_path / "run4", anisotropy=2.0, device="cpu",
+                  report=lambda _: None)
+    assert not (tmp_path / "run4").exists()

@@ -133,6 +133,11 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
                                    True, inputs.z_axis)
     if not data:
         raise SaDeployError("no readable training images; check the paths and formats above")
+    if ((inputs.anisotropy != 1.0 or inputs.flow3d_smooth != NO_SMOOTHING)
+            and not any(image.ndim == 4 for image in [*data, *held_out])):
+        raise SaDeployError("--anisotropy and --flow3d-smooth apply to Z-stacks, and none of the "
+                            "images is one (a Z axis comes from the file's recorded axes, or "
+                            "--z-axis); drop them for 2-D images")
     if held_out:
         train_idx, val = list(range(len(data))), held_out
     else:
