@@ -352,3 +352,9 @@ def test_worker_plugin_opens_the_runner_once_on_the_workers_device(monkeypatch, 
     finally:
         plugin.teardown()
     assert not plugin.runner.is_active
+
+
+def test_memory_messages_say_mib_under_a_gib():
+    from selfadapt_deploy.wsi.memory import gib
+
+    assert (gib(5 * 2**20), gib(3 * 2**30), gib(2**30)) == ("5 MiB", "3.0 GiB", "1.0 GiB")

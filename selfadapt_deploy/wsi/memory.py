@@ -117,7 +117,8 @@ def available_memory(cgroup: Path = CGROUP, meminfo: Path = Path("/proc/meminfo"
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes for a message: GiB with one decimal, MiB under 1 GiB (never "0.0 GiB")."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def choose(ly: int, lx: int, nchan: int, rescale: float, mode: str = "auto",
