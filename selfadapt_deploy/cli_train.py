@@ -101,6 +101,10 @@ def adapt(
                                                  "pretrained model's) or auto (keep when training "
                                                  "on Z-stacks, else update). Cellpose-SAM has "
                                                  "none.")] = D["batchnorm_stats"],
+    train_tile: Annotated[int, typer.Option(help="Side of the training tiles (pixels at the model's "
+                                            "scale); 0 = the family's (CPnet 224). Smaller planes "
+                                            "are zero-padded to it; CPnet takes any multiple of 16, "
+                                            "Cellpose-SAM only its own.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = D["seed"],
     device: DeviceOpt = "auto",
     channels: ChannelsOpt = None,
@@ -152,7 +156,8 @@ def adapt(
                 augment=augment, seed=seed, teacher_runtime=teacher_runtime,
                 teacher_sync=teacher_sync, teacher_precision=teacher_precision, amp=amp,
                 compile_teacher=compile_teacher, method=method, labelled_fraction=labelled_fraction,
-                select=select, batchnorm_stats=batchnorm_stats, z_axis=z_axis, anisotropy=anisotropy,
+                select=select, batchnorm_stats=batchnorm_stats, train_tile=train_tile or None,
+                z_axis=z_axis, anisotropy=anisotropy,
                 flow3d_smooth=parse_floats(flow3d_smooth, "--flow3d-smooth"), **common)
     finally:
         bar.stop()

@@ -299,10 +299,11 @@ def test_the_cli_adapt_defaults_are_the_configs():
     from selfadapt_deploy.trainer.config import ADAPT_DEFAULTS, DEFAULT_STOP
 
     cli = {name: p.default for name, p in inspect.signature(adapt).parameters.items()}
-    shared = set(cli) & set(ADAPT_DEFAULTS) - {"lr", "l2sp"}
+    shared = set(cli) & set(ADAPT_DEFAULTS) - {"lr", "l2sp", "train_tile"}
     assert len(shared) >= 15
     assert {n: cli[n] for n in shared} == {n: ADAPT_DEFAULTS[n] for n in shared}
     assert (cli["lr"], cli["l2sp"]) == (0.0, -1.0) and ADAPT_DEFAULTS["lr"] is ADAPT_DEFAULTS["l2sp"] is None
+    assert cli["train_tile"] == 0 and ADAPT_DEFAULTS["train_tile"] is None
     assert DEFAULT_STOP in (*STOP_RULES, "none")
 
 
@@ -369,3 +370,16 @@ def test_batchnorm_stats_refuses_an_unknown_mode():
 
     with pytest.raises(SaDeployError, match="--batchnorm-stats must be one of auto, update, keep"):
         AdaptConfig(batchnorm_stats="freeze")
+
+
+def test_train_tile_is_a_multiple_of_16_and_refused_by_a_fixed_tile_family(tiny_cpnet, tiny_cpsam):
+    from selfadapt_deploy.errors import SaDeployError
+    from selfadapt_deploy.trainer.loop import AdaptConfig
+
+    with pytest.raises(SaDeployError, match="--train-tile must be a multiple of 16 ≥ 32"):
+        AdaptConfig(train_tile=40)
+    assert AdaptConfig(train_tile=96).resolved(tiny_cpnet).train_tile == 96
+    assert AdaptConfig().resolved(tiny_cpsam).train_tile is None  # the family's own tile
+    assert tiny_cpsam.fixed_tile and tiny_cpsam.tile_size != 96
+    with pytest.raises(SaDeployError, match=f"runs on {tiny_cpsam.tile_size}-px tiles only"):
+        AdaptConfig(train_tile=96).resolved(tiny_cpsam)

@@ -692,10 +692,12 @@ def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file,
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, stack_file[1][:, 0])  # Z×Y×X without axes: --z-axis says which
     out = tmp_path / "run"
+    said: list[str] = []
     summary = api.adapt([plain], trained_cpnet_path, out, z_axis=0, anisotropy=2.0, flow3d_smooth=[1],
                         iterations=2, batch_size=2, eval_every=2, stop="none", select="last",
-                        device="cpu", report=lambda _: None)
+                        train_tile=96, device="cpu", report=said.append)
     assert summary["iterations_run"] == 2 and (out / "model.pt").is_file()
+    assert summary["config"]["train_tile"] == 96 and "tiles 96×96" in said[0]
     # trained on stack planes, BatchNorm running statistics stay θ0's (auto → keep)
     assert summary["config"]["batchnorm_stats"] == "keep"
 

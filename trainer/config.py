@@ -54,6 +54,8 @@ def config_rules() -> dict[str, tuple]:
         "labelled_fraction": (lambda v: real(v, 0, 1, open_lo=True), "a number in (0, 1)"),
         "select": one_of(SELECTIONS),
         "batchnorm_stats": one_of(BATCHNORM_STATS),
+        "train_tile": (lambda v: v is None or (count(v, 32) and v % 16 == 0),
+                       "a multiple of 16 ≥ 32 (or unset: the family's tile)"),
         "seed": (lambda v: count(v, 0), "an integer ≥ 0"),
     }
 
@@ -112,6 +114,11 @@ class AdaptConfig:
     # normalised by its own statistics) or auto: keep when the training tiles include Z-stack
     # planes — updated from YX, ZX and ZY planes alike, they cost 3-D AP (README: Adapt → Z-stacks)
     batchnorm_stats: str = "auto"
+    # side of the training tiles (pixels at the model's scale); None → the family's tile. Planes
+    # smaller than a tile are zero-padded, and with BatchNorm kept the padding skews the batch
+    # statistics training normalises by (README: Adapt → Z-stacks); only families without a
+    # fixed tile (CPnet, Cellpose-DINO) accept another side
+    train_tile: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,13 +133,20 @@ class AdaptConfig:
 
     def resolved(self, family: type[SegmentationNet] | SegmentationNet,
                  stacks: bool = False) -> AdaptConfig:
-        """lr and l2sp left unset take the family's ``adapt_defaults``; ``batchnorm_stats`` auto
-        becomes keep when the training tiles come from Z-stacks (``stacks``), else update.
-        Idempotent: a resolved config resolves to itself."""
+        """lr and l2sp left unset take the family's ``adapt_defaults`` (a family with a fixed tile
+        refuses another ``train_tile``); ``batchnorm_stats`` auto becomes keep when
+        the training tiles come from Z-stacks (``stacks``), else update. Idempotent: a resolved
+        config resolves to itself."""
+        from selfadapt_deploy.errors import SaDeployError
+
         d = family.adapt_defaults
         bn = self.batchnorm_stats
         if bn == "auto":
             bn = "keep" if stacks else "update"
+        tile = self.train_tile
+        if tile is not None and family.fixed_tile and tile != family.tile_size:
+            raise SaDeployError(f"--train-tile {tile}: {family.family} runs on {family.tile_size}-px "
+                                f"tiles only; drop --train-tile")
         return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
                               "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp,
                               "batchnorm_stats": bn})

@@ -144,9 +144,11 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
         train_idx, val_idx = split_indices(len(data), inputs.val_fraction, config.seed)
         val = [data[i] for i in val_idx]
     rescale = net.diam_mean / (diameter or net.default_diameter)
-    tile = net.tile_size
     planes = as_planes([data[i] for i in train_idx], inputs.anisotropy)
     stacks = any(data[i].ndim == 4 for i in train_idx)
+    # auto BatchNorm statistics depend on the data: kept at θ0's when training on stack planes
+    config = config.resolved(net, stacks=stacks)
+    tile = config.train_tile or net.tile_size
     train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
     validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy,
                                         inputs.flow3d_smooth)
@@ -169,8 +171,6 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if len(data) == 1 and not held_out:
         report("note: the one image is both the training and the validation image, so the label-free "
                "signals measure it on what it trains on; give --val IMAGE for a held-out one")
-    # auto BatchNorm statistics depend on the data: kept at θ0's when training on stack planes
-    config = config.resolved(net, stacks=stacks)
     if config.batchnorm_stats == "keep" and batchnorms(net):
         report("BatchNorm running statistics stay the pretrained model's (--batchnorm-stats "
                f"{inputs.config.batchnorm_stats}{': training on stack planes' * stacks})")
