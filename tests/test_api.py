@@ -121,7 +121,8 @@ BAD_CONFIG = {"iterations": 0, "batch_size": 1.5, "lr": -1e-4, "l2sp": -1.0, "we
               "warmup_fraction": 1.0, "lambda_bal": -1.0, "ema_decay": 3.0, "ema_every": 0,
               "eval_every": 0, "stop": "sometimes", "tau_fn": 0.0, "tau_emb": float("inf"),
               "teacher_runtime": "tvm", "teacher_sync": 0, "teacher_precision": "int8", "amp": "fp8",
-              "method": "magic", "labelled_fraction": 5.0, "select": "bogus", "seed": -1}
+              "method": "magic", "labelled_fraction": 5.0, "select": "bogus", "seed": -1,
+              "batchnorm_stats": "freeze", "train_tile": 100}
 
 
 def test_every_checked_adapt_setting_has_a_bad_value_here():
