@@ -142,20 +142,30 @@ def _integrate_kernel_3d(field_ptr, start_ptr, out_ptr, n, D, H, W, row, plane, 
         in_y1 = (y0 + 1 >= 0) & (y0 + 1 < H)
         in_z0 = valid & (z0 >= 0) & (z0 < D)
         in_z1 = valid & (z0 + 1 >= 0) & (z0 + 1 < D)
-        m = (in_z0 & in_y0 & in_x0, in_z0 & in_y0 & in_x1, in_z0 & in_y1 & in_x0,
-             in_z0 & in_y1 & in_x1, in_z1 & in_y0 & in_x0, in_z1 & in_y0 & in_x1,
-             in_z1 & in_y1 & in_x0, in_z1 & in_y1 & in_x1)
+        m_tnw = in_z0 & in_y0 & in_x0
+        m_tne = in_z0 & in_y0 & in_x1
+        m_tsw = in_z0 & in_y1 & in_x0
+        m_tse = in_z0 & in_y1 & in_x1
+        m_bnw = in_z1 & in_y0 & in_x0
+        m_bne = in_z1 & in_y0 & in_x1
+        m_bsw = in_z1 & in_y1 & in_x0
+        m_bse = in_z1 & in_y1 & in_x1
         # weights (x·y)·z, as the reference's products
-        w = (west * north * top, east * north * top, west * south * top, east * south * top,
-             west * north * bottom, east * north * bottom, west * south * bottom,
-             east * south * bottom)
+        w_tnw = west * north * top
+        w_tne = east * north * top
+        w_tsw = west * south * top
+        w_tse = east * south * top
+        w_bnw = west * north * bottom
+        w_bne = east * north * bottom
+        w_bsw = west * south * bottom
+        w_bse = east * south * bottom
         k = field_ptr + z0.to(tl.int64) * plane + y0.to(tl.int64) * row + x0.to(tl.int64)
-        dx = _trilinear(k, row, plane, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7],
-                        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])
-        dy = _trilinear(k + volume, row, plane, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7],
-                        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])
-        dz = _trilinear(k + 2 * volume, row, plane, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7],
-                        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7])
+        dx = _trilinear(k, row, plane, m_tnw, m_tne, m_tsw, m_tse, m_bnw, m_bne, m_bsw, m_bse,
+                        w_tnw, w_tne, w_tsw, w_tse, w_bnw, w_bne, w_bsw, w_bse)
+        dy = _trilinear(k + volume, row, plane, m_tnw, m_tne, m_tsw, m_tse, m_bnw, m_bne, m_bsw,
+                        m_bse, w_tnw, w_tne, w_tsw, w_tse, w_bnw, w_bne, w_bsw, w_bse)
+        dz = _trilinear(k + 2 * volume, row, plane, m_tnw, m_tne, m_tsw, m_tse, m_bnw, m_bne, m_bsw,
+                        m_bse, w_tnw, w_tne, w_tsw, w_tse, w_bnw, w_bne, w_bsw, w_bse)
         gx = tl.minimum(tl.maximum(gx + dx, -1.0), 1.0)
         gy = tl.minimum(tl.maximum(gy + dy, -1.0), 1.0)
         gz = tl.minimum(tl.maximum(gz + dz, -1.0), 1.0)
