@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +102,15 @@ def assert_positions_agree(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert (diff <= 1e-3).float().mean().item() >= 0.95, diff.quantile(0.95)
     assert diff.max().item() <= 1.5
     assert (got.cpu().int() == ref.cpu().int()).all(0).float().mean().item() >= 0.99
+
+
+def under_triton_interpreter(script: str, folder: Path, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Run ``script`` (reads ``sys.argv[1]``'s .npz of ``arrays``, writes ``sys.argv[2]``'s) in a new
+    process under Triton's CPU interpreter and return what it wrote. TRITON_INTERPRET is read when
+    a kernel is defined, hence the new process; the GPU is hidden from it (the test once failed on a
+    GPU machine only), so it runs the same on every machine."""
+    np.savez(folder / "in.npz", **arrays)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script, str(folder / "in.npz"), str(folder / "out.npz")],
+                   env=env, check=True, timeout=600)
+    return dict(np.load(folder / "out.npz"))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import fastremap
 import numpy as np
@@ -32,7 +30,7 @@ from selfadapt_deploy.postprocess.integrate import (
 from selfadapt_deploy.postprocess.numba_kernels import first_of_equal, integrate_field, mask_centres
 from selfadapt_deploy.synthetic import random_labels
 
-from .helpers import assert_positions_agree, cuda, needs_triton, synthetic_flows
+from .helpers import assert_positions_agree, cuda, needs_triton, synthetic_flows, under_triton_interpreter
 from .test_postprocess import cellpose_masks
 
 
@@ -133,13 +131,7 @@ np.savez(sys.argv[2], positions=res[0][1].numpy(), masks=masks)
 @needs_triton
 def test_triton_kernel_under_the_interpreter_matches_the_reference(tmp_path):
     _, flows, cellprob = synthetic_flows((48, 48), 8, seed=3, noise=0.5)
-    np.savez(tmp_path / "in.npz", flows=flows, cellprob=cellprob)
-    # TRITON_INTERPRET is read when the kernel is defined: a new process. It failed on a GPU
-    # machine only: the GPU is hidden from it, so it runs the same on every machine.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], env=env, check=True, timeout=600)
-    got = np.load(tmp_path / "out.npz")
+    got = under_triton_interpreter(_TRITON_SCRIPT, tmp_path, flows=flows, cellprob=cellprob)
     ref = integrate(flows, cellprob, 0.0, 200, "cpu", "torch")[1].numpy()
     # the reference's formulas with its FMAs evaluated unfused by the interpreter: equal to rounding
     assert (np.abs(got["positions"] - ref) < 1e-3).all(axis=0).mean() > 0.99

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from selfadapt_deploy.segment import SegmentParams
 from selfadapt_deploy.synthetic import random_volume_labels, render_volume
 from selfadapt_deploy.volume import orthogonal_planes, segment_stitched
 
-from .helpers import assert_positions_agree, cellpose4_model, cuda, needs_triton
+from .helpers import assert_positions_agree, cellpose4_model, cuda, needs_triton, under_triton_interpreter
 
 
 def plane_labels(seed: int, z: int = 10, shape: tuple[int, int] = (80, 96)) -> np.ndarray:
@@ -497,12 +495,7 @@ def test_the_3d_triton_kernel_under_the_interpreter_equals_the_reference_bit_for
     from selfadapt_deploy.postprocess.volume_masks import follow_flows_3d
 
     flows, cellprob = synthetic_flows_3d((12, 48, 52))
-    np.savez(tmp_path / "in.npz", flows=flows, cellprob=cellprob)
-    # TRITON_INTERPRET is read when the kernel is defined: a new process, the GPU hidden from it
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", _TRITON_3D_SCRIPT, str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], env=env, check=True, timeout=600)
-    got = np.load(tmp_path / "out.npz")
+    got = under_triton_interpreter(_TRITON_3D_SCRIPT, tmp_path, flows=flows, cellprob=cellprob)
     _, ref = follow_flows_3d(flows, cellprob, 0.0, 150, "torch")
     assert ref.shape[1] > 1000
     np.testing.assert_array_equal(got["positions"], ref.numpy())

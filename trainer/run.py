@@ -116,6 +116,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     if (source or model2) and not culpico:
         raise SaDeployError("--source and --model2 belong to --method culpico")
     net = load_model(model, device)
+    config.resolved(net)  # a --train-tile the family cannot run fails before any image is read
     if before_reading is not None:
         before_reading(net.spec)
     partner = load_model(model2, device) if model2 else None
