@@ -26,6 +26,7 @@ import torch
 
 from selfadapt_deploy.errors import SaDeployError
 from selfadapt_deploy.io.normalize import normalize_plane, normalize_volume, stack_percentiles
+from selfadapt_deploy.io.writers import label_dtype
 from selfadapt_deploy.models.base import SegmentationNet
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.stitch import PlaneStitcher
@@ -110,7 +111,7 @@ def segment_stitched(runner: Runner, volume: np.ndarray, params: SegmentParams, 
         if progress is not None:
             progress(min(start + group, z), z)
     masks = fill_holes_and_remove_small(labels, params.min_size)
-    return masks.astype(np.uint16 if masks.max(initial=0) < 2**16 else np.uint32)
+    return masks.astype(label_dtype(masks), copy=False)
 
 
 def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

@@ -91,10 +91,11 @@ def ensure_writable_dir(path: Path) -> Path:
     return Path(path)
 
 
-def label_dtype(masks: np.ndarray) -> np.dtype:
-    """uint16 label images, or uint32 when there are more than 65 535 objects."""
-    return np.dtype(np.uint16) if int(masks.max(initial=0)) <= np.iinfo(np.uint16).max else np.dtype(
-        np.uint32)
+def label_dtype(masks: np.ndarray | int) -> np.dtype:
+    """The type of a label image (``masks``, or its highest label): uint16, or uint32 when there
+    are more than 65 535 objects. The one rule for every label image sa-deploy makes or writes."""
+    top = masks if isinstance(masks, int) else int(masks.max(initial=0))
+    return np.dtype(np.uint16) if top <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
 def write_masks(path: Path, masks: np.ndarray, physical: dict[str, float | str] | None = None) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from selfadapt_deploy.io.writers import label_dtype
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.flow_qc import flow_errors_torch, remove_bad_flow_masks
 from selfadapt_deploy.postprocess.integrate import integrate_batch, integrate_tensors
@@ -46,7 +47,7 @@ def flows_to_masks_batch(flows: np.ndarray, cellprob: np.ndarray, params: MaskPa
 
 def _finish(masks: np.ndarray, min_size: int) -> np.ndarray:
     masks = fill_holes_and_remove_small(masks, min_size)
-    return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)
+    return masks.astype(label_dtype(masks), copy=False)
 
 
 @torch.no_grad()
@@ -65,8 +66,7 @@ def flows_to_masks_on_device(flows: torch.Tensor, cellprob: torch.Tensor,
             bad = flow_errors_torch(masks, f) > params.flow_threshold
             masks = relabel_torch(masks, torch.cat([bad.new_zeros(1), bad]))
         host = masks.cpu().numpy()  # the one transfer of this image
-        out.append(_finish(host.astype(np.uint16 if host.max(initial=0) < 2**16 else np.uint32),
-                           params.min_size))
+        out.append(_finish(host.astype(label_dtype(host)), params.min_size))
     return out
 
 

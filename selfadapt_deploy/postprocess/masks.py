@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selfadapt_deploy.io.writers import label_dtype
+
 RPAD = 20  # histogram padding: positions may converge just outside the image
 SEED_WINDOW = 5  # local-maximum window for seeds
 MIN_SEED_COUNT = 10  # a seed needs more hits than this
@@ -87,7 +89,7 @@ def assemble_masks(inds: tuple[np.ndarray, np.ndarray], positions: torch.Tensor,
     point_labels, n_seeds = label_points(positions, shape)
     if n_seeds == 0:
         return np.zeros(shape, np.uint16)
-    masks = np.zeros(shape, np.uint16 if n_seeds < 2**16 else np.uint32)
+    masks = np.zeros(shape, label_dtype(n_seeds))
     masks[inds] = point_labels.cpu().numpy()
 
     labels, counts_px = fastremap.unique(masks, return_counts=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from selfadapt_deploy.errors import SaDeployError
+from selfadapt_deploy.io.writers import label_dtype
 from selfadapt_deploy.postprocess import MaskParams
 from selfadapt_deploy.postprocess.cleanup import fill_holes_and_remove_small
 from selfadapt_deploy.postprocess.integrate import resolve_integrator, triton_block, walk_merging
@@ -153,7 +154,7 @@ def assemble_masks_3d(inds: tuple[torch.Tensor | np.ndarray, ...], positions: to
     point_labels = label_of_bin.reshape(padded)[pt[0].long(), pt[1].long(), pt[2].long()]
     labelled = torch.zeros(shape, dtype=dtype, device=device)
     labelled[tuple(torch.as_tensor(i, device=device) for i in inds)] = point_labels
-    masks = labelled.cpu().numpy().astype(np.uint16 if len(seeds) < 2**16 else np.uint32)
+    masks = labelled.cpu().numpy().astype(label_dtype(len(seeds)))
     labels, sizes = fastremap.unique(masks, return_counts=True)
     big = labels[sizes > np.prod(shape) * max_size_fraction]
     if len(big) > 0 and (len(big) > 1 or big[0] != 0):
@@ -174,4 +175,4 @@ def flows_to_masks_3d(flows: np.ndarray, cellprob: np.ndarray, params: MaskParam
                                       params.integrator, device)
     masks = assemble_masks_3d(inds, positions, cellprob.shape, params.max_size_fraction)
     masks = fill_holes_and_remove_small(masks, params.min_size)
-    return masks.astype(np.uint16) if masks.max(initial=0) < 2**16 else masks.astype(np.uint32)
+    return masks.astype(label_dtype(masks), copy=False)
