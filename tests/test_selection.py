@@ -137,6 +137,32 @@ def test_a_saturated_dropout_signal_hands_the_guard_to_the_flow_error():
     assert choose("guarded-dropout", rows)["candidate"] == "iter_000010"
 
 
+def test_where_consensus_cannot_rank_θ0_below_others_the_guard_signal_chooses_among_the_tied():
+    rows = [{"candidate": n, "iteration": int(n[5:]), "dropout_err": d, "consensus50_snapshots": 1.0,
+             "consensus75_snapshots": 1.0} for n, d in ((THETA0, 0.16), ("iter_000010", 0.15),
+                                                         ("iter_000020", 0.11), ("iter_000030", 0.12))]
+    assert choose("consensus", rows)["candidate"] == THETA0  # plain consensus: the first of equals
+    assert choose("guarded-dropout", rows)["candidate"] == "iter_000020"  # lowest, and ≥ 2 % below θ0
+    why = explain("guarded-dropout", rows[2], rows)
+    assert "consensus agreed with θ0 as well as with iter_000020, lowest in dropout_err" in why
+    rows[3]["consensus75_snapshots"] = 0.9  # not tied: not a choice, however low its signal
+    rows[3]["dropout_err"] = 0.01
+    assert choose("guarded-dropout", rows)["candidate"] == "iter_000020"
+    for row in rows[1:]:
+        row["dropout_err"] = 0.159  # the tied candidates' signal within the guard's margin
+    assert choose("guarded-dropout", rows)["candidate"] == THETA0
+
+
+def test_ties_that_leave_θ0_behind_are_not_broken_by_the_guard_signal():
+    """Only ties with θ0 are broken: on real runs ties among snapshots, broken by the dropout
+    signal, deployed worse models (two of six, benchmarks/selection_real.py)."""
+    rows = [{"candidate": n, "iteration": int(n[5:]), "dropout_err": d,
+             "consensus50_snapshots": c, "consensus75_snapshots": c}
+            for n, d, c in ((THETA0, 0.05, 0.9), ("iter_000010", 0.08, 1.0), ("iter_000020", 0.04, 1.0))]
+    assert choose("guarded-dropout", rows)["candidate"] == THETA0  # iter_000010 proposed, vetoed
+    assert "consensus chose iter_000010" in explain("guarded-dropout", rows[0], rows)
+
+
 def test_pool_members_and_weights():
     rows = [{"candidate": THETA0, "iteration": 0}, {"candidate": "iter_000010", "iteration": 10},
             {"candidate": "iter_000020", "iteration": 20}, {"candidate": "swa", "iteration": None}]

@@ -148,12 +148,32 @@ def passes_guard(row: Row, base: Row, signal: str, margin: float = GUARD_MARGIN)
     return math.isfinite(value) and math.isfinite(reference) and value < reference * (1 - margin)
 
 
+TIE = 1e-9  # consensus scores closer than this are equal (they are ratios of match counts)
+
+
+def guarded_pick(rows: Sequence[Row], pool: str, signal: str) -> Row:
+    """What a guarded rule's consensus proposes: the pool member agreeing best with the consensus
+    — and where θ0 is among the best (few, easy held-out images: one held-out 16-plane stack gave
+    every candidate agreement 1.0), consensus cannot rank anything above the pretrained model, so
+    the guard's signal (lowest) chooses among those that agree as well as θ0. Ties without θ0
+    stay the earliest: broken by dropout, two of six real runs deployed a worse model
+    (benchmarks/selection_real.py)."""
+    base, chosen = theta0(rows), consensus_pick(rows, pool)
+    best = consensus_score(base, pool)
+    if chosen["candidate"] != THETA0 or not math.isfinite(best):
+        return chosen
+    tied = [r for r in rows if r["candidate"] in consensus_members(rows, pool)
+            and abs(consensus_score(r, pool) - best) <= TIE]
+    return best_row(tied, lambda r: r.get(guard_signal(signal, base), math.nan), lowest=True)
+
+
 def _guarded(pool: str, signal: str) -> Callable[[Sequence[Row], StopRule], Row]:
-    """The consensus choice if it passes the guard, else θ0: consensus ranks candidates by
-    agreement with each other, which cannot tell when every snapshot drifted the same wrong way;
-    the guard asks a second, independent signal whether the choice beats the pretrained model."""
+    """The consensus choice (:func:`guarded_pick`) if it passes the guard, else θ0: consensus
+    ranks candidates by agreement with each other, which cannot tell when every snapshot drifted
+    the same wrong way; the guard asks a second, independent signal whether the choice beats the
+    pretrained model."""
     def choose_(rows: Sequence[Row], _stop_rule: StopRule) -> Row:
-        chosen, base = consensus_pick(rows, pool), theta0(rows)
+        chosen, base = guarded_pick(rows, pool, signal), theta0(rows)
         return chosen if passes_guard(chosen, base, signal) else base
     return choose_
 
@@ -220,10 +240,14 @@ def explain(rule: str, chosen: Row, rows: Sequence[Row]) -> str:
     name, base = chosen["candidate"], theta0(rows)
     detail = ""
     if RULES[rule].guard is not None:
-        pick, signal = consensus_pick(rows, RULES[rule].pool), guard_signal(RULES[rule].guard, base)
+        pick = guarded_pick(rows, RULES[rule].pool, RULES[rule].guard)
+        signal = guard_signal(RULES[rule].guard, base)
         saturated = (f"; θ0's {RULES[rule].guard} {base[RULES[rule].guard]:.3f} is saturated, so the "
                      f"{signal} guards" if signal != RULES[rule].guard else "")
-        detail = (f" (consensus chose {pick['candidate']}: {signal} {pick.get(signal, math.nan):.4f}, "
+        tied = pick is not consensus_pick(rows, RULES[rule].pool)
+        proposed = (f"consensus agreed with θ0 as well as with {pick['candidate']}, lowest in {signal}"
+                    if tied else f"consensus chose {pick['candidate']}")
+        detail = (f" ({proposed}: {signal} {pick.get(signal, math.nan):.4f}, "
                   f"θ0 {base.get(signal, math.nan):.4f}; deployed only if ≥ {GUARD_MARGIN:.0%} lower"
                   f"{saturated})")
     elif RULES[rule].pool is not None:
