@@ -102,7 +102,8 @@ def adapt(
                                                  "on Z-stacks, else update). Cellpose-SAM has "
                                                  "none.")] = D["batchnorm_stats"],
     train_tile: Annotated[int, typer.Option(help="Side of the training tiles (pixels at the model's "
-                                            "scale); 0 = the family's (CPnet 224). Smaller planes "
+                                            "scale); 0 = the family's (CPnet 224), on Z-stacks "
+                                            "at most 3× their ZX/ZY planes' height. Smaller planes "
                                             "are zero-padded to it; CPnet takes any multiple of 16, "
                                             "Cellpose-SAM only its own.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = D["seed"],

@@ -383,3 +383,15 @@ def test_train_tile_is_a_multiple_of_16_and_refused_by_a_fixed_tile_family(tiny_
     assert tiny_cpsam.fixed_tile and tiny_cpsam.tile_size != 96
     with pytest.raises(SaDeployError, match=f"runs on {tiny_cpsam.tile_size}-px tiles only"):
         AdaptConfig(train_tile=96).resolved(tiny_cpsam)
+
+
+def test_the_default_training_tile_on_z_stacks_lets_their_zx_zy_planes_fill_a_third_of_it():
+    from selfadapt_deploy.trainer.data import stack_train_tile
+
+    # 16 planes × anisotropy 2 = 32-row ZX/ZY planes → 96 (not CPnet's 224, mostly padding)
+    assert stack_train_tile([(16, 128, 128)], 2.0, 1.0, 224, 16.0) == 96
+    assert stack_train_tile([(16, 128, 128), (8, 128, 128)], 2.0, 1.0, 224, 16.0) == 48  # the shallowest
+    assert stack_train_tile([(40, 1024, 1024)], 3.0, 1.0, 224, 30.0) == 224  # deep: the family's tile
+    assert stack_train_tile([(4, 512, 512)], 1.0, 1.0, 224, 30.0) == 64  # at least two diameters
+    assert stack_train_tile([(40, 80, 80)], 3.0, 1.0, 224, 30.0) == 80  # never above the YX planes
+    assert stack_train_tile([(16, 128, 128)], 2.0, 1.875, 224, 30.0) == 176  # at the network's scale

@@ -680,6 +680,7 @@ def test_adapt_refuses_a_held_out_stack_that_would_not_fit_in_3d_before_training
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):
     from selfadapt_deploy import api
     from selfadapt_deploy.trainer.averaging import batchnorms
+    from selfadapt_deploy.trainer.data import stack_train_tile
     from selfadapt_deploy.trainer.run import RunInputs
 
     plain = tmp_path / "plain.tif"
@@ -688,9 +689,14 @@ def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file,
     said: list[str] = []
     summary = api.adapt([plain], trained_cpnet_path, out, z_axis=0, anisotropy=2.0, flow3d_smooth=[1],
                         iterations=2, batch_size=2, eval_every=2, stop="none", select="last",
-                        train_tile=96, device="cpu", report=said.append)
+                        device="cpu", report=said.append)
     assert summary["iterations_run"] == 2 and (out / "model.pt").is_file()
-    assert summary["config"]["train_tile"] == 96 and "tiles 96×96" in said[0]
+    # no --train-tile: the stack's default, a tile its 10-row ZX/ZY planes fill a third of
+    net = load_model(trained_cpnet_path, torch.device("cpu"))
+    tile = stack_train_tile([(5, 128, 120)], 2.0, net.diam_mean / net.default_diameter, net.tile_size,
+                            net.diam_mean)
+    assert tile < net.tile_size and summary["config"]["train_tile"] == tile
+    assert f"tiles {tile}×{tile}" in said[0]
     # trained on stack planes, BatchNorm running statistics stay θ0's (auto → keep)
     assert summary["config"]["batchnorm_stats"] == "keep"
 

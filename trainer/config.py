@@ -114,10 +114,11 @@ class AdaptConfig:
     # normalised by its own statistics) or auto: keep when the training tiles include Z-stack
     # planes — updated from YX, ZX and ZY planes alike, they cost 3-D AP (README: Adapt → Z-stacks)
     batchnorm_stats: str = "auto"
-    # side of the training tiles (pixels at the model's scale); None → the family's tile. Planes
-    # smaller than a tile are zero-padded, and with BatchNorm kept the padding skews the batch
-    # statistics training normalises by (README: Adapt → Z-stacks); only families without a
-    # fixed tile (CPnet, Cellpose-DINO) accept another side
+    # side of the training tiles (pixels at the model's scale); None → the family's tile, or on
+    # Z-stacks one their ZX/ZY planes fill a third of (data.stack_train_tile). Planes smaller than
+    # a tile are zero-padded, and with BatchNorm kept the padding skews the batch statistics
+    # training normalises by (README: Adapt → Z-stacks); only families without a fixed tile
+    # (CPnet, Cellpose-DINO) accept another side
     train_tile: int | None = None
     seed: int = 0
 

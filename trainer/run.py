@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.trainer.averaging import batchnorms
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.config import respelled
-from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
+from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image, stack_train_tile
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import (
     SNAPSHOTS,
@@ -146,10 +146,14 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
         val = [data[i] for i in val_idx]
     rescale = net.diam_mean / (diameter or net.default_diameter)
     planes = as_planes([data[i] for i in train_idx], inputs.anisotropy)
-    stacks = any(data[i].ndim == 4 for i in train_idx)
+    stack_shapes = [(data[i].shape[0], *data[i].shape[2:]) for i in train_idx if data[i].ndim == 4]
+    stacks = bool(stack_shapes)
     # auto BatchNorm statistics depend on the data: kept at θ0's when training on stack planes
     config = config.resolved(net, stacks=stacks)
-    tile = config.train_tile or net.tile_size
+    tile = config.train_tile or (stack_train_tile(stack_shapes, inputs.anisotropy, rescale, net.tile_size,
+                                                  net.diam_mean)
+                                 if stacks and not net.fixed_tile else net.tile_size)
+    config = replace(config, train_tile=tile)  # run.json records the tile trained on
     train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
     validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy,
                                         inputs.flow3d_smooth)
