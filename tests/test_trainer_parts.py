@@ -386,7 +386,7 @@ def test_train_tile_is_a_multiple_of_16_and_refused_by_a_fixed_tile_family(tiny_
 
 
 def test_the_default_training_tile_on_z_stacks_lets_their_zx_zy_planes_fill_a_third_of_it():
-    from selfadapt_deploy.trainer.data import stack_train_tile
+    from selfadapt_deploy.trainer.config import stack_train_tile
 
     # 16 planes × anisotropy 2 = 32-row ZX/ZY planes → 96 (not CPnet's 224, mostly padding)
     assert stack_train_tile([(16, 128, 128)], 2.0, 1.0, 224, 16.0) == 96

@@ -680,7 +680,7 @@ def test_adapt_refuses_a_held_out_stack_that_would_not_fit_in_3d_before_training
 def test_adapt_runs_on_a_z_stack_and_resumes_with_its_axes(tmp_path, stack_file, trained_cpnet_path):
     from selfadapt_deploy import api
     from selfadapt_deploy.trainer.averaging import batchnorms
-    from selfadapt_deploy.trainer.data import stack_train_tile
+    from selfadapt_deploy.trainer.config import stack_train_tile
     from selfadapt_deploy.trainer.run import RunInputs
 
     plain = tmp_path / "plain.tif"

@@ -8,6 +8,8 @@ runtimes, precisions) are checked against their registries when a config is made
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -115,7 +117,7 @@ class AdaptConfig:
     # planes — updated from YX, ZX and ZY planes alike, they cost 3-D AP (README: Adapt → Z-stacks)
     batchnorm_stats: str = "auto"
     # side of the training tiles (pixels at the model's scale); None → the family's tile, or on
-    # Z-stacks one their ZX/ZY planes fill a third of (data.stack_train_tile). Planes smaller than
+    # Z-stacks one their ZX/ZY planes fill a third of (stack_train_tile). Planes smaller than
     # a tile are zero-padded, and with BatchNorm kept the padding skews the batch statistics
     # training normalises by (README: Adapt → Z-stacks); only families without a fixed tile
     # (CPnet, Cellpose-DINO) accept another side
@@ -151,6 +153,36 @@ class AdaptConfig:
         return AdaptConfig(**{**asdict(self), "lr": self.lr or d["lr"],
                               "l2sp": d["l2sp"] if self.l2sp is None else self.l2sp,
                               "batchnorm_stats": bn})
+
+    def training_tile(self, family: type[SegmentationNet] | SegmentationNet,
+                      stacks: Sequence[tuple[int, int, int]] = (), anisotropy: float = 1.0,
+                      rescale: float = 1.0) -> int:
+        """The side of the tiles a run trains on: ``train_tile``, else on Z-stacks (their Z×Y×X
+        ``shapes``) :func:`stack_train_tile` where the family takes any side, else the family's."""
+        if self.train_tile is not None:
+            return self.train_tile
+        if stacks and not family.fixed_tile:
+            return stack_train_tile(stacks, anisotropy, rescale, family.tile_size, family.diam_mean)
+        return family.tile_size
+
+
+Z_PLANE_SHARE = 3  # a stack's default tile is at most this many times its ZX/ZY planes' height
+
+
+def stack_train_tile(shapes: Sequence[tuple[int, int, int]], anisotropy: float, rescale: float,
+                     family_tile: int, diam_mean: float) -> int:
+    """The default training tile on Z-stacks (Z×Y×X ``shapes``, at the network's scale after
+    ``rescale`` and the Z resize by ``anisotropy``): at most :data:`Z_PLANE_SHARE` × the ZX/ZY
+    planes' height, so a Z-plane fills at least a third of its zero-padded tile (mostly padding,
+    the tiles skew the batch statistics training normalises by: README, Adapt → Z-stacks); at
+    least two cell diameters; never above the YX planes or the family's tile; a multiple of 16."""
+    def down(v: float) -> int:
+        return max(32, 16 * int(v // 16))
+
+    height = min(max(1, round(z * anisotropy)) * rescale for z, _, _ in shapes)
+    upper = min(family_tile, down(min(min(y, x) for _, y, x in shapes) * rescale))
+    lower = min(upper, 16 * math.ceil(2 * diam_mean / 16))
+    return max(lower, min(upper, down(Z_PLANE_SHARE * height)))
 
 
 #: every AdaptConfig field's default, for the CLI's option defaults (no second copy)

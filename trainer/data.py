@@ -12,7 +12,7 @@ import torch
 from selfadapt_deploy.segment import prepare_image
 from selfadapt_deploy.volume import orthogonal_planes
 
-__all__ = ["TileSampler", "as_planes", "keeps_global_rng", "prepare_image", "stack_train_tile"]
+__all__ = ["TileSampler", "as_planes", "keeps_global_rng", "prepare_image"]
 
 P, R = ParamSpec("P"), TypeVar("R")
 
@@ -37,25 +37,6 @@ def as_planes(images: Sequence[np.ndarray], anisotropy: float) -> list[np.ndarra
     for image in images:
         out += orthogonal_planes(image, anisotropy) if image.ndim == 4 else [image]
     return out
-
-
-Z_PLANE_SHARE = 3  # a stack's default tile is at most this many times its ZX/ZY planes' height
-
-
-def stack_train_tile(shapes: Sequence[tuple[int, int, int]], anisotropy: float, rescale: float,
-                     family_tile: int, diam_mean: float) -> int:
-    """The default training tile on Z-stacks (Z×Y×X ``shapes``, at the network's scale after
-    ``rescale`` and the Z resize by ``anisotropy``): at most :data:`Z_PLANE_SHARE` × the ZX/ZY
-    planes' height, so a Z-plane fills at least a third of its zero-padded tile (mostly padding,
-    the tiles skew the batch statistics training normalises by: README, Adapt → Z-stacks); at
-    least two cell diameters; never above the YX planes or the family's tile; a multiple of 16."""
-    def down(v: float) -> int:
-        return max(32, 16 * int(v // 16))
-
-    height = min(max(1, round(z * anisotropy)) * rescale for z, _, _ in shapes)
-    upper = min(family_tile, down(min(min(y, x) for _, y, x in shapes) * rescale))
-    lower = min(upper, 16 * int(np.ceil(2 * diam_mean / 16)))
-    return max(lower, min(upper, down(Z_PLANE_SHARE * height)))
 
 
 class TileSampler:

@@ -22,7 +22,7 @@ from selfadapt_deploy.models.base import ModelSpec
 from selfadapt_deploy.trainer.averaging import batchnorms
 from selfadapt_deploy.trainer.candidates import AVERAGES_DIR, SELECTION_CSV
 from selfadapt_deploy.trainer.config import respelled
-from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image, stack_train_tile
+from selfadapt_deploy.trainer.data import TileSampler, as_planes, prepare_image
 from selfadapt_deploy.trainer.labelled import find_pairs, labels_at_scale, read_pairs
 from selfadapt_deploy.trainer.loop import (
     SNAPSHOTS,
@@ -150,9 +150,7 @@ def run_adapt(inputs: RunInputs, out: Path, device: torch.device, resume: bool =
     stacks = bool(stack_shapes)
     # auto BatchNorm statistics depend on the data: kept at θ0's when training on stack planes
     config = config.resolved(net, stacks=stacks)
-    tile = config.train_tile or (stack_train_tile(stack_shapes, inputs.anisotropy, rescale, net.tile_size,
-                                                  net.diam_mean)
-                                 if stacks and not net.fixed_tile else net.tile_size)
+    tile = config.training_tile(net, stack_shapes, inputs.anisotropy, rescale)
     config = replace(config, train_tile=tile)  # run.json records the tile trained on
     train = TileSampler([prepare_image(plane, rescale) for plane in planes], tile)
     validation = Validation.from_images(val, rescale, tile, diameter, inputs.anisotropy,
